@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Side-by-side timing of firstkd's built-in SQL reports (DataFusion) and the equivalent SQL in
+DuckDB, on one synthetic store.
+
+    cargo build --release      # the binary: $CARGO_TARGET_DIR/release/firstkd
+    python3 scripts/sql_bench.py --rows 10000000 --dtype float16 --store /tmp/bench-store
+
+Makes the store with `firstkd synth` unless it exists, then runs each query --repeat times in
+both engines and prints a Markdown table of median wall times (firstkd: the whole process,
+`firstkd stats ...` / `firstkd sql ...`; DuckDB: the query in an open in-process connection)
+and the DuckDB/firstkd ratio. Checks that the two engines agree on the headline numbers.
+Needs the python `duckdb` package.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import duckdb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(fn, repeat):
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def run_firstkd(binary, args):
+    out = subprocess.run([binary, *args], check=True, capture_output=True, text=True)
+    return out.stdout
+
+
+def duckdb_coverage_sql(store, k):
+    masses = ", ".join(
+        f"list_sum(list_transform(l.topk_logprobs[1:{j}], lambda x: exp(x))) AS m{j}"
+        for j in range(1, k + 1)
+    )
+    aggs = ["count(*) AS n"]
+    aggs += [f"avg(m{j}) AS mean_m{j}" for j in range(1, k + 1)]
+    for qi, q in enumerate([0.1, 0.5, 0.9]):
+        aggs += [f"approx_quantile(m{j}, {q}) AS q{qi}_m{j}" for j in range(1, k + 1)]
+    aggs.append(f"avg(CASE WHEN m{k} >= 0.95 THEN 1.0 ELSE 0.0 END) AS frac_ge")
+    aggs = ",\n    ".join(aggs)
+
+    def select(positions, where):
+        return (
+            f"  SELECT '{positions}' AS positions, source, split,\n    {aggs}\n"
+            f"  FROM t{where}\n  GROUP BY GROUPING SETS ((source, split), ())"
+        )
+
+    return f"""WITH t AS (
+  SELECT s.source, s.split, l.in_loss, {masses}
+  FROM read_parquet('{store}/labels/*.parquet') l
+  JOIN read_parquet('{store}/samples/*.parquet') s ON l.sample_id = s.sample_id
+)
+SELECT * FROM (
+{select('all', '')}
+  UNION ALL
+{select('in_loss', ' WHERE in_loss')}
+)
+ORDER BY positions, source NULLS LAST, split NULLS LAST"""
+
+
+def calibration_sql(labels, samples, conf, correct, target_lp):
+    """Pure-SQL calibration report (T = 1, confidence = stored top-1 probability): ECE, MCE,
+    Brier and NLL over 15 equal-width bins, adaptive ECE over 15 equal-mass bins (ntile), for
+    every (positions, source, split) group and the totals. Runs in DuckDB and DataFusion."""
+    return f"""WITH base AS (
+  SELECT s.source, s.split, l.in_loss, {conf} AS conf, {correct} AS correct, -({target_lp}) AS nll
+  FROM {labels} l JOIN {samples} s ON l.sample_id = s.sample_id
+),
+expanded AS (
+  SELECT 'all' AS positions, source, split, conf, correct, nll FROM base
+  UNION ALL SELECT 'in_loss', source, split, conf, correct, nll FROM base WHERE in_loss
+  UNION ALL SELECT 'all', NULL, NULL, conf, correct, nll FROM base
+  UNION ALL SELECT 'in_loss', NULL, NULL, conf, correct, nll FROM base WHERE in_loss
+),
+bins AS (
+  SELECT positions, source, split, least(floor(conf * 15), 14) AS bin, count(*) AS cnt,
+         sum(conf) AS sc, sum(correct) AS sa, sum((conf - correct) * (conf - correct)) AS se,
+         sum(nll) AS snll
+  FROM expanded GROUP BY positions, source, split, least(floor(conf * 15), 14)
+),
+runs AS (
+  SELECT positions, source, split, run, count(*) AS cnt, sum(conf) AS sc, sum(correct) AS sa
+  FROM (SELECT positions, source, split, conf, correct,
+               ntile(15) OVER (PARTITION BY positions, source, split ORDER BY conf, correct) AS run
+        FROM expanded) r
+  GROUP BY positions, source, split, run
+),
+adaptive AS (
+  SELECT positions, source, split, sum(abs(sa - sc)) / sum(cnt) AS adaptive_ece
+  FROM runs GROUP BY positions, source, split
+)
+SELECT b.positions, b.source, b.split, sum(b.cnt) AS n, sum(b.sa) / sum(b.cnt) AS accuracy,
+       sum(b.sc) / sum(b.cnt) AS confidence, sum(abs(b.sa - b.sc)) / sum(b.cnt) AS ece,
+       max(abs(b.sa - b.sc) / b.cnt) AS mce, sum(b.se) / sum(b.cnt) AS brier,
+       sum(b.snll) / sum(b.cnt) AS nll, max(a.adaptive_ece) AS adaptive_ece
+FROM bins b JOIN adaptive a
+  ON (b.positions = a.positions) AND (b.source IS NOT DISTINCT FROM a.source)
+     AND (b.split IS NOT DISTINCT FROM a.split)
+GROUP BY b.positions, b.source, b.split
+ORDER BY b.positions, b.source NULLS LAST, b.split NULLS LAST"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--store", default="/tmp/firstkd-bench-store")
+    ap.add_argument("--firstkd", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "firstkd"))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    if not os.path.exists(os.path.join(args.store, "manifest.json")):
+        start = time.perf_counter()
+        run_firstkd(args.firstkd, ["synth", args.store, "--rows", str(args.rows), "--dtype", args.dtype])
+        print(f"synth: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    manifest = json.load(open(os.path.join(args.store, "manifest.json")))
+    k = manifest["k"]
+    label_rows = sum(p["labels"]["rows"] for p in manifest["parts"])
+
+    con = duckdb.connect()
+    con.execute(f"SET threads = {args.threads}")
+    labels = f"read_parquet('{args.store}/labels/*.parquet')"
+    samples = f"read_parquet('{args.store}/samples/*.parquet')"
+    rows = []
+
+    # Coverage.
+    fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "coverage", "--json"]), args.repeat)
+    dd_t, dd_out = timed(lambda: con.execute(duckdb_coverage_sql(args.store, k)).fetchall(), args.repeat)
+    fk_total = [r for r in json.loads(fk_out)["coverage"]["rows"] if r["positions"] == "all" and r["source"] is None][0]
+    dd_total = [r for r in dd_out if r[0] == "all" and r[1] is None][0]
+    assert fk_total["n"] == dd_total[3] == label_rows, (fk_total["n"], dd_total[3])
+    assert abs(fk_total["mean_mass"][-1] - dd_total[3 + k]) < 1e-9, (fk_total["mean_mass"], dd_total)
+    rows.append(("coverage (`stats --report coverage`; top-1..k mass mean, 3 approx. quantiles, frac >= 0.95)", fk_t, dd_t))
+
+    # Calibration: firstkd's report (SQL selects positions, firstkd::calibration computes).
+    fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "calibration", "--json"]), args.repeat)
+    dd_sql = calibration_sql(labels, samples, "exp(l.topk_logprobs[1])",
+                             "CASE WHEN l.topk_ids[1] = l.target_id THEN 1.0 ELSE 0.0 END", "l.target_logprob")
+    dd_t, dd_out = timed(lambda: con.execute(dd_sql).fetchall(), args.repeat)
+    fk_total = [g for g in json.loads(fk_out)["calibration"]["groups"] if g["positions"] == "in_loss" and g["source"] is None][0]["report"]
+    dd_total = [r for r in dd_out if r[0] == "in_loss" and r[1] is None][0]
+    assert fk_total["n"] == dd_total[3]
+    assert abs(fk_total["ece"] - dd_total[6]) < 1e-4, (fk_total["ece"], dd_total[6])
+    # Not exact: where float16 rounding makes the stored top-k mass exceed 1 the uniform-tail
+    # mode renormalises over the top-k (docs/calibration.md), DuckDB uses the stored value.
+    assert abs(fk_total["nll"] - dd_total[9]) < 1e-4, (fk_total["nll"], dd_total[9])
+    rows.append(("calibration (`stats --report calibration` vs pure SQL in DuckDB; ECE, adaptive ECE, MCE, Brier, NLL)", fk_t, dd_t))
+
+    # The same pure-SQL calibration query in both engines.
+    fk_sql = calibration_sql("labels", "samples", "topk_mass(l.topk_logprobs, 1)",
+                             "CASE WHEN target_rank(l.topk_ids, l.target_id) = 1 THEN 1.0 ELSE 0.0 END",
+                             "CAST(l.target_logprob AS DOUBLE)")
+    fk_t, _ = timed(lambda: run_firstkd(args.firstkd, ["sql", args.store, "--format", "csv", fk_sql]), args.repeat)
+    rows.append(("calibration, the same pure-SQL query (`firstkd sql` vs DuckDB)", fk_t, dd_t))
+
+    print(f"store: {label_rows:,} label rows, k = {k}, {args.dtype}; threads: {args.threads}; "
+          f"median of {args.repeat} runs\n")
+    print("| query | firstkd (DataFusion) s | DuckDB s | DuckDB / firstkd |")
+    print("|---|---:|---:|---:|")
+    for name, fk, dd in rows:
+        print(f"| {name} | {fk:.2f} | {dd:.2f} | {dd / fk:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

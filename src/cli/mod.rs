@@ -1,0 +1,46 @@
+//! Command-line interface: clap types and one file per subcommand. The only place that prints.
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+
+mod inspect;
+mod sql;
+mod stats;
+mod synth;
+mod verify;
+
+/// firstkd: FIRST knowledge distillation for LLMs. Teacher top-k soft labels in a versioned
+/// Parquet store, SQL over them, temperature calibration, and a streaming trainer.
+#[derive(Debug, Parser)]
+#[command(name = "firstkd", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a store: manifest vs files, checksums, schema, row invariants.
+    Verify(verify::Args),
+    /// Show a store's manifest, provenance, counts and size on disk.
+    Inspect(inspect::Args),
+    /// Write a seeded synthetic store (for tests and benchmarks).
+    Synth(synth::Args),
+    /// Run SQL over a store (tables labels, samples; view tokens; see docs/sql.md).
+    Sql(sql::Args),
+    /// Built-in reports: top-k coverage and teacher calibration.
+    Stats(stats::Args),
+}
+
+/// Runs a parsed command line, writing its output to `out`. Returns the process exit code.
+pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Verify(args) => verify::run(args, out),
+        Command::Inspect(args) => inspect::run(args, out),
+        Command::Synth(args) => synth::run(args, out),
+        Command::Sql(args) => sql::run(args, out),
+        Command::Stats(args) => stats::run(args, out),
+    }
+}

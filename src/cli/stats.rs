@@ -1,0 +1,274 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use firstkd::calibration::TemperatureMode;
+use firstkd::query::stats::{self, CalibrationStats, CoverageReport, StatsOptions};
+use firstkd::query::{QueryOptions, QuerySession};
+
+/// Arguments of `firstkd stats`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Store directory.
+    pub store: PathBuf,
+    /// Which report: coverage, calibration or all.
+    #[arg(long, default_value = "all")]
+    pub report: String,
+    /// Temperature applied to the stored log-probs before the reports (1 = as stored).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Calibration renormalisation at the temperature: uniform-tail (exact at T = 1:
+    /// full-vocabulary confidence and NLL) or renormalized (over the top-k, as FIRST).
+    #[arg(long, default_value = "uniform-tail")]
+    pub mode: String,
+    /// Equal-width bins of the calibration report.
+    #[arg(long, default_value_t = 15)]
+    pub bins: usize,
+    /// Print the SQL each report runs.
+    #[arg(long)]
+    pub show_sql: bool,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Query the committed parts of a store whose writer has not finished.
+    #[arg(long)]
+    pub allow_incomplete: bool,
+}
+
+pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let mode = match args.mode.as_str() {
+        "uniform-tail" | "uniform_tail" => TemperatureMode::UniformTail,
+        "renormalized" | "renormalised" => TemperatureMode::Renormalized,
+        other => anyhow::bail!("unknown --mode {other:?} (expected uniform-tail or renormalized)"),
+    };
+    let (want_coverage, want_calibration) = match args.report.as_str() {
+        "all" => (true, true),
+        "coverage" => (true, false),
+        "calibration" => (false, true),
+        other => {
+            anyhow::bail!("unknown --report {other:?} (expected coverage, calibration or all)")
+        }
+    };
+    let opts = StatsOptions {
+        temperature: args.temperature,
+        mode,
+        n_bins: args.bins,
+    };
+    let query_options = QueryOptions {
+        allow_incomplete: args.allow_incomplete,
+        ..QueryOptions::default()
+    };
+    let session = QuerySession::open(&args.store, &query_options)
+        .with_context(|| format!("opening {}", args.store.display()))?;
+    let coverage = want_coverage
+        .then(|| stats::coverage(&session, &opts))
+        .transpose()
+        .map_err(super::sql::query_error)
+        .context("coverage report")?;
+    let calibration = want_calibration
+        .then(|| stats::calibration(&session, &opts))
+        .transpose()
+        .map_err(super::sql::query_error)
+        .context("calibration report")?;
+    if args.json {
+        let mut value = serde_json::json!({
+            "store": args.store.display().to_string(),
+            "coverage": coverage,
+            "calibration": calibration,
+        });
+        if !args.show_sql {
+            for key in ["coverage", "calibration"] {
+                if let Some(report) = value.get_mut(key).and_then(|v| v.as_object_mut()) {
+                    report.remove("sql");
+                }
+            }
+        }
+        serde_json::to_writer_pretty(&mut *out, &value)?;
+        writeln!(out)?;
+        return Ok(0);
+    }
+    if let Some(report) = &coverage {
+        print_coverage(report, args.show_sql, out)?;
+    }
+    if let Some(report) = &calibration {
+        if coverage.is_some() {
+            writeln!(out)?;
+        }
+        print_calibration(report, args.show_sql, out)?;
+    }
+    Ok(0)
+}
+
+/// Left-aligned first columns, right-aligned numbers.
+fn print_table(
+    header: &[String],
+    rows: &[Vec<String>],
+    text_cols: usize,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].len())
+                .chain([header[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                if c < text_cols {
+                    format!("{cell:<w$}", w = widths[c])
+                } else {
+                    format!("{cell:>w$}", w = widths[c])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    writeln!(out, "{}", line(header))?;
+    for row in rows {
+        writeln!(out, "{}", line(row))?;
+    }
+    Ok(())
+}
+
+fn group_name(value: &Option<String>) -> String {
+    value.clone().unwrap_or_else(|| "(all)".into())
+}
+
+fn print_coverage(
+    report: &CoverageReport,
+    show_sql: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "coverage: cumulative probability mass of the top-1..top-{} entries (temperature {})",
+        report.k, report.temperature
+    )?;
+    if show_sql {
+        writeln!(out, "-- SQL:\n{};\n", report.sql)?;
+    }
+    let mut header: Vec<String> = ["positions", "source", "split", "n"]
+        .map(String::from)
+        .to_vec();
+    for j in 1..=report.k {
+        header.push(format!("mean@{j}"));
+    }
+    for q in &report.quantile_levels {
+        header.push(format!("p{}@{}", (q * 100.0).round(), report.k));
+    }
+    header.push(format!("frac@{}>=0.95", report.k));
+    let rows: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                r.positions.clone(),
+                group_name(&r.source),
+                group_name(&r.split),
+                r.n.to_string(),
+            ];
+            row.extend(r.mean_mass.iter().map(|m| format!("{m:.4}")));
+            row.extend(
+                r.quantiles
+                    .iter()
+                    .map(|q| format!("{:.4}", q.last().copied().unwrap_or(f64::NAN))),
+            );
+            row.push(format!("{:.4}", r.frac_topk_mass_ge_095));
+            row
+        })
+        .collect();
+    print_table(&header, &rows, 3, out)
+}
+
+fn print_calibration(
+    report: &CalibrationStats,
+    show_sql: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "calibration: confidence = top-1 probability, correct = target is top-1 (temperature {}, mode {:?}, {} bins)",
+        report.temperature, report.mode, report.n_bins
+    )?;
+    if show_sql {
+        writeln!(
+            out,
+            "-- SQL (metrics computed by firstkd::calibration from these rows):\n{};\n",
+            report.sql
+        )?;
+    }
+    let header: Vec<String> = [
+        "positions",
+        "source",
+        "split",
+        "n",
+        "accuracy",
+        "confidence",
+        "ECE",
+        "adaptive ECE",
+        "MCE",
+        "Brier",
+        "NLL",
+        "n NLL",
+    ]
+    .map(String::from)
+    .to_vec();
+    let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    let rows: Vec<Vec<String>> = report
+        .groups
+        .iter()
+        .map(|g| {
+            let r = &g.report;
+            vec![
+                g.positions.clone(),
+                group_name(&g.source),
+                group_name(&g.split),
+                r.n.to_string(),
+                fmt(Some(r.accuracy)),
+                fmt(Some(r.mean_confidence)),
+                fmt(Some(r.ece)),
+                fmt(r.adaptive_ece),
+                fmt(Some(r.mce)),
+                fmt(Some(r.brier)),
+                fmt(r.nll),
+                r.n_nll.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&header, &rows, 3, out)?;
+    // Reliability table of the in-loss total (the last group), or the last group there is.
+    if let Some(g) = report.groups.last() {
+        writeln!(
+            out,
+            "\nreliability ({} positions, {} / {}):",
+            g.positions,
+            group_name(&g.source),
+            group_name(&g.split)
+        )?;
+        let header: Vec<String> = ["bin", "count", "confidence", "accuracy", "gap"]
+            .map(String::from)
+            .to_vec();
+        let rows: Vec<Vec<String>> = g
+            .report
+            .bins
+            .iter()
+            .map(|b| {
+                vec![
+                    format!("[{:.3}, {:.3})", b.lower, b.upper),
+                    b.count.to_string(),
+                    format!("{:.4}", b.mean_confidence),
+                    format!("{:.4}", b.accuracy),
+                    format!("{:.4}", b.gap),
+                ]
+            })
+            .collect();
+        print_table(&header, &rows, 1, out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! The crate's error type. Every variant that concerns a file carries its path.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in firstkd's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: unsupported store schema version {found} (this firstkd reads major version {supported})")]
+    UnsupportedSchemaVersion {
+        path: PathBuf,
+        found: String,
+        supported: u32,
+    },
+
+    #[error("{path}: not a firstkd store: {reason}")]
+    NotAStore { path: PathBuf, reason: String },
+
+    #[error("{path}: store is incomplete ({reason}); rerun the command that wrote it to resume")]
+    IncompleteStore { path: PathBuf, reason: String },
+
+    #[error("{path}: corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+
+    #[error("{path}: invalid manifest: {reason}")]
+    InvalidManifest { path: PathBuf, reason: String },
+
+    #[error("{path}: schema mismatch: {reason}")]
+    SchemaMismatch { path: PathBuf, reason: String },
+
+    #[error("{path}:{line}: {reason}")]
+    InvalidRecord {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
+
+    #[error("tokenizer mismatch: store has {store}, model has {model}")]
+    TokenizerMismatch { store: String, model: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("{path}: parquet: {source}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+
+    #[error("datafusion: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+
+    #[error("{path}: model: {reason}")]
+    Model { path: PathBuf, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    /// Wraps an io error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Wraps a parquet error with the path it concerns.
+    pub fn parquet(path: impl Into<PathBuf>, source: parquet::errors::ParquetError) -> Self {
+        Error::Parquet {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! firstkd: FIRST (Efficient Trustworthy Distillation) for LLMs.
+//!
+//! Data flows one way: input -> teacher -> store -> query / calibration / trainer -> eval.
+
+pub mod calibration;
+pub mod error;
+pub mod input;
+pub mod query;
+pub mod schema;
+pub mod store;
+pub mod teacher;
+
+pub use error::{Error, Result};
+
+/// The firstkd version written into every store.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,269 @@
+//! SQL over a store through DataFusion.
+//!
+//! [`QuerySession::open`] registers, from exactly the parts listed in the store's manifest:
+//!
+//! * the tables `labels` and `samples` (an unlisted or uncommitted Parquet file in the store's
+//!   folders is never read);
+//! * the view `tokens`: `labels` plus derived per-token columns (`topk_probs`, `topk_mass`,
+//!   `tail_mass`, `top1_prob`, `target_prob`, `target_rank`, `target_is_top1`,
+//!   `target_in_topk`);
+//! * the scalar functions of [`udf`] (`topk_probs`, `topk_mass`, `topk_probs_at`,
+//!   `top1_prob_at`, `target_rank`);
+//! * the table functions `manifest()` (the manifest as key/value rows) and `parts()` (one row
+//!   per committed part).
+//!
+//! Queries run on a tokio runtime owned by the session, so callers stay synchronous.
+//! docs/sql.md documents every column and function with examples.
+
+pub mod manifest_fn;
+pub mod output;
+pub mod stats;
+pub mod tables;
+pub mod udf;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::prelude::DataFrame;
+use datafusion::sql::parser::{DFParserBuilder, Statement};
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::store::{Manifest, StoreReader};
+
+/// Name of the derived per-token view.
+pub const TOKENS_VIEW: &str = "tokens";
+
+/// How to open a store for querying.
+#[derive(Debug, Clone, Default)]
+pub struct QueryOptions {
+    /// Read the committed parts of a store whose writer has not finished (`complete = false`).
+    pub allow_incomplete: bool,
+    /// DataFusion target partitions (threads per query); 0 = number of CPUs.
+    pub target_partitions: usize,
+}
+
+/// A DataFusion session over one store.
+pub struct QuerySession {
+    ctx: SessionContext,
+    runtime: tokio::runtime::Runtime,
+    reader: StoreReader,
+}
+
+impl std::fmt::Debug for QuerySession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuerySession")
+            .field("store", &self.reader.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of one statement, fully collected.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// Output schema (also for an empty result).
+    pub schema: SchemaRef,
+    /// Result rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+impl QueryResult {
+    /// Total number of rows.
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// Splits a text holding several `;`-separated SQL statements into statements, using
+/// DataFusion's parser (so a `;` inside a string literal or comment does not split).
+/// Returns the statements re-rendered as SQL text.
+pub fn split_statements(sql: &str) -> Result<Vec<String>> {
+    let statements = parse_statements(sql)?;
+    Ok(statements.iter().map(ToString::to_string).collect())
+}
+
+fn parse_statements(sql: &str) -> Result<Vec<Statement>> {
+    let mut parser = DFParserBuilder::new(sql).build()?;
+    Ok(parser.parse_statements()?.into_iter().collect())
+}
+
+impl QuerySession {
+    /// Opens the store at `dir`: checks the manifest and every listed part (schema version,
+    /// table, k, dtype, columns) by the store reader's rules, then registers tables, the
+    /// `tokens` view, the functions and the table functions.
+    pub fn open(dir: &Path, options: &QueryOptions) -> Result<Self> {
+        let reader = if options.allow_incomplete {
+            StoreReader::open_allow_incomplete(dir)?
+        } else {
+            StoreReader::open(dir)?
+        };
+        let mut config = SessionConfig::new().with_information_schema(true);
+        if options.target_partitions > 0 {
+            config = config.with_target_partitions(options.target_partitions);
+        }
+        let ctx = SessionContext::new_with_config(config);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io(dir, e))?;
+        let session = QuerySession {
+            ctx,
+            runtime,
+            reader,
+        };
+        session.register()?;
+        Ok(session)
+    }
+
+    fn register(&self) -> Result<()> {
+        for table in crate::schema::Table::ALL {
+            let provider = tables::table_provider(&self.reader, table)?;
+            self.ctx.register_table(table.name(), provider)?;
+        }
+        for f in udf::all_udfs() {
+            self.ctx.register_udf(f);
+        }
+        let manifest = Arc::new(self.reader.manifest().clone());
+        self.ctx.register_udtf(
+            manifest_fn::MANIFEST_FN,
+            Arc::new(manifest_fn::ManifestFunction::new(Arc::clone(&manifest))),
+        );
+        self.ctx.register_udtf(
+            manifest_fn::PARTS_FN,
+            Arc::new(manifest_fn::PartsFunction::new(manifest)),
+        );
+        self.runtime
+            .block_on(async { self.ctx.sql(&tokens_view_sql()).await?.collect().await })?;
+        Ok(())
+    }
+
+    /// The store's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        self.reader.manifest()
+    }
+
+    /// The underlying DataFusion context (for callers that need more than SQL text).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Plans one statement. DDL (`CREATE VIEW ...`) and `SET` are allowed and act on this
+    /// session only; DML (`INSERT`, `COPY`) is refused so a query can never write into the
+    /// store.
+    fn plan(&self, statement: Statement) -> Result<DataFrame> {
+        self.runtime.block_on(async {
+            let state = self.ctx.state();
+            let plan = state.statement_to_plan(statement).await?;
+            SQLOptions::new().with_allow_dml(false).verify_plan(&plan)?;
+            Ok(self.ctx.execute_logical_plan(plan).await?)
+        })
+    }
+
+    fn single_statement(&self, sql: &str) -> Result<Statement> {
+        let mut statements = parse_statements(sql)?;
+        match statements.len() {
+            1 => Ok(statements.remove(0)),
+            n => Err(Error::InvalidArgument(format!(
+                "expected exactly one SQL statement, found {n} (use run_script for several)"
+            ))),
+        }
+    }
+
+    /// Runs one statement and collects its result.
+    pub fn sql(&self, sql: &str) -> Result<QueryResult> {
+        let statement = self.single_statement(sql)?;
+        self.collect(statement)
+    }
+
+    fn collect(&self, statement: Statement) -> Result<QueryResult> {
+        let df = self.plan(statement)?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = self.runtime.block_on(df.collect())?;
+        Ok(QueryResult { schema, batches })
+    }
+
+    /// Runs one statement and hands each result batch to `f` as it is produced (bounded
+    /// memory for large results). Returns the output schema.
+    pub fn for_each_batch(
+        &self,
+        sql: &str,
+        mut f: impl FnMut(&RecordBatch) -> Result<()>,
+    ) -> Result<SchemaRef> {
+        let statement = self.single_statement(sql)?;
+        self.stream_statement(statement, &mut f)
+    }
+
+    fn stream_statement(
+        &self,
+        statement: Statement,
+        f: &mut dyn FnMut(&RecordBatch) -> Result<()>,
+    ) -> Result<SchemaRef> {
+        let df = self.plan(statement)?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        self.runtime.block_on(async {
+            let mut stream = df.execute_stream().await?;
+            while let Some(batch) = stream.next().await {
+                f(&batch?)?;
+            }
+            Ok::<(), Error>(())
+        })?;
+        Ok(schema)
+    }
+
+    /// Runs every `;`-separated statement of `script` in order, reporting each statement's
+    /// schema and then its batches to `on_event`. Returns the number of statements. Nothing
+    /// runs if the script does not parse; a statement that fails stops the script.
+    pub fn run_script(
+        &self,
+        script: &str,
+        on_event: &mut dyn FnMut(ScriptEvent<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        let statements = parse_statements(script)?;
+        if statements.is_empty() {
+            return Err(Error::InvalidArgument("no SQL statement given".into()));
+        }
+        let n = statements.len();
+        for (i, statement) in statements.into_iter().enumerate() {
+            let df = self.plan(statement)?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            on_event(ScriptEvent::Start(i, &schema))?;
+            self.runtime.block_on(async {
+                let mut stream = df.execute_stream().await?;
+                while let Some(batch) = stream.next().await {
+                    on_event(ScriptEvent::Batch(i, &batch?))?;
+                }
+                Ok::<(), Error>(())
+            })?;
+        }
+        Ok(n)
+    }
+}
+
+/// What [`QuerySession::run_script`] reports.
+#[derive(Debug)]
+pub enum ScriptEvent<'a> {
+    /// Statement `i` (0-based) starts; its result has this schema (no columns for DDL).
+    Start(usize, &'a SchemaRef),
+    /// A batch of statement `i`'s result.
+    Batch(usize, &'a RecordBatch),
+}
+
+/// The SQL that defines the `tokens` view.
+pub fn tokens_view_sql() -> String {
+    format!(
+        "CREATE VIEW {TOKENS_VIEW} AS SELECT \
+           sample_id, position, target_id, in_loss, topk_ids, topk_logprobs, target_logprob, entropy, \
+           topk_probs(topk_logprobs) AS topk_probs, \
+           topk_mass(topk_logprobs) AS topk_mass, \
+           1.0 - topk_mass(topk_logprobs) AS tail_mass, \
+           topk_mass(topk_logprobs, 1) AS top1_prob, \
+           exp(CAST(target_logprob AS DOUBLE)) AS target_prob, \
+           target_rank(topk_ids, target_id) AS target_rank, \
+           coalesce(target_rank(topk_ids, target_id) = 1, false) AS target_is_top1, \
+           target_rank(topk_ids, target_id) IS NOT NULL AS target_in_topk \
+         FROM labels"
+    )
+}

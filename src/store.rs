@@ -1,0 +1,48 @@
+//! The soft-label store: a directory of zstd Parquet parts plus `manifest.json`.
+//!
+//! ```text
+//! store/
+//!   manifest.json              provenance, k, dtype, parts with row counts and sha256
+//!   labels/part-00000.parquet  one row per predicted token position
+//!   samples/part-00000.parquet one row per input sample
+//! ```
+//!
+//! A part is written under a temporary name, renamed when complete, and only then
+//! recorded in the manifest (itself replaced atomically), so an interrupted writer
+//! never leaves a part that looks complete. See docs/format.md.
+
+pub mod inspect;
+pub mod manifest;
+pub mod reader;
+pub mod synthetic;
+pub mod verify;
+pub mod writer;
+
+pub use manifest::{
+    Manifest, PartEntry, PartFile, TeacherInfo, TemperatureInfo, TokenizerInfo, MANIFEST_FILE,
+};
+pub use reader::{BatchIter, StoreReader};
+pub use verify::{verify, Problem, VerifyReport};
+pub use writer::{SampleLabels, SampleRecord, StoreMeta, StoreWriter, WriterOptions};
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Streams a file through sha256 and returns the lowercase hex digest.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

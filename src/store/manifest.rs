@@ -1,0 +1,222 @@
+//! `manifest.json`: what a store holds and where it came from.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::schema::{self, LogprobDtype, Table, FORMAT_NAME};
+
+/// File name of the manifest inside a store directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The teacher that produced the labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TeacherInfo {
+    /// File (or directory) name of the model, without its path.
+    pub file_name: String,
+    /// sha256 of the model file (for a checkpoint directory: of its weight files in name order).
+    pub sha256: String,
+    /// Architecture, e.g. `llama`, `qwen2`.
+    pub architecture: String,
+    /// Storage quantisation of the weights, e.g. `Q4_1`, `bf16`.
+    pub quantization: String,
+    /// dtype used for computation, e.g. `f32`.
+    pub compute_dtype: String,
+    /// How the weights were computed with, e.g. `dequantized-f32-cpu`.
+    #[serde(default)]
+    pub compute_mode: String,
+}
+
+/// The tokenizer whose ids the store holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TokenizerInfo {
+    /// sha256 of a canonical serialisation of vocabulary and merges.
+    pub sha256: String,
+    /// Number of token ids; every id in the store is below it.
+    pub vocab_size: u32,
+    /// Special tokens by role (`bos`, `eos`, `pad`, ...), with id and text.
+    #[serde(default)]
+    pub special_tokens: BTreeMap<String, SpecialToken>,
+}
+
+/// One special token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpecialToken {
+    pub id: u32,
+    pub text: String,
+}
+
+/// A fitted teacher temperature, written by `firstkd calibrate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemperatureInfo {
+    pub value: f64,
+    /// Objective minimised: `ece` or `nll`.
+    pub objective: String,
+    /// Which positions it was fitted on (split or held-out rule, counts).
+    pub fitted_on: serde_json::Value,
+    /// Metrics at T = 1 and at the fitted T.
+    pub before: serde_json::Value,
+    pub after: serde_json::Value,
+    /// firstkd version that fitted it.
+    pub fitted_by: String,
+}
+
+/// One Parquet file of a part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartFile {
+    /// Path relative to the store directory, e.g. `labels/part-00000.parquet`.
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// One committed part: a labels file and a samples file holding the same whole samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartEntry {
+    pub index: u32,
+    pub labels: PartFile,
+    pub samples: PartFile,
+    /// Sum of `in_loss` over the part's label rows.
+    pub in_loss_rows: u64,
+}
+
+impl PartEntry {
+    /// The file of `table` in this part.
+    pub fn file(&self, table: Table) -> &PartFile {
+        match table {
+            Table::Labels => &self.labels,
+            Table::Samples => &self.samples,
+        }
+    }
+}
+
+/// The manifest of a store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `firstkd-store`.
+    pub format: String,
+    /// "MAJOR.MINOR"; readers refuse an unknown major version.
+    pub schema_version: String,
+    /// Teacher tokens kept per position.
+    pub k: usize,
+    /// Storage type of log-probability columns.
+    pub logprob_dtype: LogprobDtype,
+    /// True once the writer finished; an incomplete store is being written or was interrupted.
+    pub complete: bool,
+    /// firstkd version that created the store.
+    pub created_by: String,
+    pub teacher: TeacherInfo,
+    pub tokenizer: TokenizerInfo,
+    /// Fitted temperature; null until `firstkd calibrate` writes it.
+    pub temperature: Option<TemperatureInfo>,
+    /// How the labels were produced (inputs, sequence length, template...), free-form.
+    #[serde(default)]
+    pub labeling: serde_json::Value,
+    /// Writer's resume cursor after the last committed part, free-form.
+    #[serde(default)]
+    pub cursor: serde_json::Value,
+    pub parts: Vec<PartEntry>,
+}
+
+impl Manifest {
+    /// Path of the manifest of the store at `dir`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_FILE)
+    }
+
+    /// Reads and validates the manifest of the store at `dir` (format and major version).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = Self::path(dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotAStore {
+                    path: dir.to_path_buf(),
+                    reason: if dir.exists() {
+                        format!("no {MANIFEST_FILE}")
+                    } else {
+                        "directory does not exist".into()
+                    },
+                })
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        // Check format and version on the raw JSON first, so a future major version
+        // with different fields gets the version error, not a parse error.
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::InvalidManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        match raw.get("format").and_then(|v| v.as_str()) {
+            Some(FORMAT_NAME) => {}
+            other => {
+                return Err(Error::NotAStore {
+                    path: path.clone(),
+                    reason: format!("format is {other:?}, expected {FORMAT_NAME:?}"),
+                })
+            }
+        }
+        let version = raw
+            .get("schema_version")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::InvalidManifest {
+                path: path.clone(),
+                reason: "missing schema_version".into(),
+            })?;
+        schema::check_version(version, &path)?;
+        let manifest: Manifest =
+            serde_json::from_value(raw).map_err(|e| Error::InvalidManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if manifest.k == 0 {
+            return Err(Error::InvalidManifest {
+                path,
+                reason: "k must be at least 1".into(),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Writes the manifest atomically: a temporary file, fsync, rename over the old one.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = Self::path(dir);
+        let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self)?;
+        let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.write_all(b"\n"))
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(dir);
+        Ok(())
+    }
+
+    /// Total rows of `table` over all parts.
+    pub fn rows(&self, table: Table) -> u64 {
+        self.parts.iter().map(|p| p.file(table).rows).sum()
+    }
+
+    /// Total bytes of `table` over all parts.
+    pub fn bytes(&self, table: Table) -> u64 {
+        self.parts.iter().map(|p| p.file(table).bytes).sum()
+    }
+
+    /// Total in-loss label rows.
+    pub fn in_loss_rows(&self) -> u64 {
+        self.parts.iter().map(|p| p.in_loss_rows).sum()
+    }
+}
+
+/// Best-effort fsync of a directory so renames inside it are durable.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

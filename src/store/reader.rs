@@ -1,0 +1,244 @@
+//! Streaming store reader: record batches in file order, with a column projection.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
+
+use super::manifest::{Manifest, PartEntry};
+use crate::error::{Error, Result};
+use crate::schema::{self, meta_keys, Table};
+
+/// A store opened for reading.
+#[derive(Debug, Clone)]
+pub struct StoreReader {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl StoreReader {
+    /// Opens a complete store; refuses an unknown major schema version or an incomplete store.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let reader = Self::open_allow_incomplete(dir)?;
+        if !reader.manifest.complete {
+            return Err(Error::IncompleteStore {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "manifest says complete = false after {} committed part(s)",
+                    reader.manifest.parts.len()
+                ),
+            });
+        }
+        Ok(reader)
+    }
+
+    /// Opens a store that may still be being written; only committed parts are read.
+    pub fn open_allow_incomplete(dir: &Path) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        Ok(StoreReader {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The store's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Full schema of `table` in this store.
+    pub fn schema(&self, table: Table) -> SchemaRef {
+        schema::table_schema(table, self.manifest.k, self.manifest.logprob_dtype)
+    }
+
+    /// Absolute paths of the committed part files of `table`, in order.
+    pub fn part_paths(&self, table: Table) -> Vec<PathBuf> {
+        self.manifest
+            .parts
+            .iter()
+            .map(|p| self.dir.join(&p.file(table).file))
+            .collect()
+    }
+
+    /// Streams `table` in file order. `columns` selects columns by name (None = all);
+    /// `batch_size` is the maximum rows per batch.
+    pub fn batches(
+        &self,
+        table: Table,
+        columns: Option<&[&str]>,
+        batch_size: usize,
+    ) -> Result<BatchIter> {
+        let full = self.schema(table);
+        let indices = match columns {
+            None => (0..full.fields().len()).collect(),
+            Some(names) => names
+                .iter()
+                .map(|name| {
+                    full.index_of(name).map_err(|_| {
+                        Error::InvalidArgument(format!(
+                            "table {} has no column {name:?}",
+                            table.name()
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        Ok(BatchIter {
+            reader: self.clone(),
+            table,
+            indices,
+            batch_size: batch_size.max(1),
+            next_part: 0,
+            current: None,
+        })
+    }
+
+    /// Opens one part file of `table`, checking its metadata and schema before any row is read.
+    pub fn open_part(
+        &self,
+        part: &PartEntry,
+        table: Table,
+        indices: &[usize],
+        batch_size: usize,
+    ) -> Result<ParquetRecordBatchReader> {
+        let path = self.dir.join(&part.file(table).file);
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(&path, e))?;
+        check_part_metadata(&path, &builder, table, &self.manifest)?;
+        let expected = self.schema(table);
+        check_part_schema(&path, builder.schema(), &expected)?;
+        let mask = ProjectionMask::roots(builder.parquet_schema(), indices.iter().copied());
+        builder
+            .with_projection(mask)
+            .with_batch_size(batch_size)
+            .build()
+            .map_err(|e| Error::parquet(&path, e))
+    }
+}
+
+/// Key-value metadata of a Parquet file as a map.
+pub fn file_key_values(builder: &ParquetRecordBatchReaderBuilder<File>) -> HashMap<String, String> {
+    builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kvs| {
+            kvs.iter()
+                .filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Checks a part's key-value metadata against the manifest: version first, then table and k.
+pub fn check_part_metadata(
+    path: &Path,
+    builder: &ParquetRecordBatchReaderBuilder<File>,
+    table: Table,
+    manifest: &Manifest,
+) -> Result<()> {
+    let kv = file_key_values(builder);
+    let mismatch = |reason: String| Error::SchemaMismatch {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let version = kv
+        .get(meta_keys::SCHEMA_VERSION)
+        .ok_or_else(|| mismatch(format!("no {} metadata", meta_keys::SCHEMA_VERSION)))?;
+    schema::check_version(version, path)?;
+    let expect = [
+        (meta_keys::TABLE, table.name().to_string()),
+        (meta_keys::K, manifest.k.to_string()),
+        (
+            meta_keys::LOGPROB_DTYPE,
+            manifest.logprob_dtype.name().to_string(),
+        ),
+    ];
+    for (key, want) in expect {
+        match kv.get(key) {
+            Some(found) if *found == want => {}
+            found => {
+                return Err(mismatch(format!(
+                    "metadata {key} is {found:?}, manifest expects {want:?}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a part's Arrow schema has exactly the expected fields.
+pub fn check_part_schema(path: &Path, found: &SchemaRef, expected: &SchemaRef) -> Result<()> {
+    let describe = |s: &SchemaRef| -> Vec<String> {
+        s.fields()
+            .iter()
+            .map(|f| format!("{}: {} (nullable {})", f.name(), f.data_type(), f.is_nullable()))
+            .collect()
+    };
+    let (found, expected) = (describe(found), describe(expected));
+    if found != expected {
+        return Err(Error::SchemaMismatch {
+            path: path.to_path_buf(),
+            reason: format!("columns are [{}], expected [{}]", found.join(", "), expected.join(", ")),
+        });
+    }
+    Ok(())
+}
+
+/// Iterator over the record batches of one table, part after part.
+pub struct BatchIter {
+    reader: StoreReader,
+    table: Table,
+    indices: Vec<usize>,
+    batch_size: usize,
+    next_part: usize,
+    current: Option<(PathBuf, ParquetRecordBatchReader)>,
+}
+
+impl Iterator for BatchIter {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((path, current)) = self.current.as_mut() {
+                match current.next() {
+                    Some(Ok(batch)) => return Some(Ok(batch)),
+                    Some(Err(e)) => {
+                        let err = Error::Arrow(e);
+                        let path = path.clone();
+                        self.current = None;
+                        self.next_part = usize::MAX;
+                        return Some(Err(Error::Corrupt {
+                            path,
+                            reason: format!("reading rows: {err}"),
+                        }));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let part = self.reader.manifest.parts.get(self.next_part)?.clone();
+            self.next_part += 1;
+            let path = self.reader.dir.join(&part.file(self.table).file);
+            match self
+                .reader
+                .open_part(&part, self.table, &self.indices, self.batch_size)
+            {
+                Ok(r) => self.current = Some((path, r)),
+                Err(e) => {
+                    self.next_part = usize::MAX;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}

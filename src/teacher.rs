@@ -1,0 +1,375 @@
+//! The teacher: a Llama-family model (GGUF or Hugging Face safetensors), its tokenizer and chat
+//! template, and labelling: for every position of every sequence, the top-k token ids with their
+//! full-vocabulary log-probs, the entropy and the log-prob of the actual next token.
+//!
+//! ```no_run
+//! # fn main() -> firstkd::Result<()> {
+//! use firstkd::teacher::{LabelInput, LabelOptions, Teacher};
+//! let teacher = Teacher::load("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), &candle_core::Device::Cpu)?;
+//! let ids = teacher.tokenizer().encode("The capital of France is Paris.", true)?;
+//! let labels = teacher.label_batch(&[LabelInput { input_ids: &ids, prompt_len: 0 }], &LabelOptions::default())?;
+//! assert_eq!(labels[0].entropy.len(), ids.len() - 1);
+//! # Ok(()) }
+//! ```
+//!
+//! Design notes live in `docs/teacher.md`.
+
+pub mod chat;
+mod load;
+pub mod model;
+pub mod select;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use candle_core::{Device, Storage, Tensor};
+
+pub use chat::{ChatTemplate, Message};
+pub use load::sha256_file;
+pub use model::{Architecture, ModelConfig, TeacherModel};
+pub use select::{select_row, RowSelection};
+pub use tokenizer::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
+
+use crate::error::{Error, Result};
+
+/// Who the teacher is, for provenance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TeacherIdentity {
+    /// File (GGUF) or directory (HF checkpoint) name.
+    pub file_name: String,
+    /// Hex sha256 of the GGUF file; for a checkpoint directory, sha256 over
+    /// `"<shard name>\n<shard sha256>\n"` for every `*.safetensors` shard in name order.
+    pub sha256: String,
+    /// `gguf` or `safetensors`.
+    pub format: String,
+    /// `llama` or `qwen2`.
+    pub architecture: String,
+    /// Storage precision: GGUF file type with tensor dtype counts, e.g.
+    /// `Q4_1 (F32:61,Q4_1:210,Q8_0:1)`, or the checkpoint's `torch_dtype`.
+    pub quantization: String,
+    /// Compute mode, e.g. `f32 (dequantized) on cpu`.
+    pub compute: String,
+    /// Training context length.
+    pub context_length: u32,
+    /// Output vocabulary size.
+    pub vocab_size: u32,
+    /// Whether the output matrix is the token embedding.
+    pub tied_embeddings: bool,
+}
+
+/// Which positions [`Teacher::label_batch`] labels. Position `p` predicts token `p + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Positions {
+    /// Every position that has a next token: `0 .. len - 1`.
+    #[default]
+    All,
+    /// Only positions whose next token is in the loss: `p + 1 >= prompt_len`, i.e.
+    /// `max(prompt_len, 1) - 1 .. len - 1`. The output layer is skipped for the others.
+    Response,
+}
+
+/// Options for [`Teacher::label_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelOptions {
+    /// How many top tokens to keep per position.
+    pub k: usize,
+    /// Softmax temperature applied to the logits before everything else (1.0 = none).
+    pub temperature: f32,
+    /// Which positions to label.
+    pub positions: Positions,
+    /// Rows of logits computed at once (bounds memory at `chunk_rows * vocab * 4` bytes).
+    pub chunk_rows: usize,
+}
+
+impl Default for LabelOptions {
+    fn default() -> Self {
+        Self {
+            k: 5,
+            temperature: 1.0,
+            positions: Positions::All,
+            chunk_rows: 64,
+        }
+    }
+}
+
+/// One sequence to label.
+#[derive(Debug, Clone, Copy)]
+pub struct LabelInput<'a> {
+    /// Token ids (at least one).
+    pub input_ids: &'a [u32],
+    /// Number of leading prompt tokens (not in the loss).
+    pub prompt_len: u32,
+}
+
+/// Labels of one sequence. Entry `j` is position `first_position + j`, which predicts token
+/// `input_ids[first_position + j + 1]`; there are `n = len - 1 - first_position` entries.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SequenceLabels {
+    /// Position of the first entry.
+    pub first_position: u32,
+    /// `n * k` ids, position-major, descending log-prob within a position.
+    pub topk_ids: Vec<u32>,
+    /// `n * k` full-vocabulary log-probs matching `topk_ids`.
+    pub topk_logprobs: Vec<f32>,
+    /// `n` log-probs of the actual next token.
+    pub target_logprobs: Vec<f32>,
+    /// `n` entropies (nats).
+    pub entropy: Vec<f32>,
+}
+
+impl SequenceLabels {
+    /// Number of labelled positions.
+    pub fn len(&self) -> usize {
+        self.entropy.len()
+    }
+
+    /// Whether no position was labelled.
+    pub fn is_empty(&self) -> bool {
+        self.entropy.is_empty()
+    }
+}
+
+/// A loaded teacher.
+#[derive(Debug)]
+pub struct Teacher {
+    model: TeacherModel,
+    tokenizer: TeacherTokenizer,
+    chat_template: Option<ChatTemplate>,
+    identity: TeacherIdentity,
+}
+
+impl Teacher {
+    /// Loads a GGUF file (llama or qwen2 architecture) or a Hugging Face checkpoint directory
+    /// (config.json + *.safetensors + tokenizer.json) onto `device`, with weights in f32.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_tokenizer(path, None, device)
+    }
+
+    /// Like [`load`](Self::load), with a `tokenizer.json` overriding the GGUF's own tokenizer
+    /// (needed for GGUF files whose tokenizer is not byte-level BPE, e.g. Llama 2's).
+    pub fn load_with_tokenizer(
+        path: &Path,
+        tokenizer_json: Option<&Path>,
+        device: &Device,
+    ) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let loaded = if meta.is_dir() {
+            load::load_hf_dir(path, device)?
+        } else {
+            load::load_gguf(path, tokenizer_json, device)?
+        };
+        Ok(Self {
+            model: loaded.model,
+            tokenizer: loaded.tokenizer,
+            chat_template: loaded.chat_template,
+            identity: loaded.identity,
+        })
+    }
+
+    /// The decoder.
+    pub fn model(&self) -> &TeacherModel {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TeacherTokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat template, if the model ships one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Provenance of the model file.
+    pub fn identity(&self) -> &TeacherIdentity {
+        &self.identity
+    }
+
+    /// Labels a batch of sequences in one forward pass (right-padded to the longest). Results
+    /// are in input order and equal, up to float rounding, to labelling each sequence alone.
+    ///
+    /// Batches of similar lengths waste less compute; see [`plan_batches`].
+    pub fn label_batch(
+        &self,
+        batch: &[LabelInput<'_>],
+        opts: &LabelOptions,
+    ) -> Result<Vec<SequenceLabels>> {
+        let cfg = self.model.config();
+        if opts.k == 0 || opts.k > cfg.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "k = {} must be in 1..={}",
+                opts.k, cfg.vocab_size
+            )));
+        }
+        if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "temperature {} must be positive",
+                opts.temperature
+            )));
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seq = batch.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+        for (i, s) in batch.iter().enumerate() {
+            if s.input_ids.is_empty() {
+                return Err(Error::InvalidArgument(format!("sequence {i} is empty")));
+            }
+            if let Some(&bad) = s.input_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::InvalidArgument(format!(
+                    "sequence {i}: token id {bad} outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
+        }
+        if seq > cfg.context_length {
+            return Err(Error::InvalidArgument(format!(
+                "sequence of {seq} tokens exceeds the model's context of {}",
+                cfg.context_length
+            )));
+        }
+        let device = self.model.device();
+        let mut padded = vec![0u32; batch.len() * seq];
+        for (b, s) in batch.iter().enumerate() {
+            padded[b * seq..b * seq + s.input_ids.len()].copy_from_slice(s.input_ids);
+        }
+        let ids = Tensor::from_vec(padded, (batch.len(), seq), device)?;
+        let hidden = self
+            .model
+            .hidden_states(&ids)?
+            .reshape((batch.len() * seq, cfg.hidden_size))?;
+
+        // Rows to label and, for each, (sequence, target id).
+        let mut rows: Vec<u32> = Vec::new();
+        let mut owners: Vec<(usize, u32)> = Vec::new();
+        let mut out: Vec<SequenceLabels> = Vec::with_capacity(batch.len());
+        for (b, s) in batch.iter().enumerate() {
+            let len = s.input_ids.len();
+            let first = match opts.positions {
+                Positions::All => 0,
+                Positions::Response => (s.prompt_len.max(1) as usize - 1).min(len - 1),
+            };
+            let n = len - 1 - first;
+            for p in first..len - 1 {
+                rows.push((b * seq + p) as u32);
+                owners.push((b, s.input_ids[p + 1]));
+            }
+            out.push(SequenceLabels {
+                first_position: first as u32,
+                topk_ids: Vec::with_capacity(n * opts.k),
+                topk_logprobs: Vec::with_capacity(n * opts.k),
+                target_logprobs: Vec::with_capacity(n),
+                entropy: Vec::with_capacity(n),
+            });
+        }
+        let chunk_rows = opts.chunk_rows.max(1);
+        let inv_t = 1.0 / opts.temperature as f64;
+        for (chunk_idx, row_chunk) in rows.chunks(chunk_rows).enumerate() {
+            let index = Tensor::from_slice(row_chunk, row_chunk.len(), device)?;
+            let mut logits = self.model.logits(&hidden.index_select(&index, 0)?)?;
+            if opts.temperature != 1.0 {
+                logits = (logits * inv_t)?;
+            }
+            let owners = &owners[chunk_idx * chunk_rows..chunk_idx * chunk_rows + row_chunk.len()];
+            let selections = select_rows(&logits, cfg.vocab_size, opts.k, owners)?;
+            for ((b, _), sel) in owners.iter().zip(selections) {
+                let o = &mut out[*b];
+                o.topk_ids.extend_from_slice(&sel.topk_ids);
+                o.topk_logprobs.extend_from_slice(&sel.topk_logprobs);
+                o.target_logprobs
+                    .push(sel.target_logprob.unwrap_or(f32::NEG_INFINITY));
+                o.entropy.push(sel.entropy);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Runs [`select_row`] over every row of a `[rows, vocab]` logits tensor, split across the
+/// available CPU threads. Logits on an accelerator are copied to the host first.
+fn select_rows(
+    logits: &Tensor,
+    vocab: usize,
+    k: usize,
+    owners: &[(usize, u32)],
+) -> Result<Vec<RowSelection>> {
+    let logits = logits.to_device(&Device::Cpu)?.contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let data: &[f32] = match &*storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "logits were not copied to the host".to_string(),
+            ))
+        }
+    };
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        Error::InvalidArgument("logits are not contiguous".to_string())
+    })?;
+    let data = &data[start..end];
+    let n = owners.len();
+    let threads = std::thread::available_parallelism()
+        .map(|t| t.get())
+        .unwrap_or(1)
+        .min(n.max(1));
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let work = |lo: usize, hi: usize| -> Result<Vec<RowSelection>> {
+        (lo..hi)
+            .map(|r| select_row(&data[r * vocab..(r + 1) * vocab], k, Some(owners[r].1)))
+            .collect()
+    };
+    if threads <= 1 {
+        return work(0, n);
+    }
+    let parts: Vec<Result<Vec<RowSelection>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|lo| {
+                let hi = (lo + per).min(n);
+                scope.spawn(move || work(lo, hi))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument("selection thread panicked".to_string()))
+                })
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(n);
+    for part in parts {
+        all.extend(part?);
+    }
+    Ok(all)
+}
+
+/// Groups sequence indices into batches whose padded size (`count * longest`) stays within
+/// `max_tokens` (a single longer sequence still gets its own batch). Sequences are sorted by
+/// length, longest first, so each batch holds similar lengths and little padding.
+pub fn plan_batches(lengths: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut longest = 0;
+    for i in order {
+        let len = lengths[i];
+        let new_longest = longest.max(len);
+        if !current.is_empty() && new_longest * (current.len() + 1) > max_tokens {
+            batches.push(std::mem::take(&mut current));
+            longest = 0;
+        }
+        longest = longest.max(len);
+        current.push(i);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+//! A Llama-family decoder (Llama 2/3, SmolLM, Qwen2) for inference that returns the hidden
+//! state of **every** position of a right-padded `[batch, seq]` batch.
+//!
+//! Weights are f32 (dequantised from GGUF or converted from safetensors) in Hugging Face layout:
+//! `[out, in]` matrices, Q/K rows in the half-split ("neox") RoPE order. GGUF Llama files store
+//! Q/K rows interleaved for llama.cpp's RoPE; the loader undoes that permutation, so one RoPE
+//! kernel serves every source.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Architectures the teacher can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM/SmolLM2, Mistral-style dense models without biases.
+    Llama,
+    /// Qwen2 / Qwen2.5: Llama with biases on the Q, K and V projections.
+    Qwen2,
+}
+
+impl Architecture {
+    /// The GGUF `general.architecture` / HF `model_type` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Parses a GGUF `general.architecture` or HF `model_type`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "llama" | "mistral" => Some(Architecture::Llama),
+            "qwen2" => Some(Architecture::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// Hyper-parameters of the decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture family.
+    pub architecture: Architecture,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Output vocabulary (rows of the output matrix).
+    pub vocab_size: usize,
+    /// Longest sequence the model was trained for.
+    pub context_length: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Per-frequency divisors of the RoPE inverse frequencies (Llama 3.1 scaling), if any.
+    pub rope_freq_divisors: Option<Vec<f32>>,
+}
+
+/// One decoder block's weights in Hugging Face layout (`[out, in]`), f32.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// `input_layernorm` / `attn_norm`.
+    pub attn_norm: Tensor,
+    /// `q_proj`.
+    pub q: Tensor,
+    /// `k_proj`.
+    pub k: Tensor,
+    /// `v_proj`.
+    pub v: Tensor,
+    /// Q/K/V biases (Qwen2).
+    pub qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// `o_proj`.
+    pub o: Tensor,
+    /// `post_attention_layernorm` / `ffn_norm`.
+    pub ffn_norm: Tensor,
+    /// `gate_proj`.
+    pub gate: Tensor,
+    /// `up_proj`.
+    pub up: Tensor,
+    /// `down_proj`.
+    pub down: Tensor,
+}
+
+/// A block with fused projections: one `[q+k+v, hidden]` and one `[2*inter, hidden]` matmul.
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    wqkv: Tensor,
+    bqkv: Option<Tensor>,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+}
+
+/// The decoder, ready for inference.
+#[derive(Debug, Clone)]
+pub struct TeacherModel {
+    cfg: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    output: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl TeacherModel {
+    /// Assembles a model from f32 weights (HF layout). `output` is `None` for tied embeddings.
+    pub fn new(
+        cfg: ModelConfig,
+        embed: Tensor,
+        layers: Vec<LayerWeights>,
+        norm: Tensor,
+        output: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} query heads cannot be grouped over {} key/value heads",
+                cfg.num_heads, cfg.num_kv_heads
+            )));
+        }
+        if cfg.head_dim % 2 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "odd head width {}",
+                cfg.head_dim
+            )));
+        }
+        let blocks = layers
+            .into_iter()
+            .map(|l| {
+                let wqkv = Tensor::cat(&[&l.q, &l.k, &l.v], 0)?.contiguous()?;
+                let bqkv = match &l.qkv_bias {
+                    Some((bq, bk, bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+                    None => None,
+                };
+                let w_gate_up = Tensor::cat(&[&l.gate, &l.up], 0)?.contiguous()?;
+                Ok(Block {
+                    attn_norm: l.attn_norm,
+                    wqkv,
+                    bqkv,
+                    wo: l.o.contiguous()?,
+                    ffn_norm: l.ffn_norm,
+                    w_gate_up,
+                    w_down: l.down.contiguous()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let output = match output {
+            Some(o) => o.contiguous()?,
+            None => embed.clone(),
+        };
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            output,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Final (normalised) hidden states `[batch, seq, hidden]` for a right-padded batch of ids
+    /// `[batch, seq]` (u32). Position `p` of row `b` only attends to positions `<= p` of the
+    /// same row, so as long as padding is on the right (after each sequence's last token) the
+    /// values at real positions do not depend on the padding or on the other rows.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if s > self.cfg.context_length {
+            return Err(Error::InvalidArgument(format!(
+                "sequence of {s} tokens exceeds the model's context of {}",
+                self.cfg.context_length
+            )));
+        }
+        let ids = input_ids.flatten_all()?;
+        let mut x = self.embed.index_select(&ids, 0)?; // [b*s, h]
+        let mask = causal_mask(s, &self.device)?;
+        let cos = self.cos.narrow(0, 0, s)?;
+        let sin = self.sin.narrow(0, 0, s)?;
+        for block in &self.blocks {
+            x = self.block_forward(block, &x, b, s, &mask, &cos, &sin)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(x.reshape((b, s, self.cfg.hidden_size))?)
+    }
+
+    /// Logits `[rows, vocab]` for hidden-state rows `[rows, hidden]`.
+    pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        Ok(hidden_rows.matmul(&self.output.t()?)?)
+    }
+
+    /// Logits of every position, `[batch, seq, vocab]`. Convenient for tests and short inputs;
+    /// labelling goes through [`hidden_states`](Self::hidden_states) + chunked
+    /// [`logits`](Self::logits) instead so the full tensor never exists.
+    pub fn forward_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let h = self.hidden_states(input_ids)?;
+        let logits = self.logits(&h.reshape((b * s, self.cfg.hidden_size))?)?;
+        Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        b: usize,
+        s: usize,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nq, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let group = nq / nkv;
+        let eps = cfg.rms_norm_eps as f32;
+
+        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, eps)?;
+        let mut qkv = h.matmul(&block.wqkv.t()?)?; // [b*s, (nq + 2 nkv) hd]
+        if let Some(bias) = &block.bqkv {
+            qkv = qkv.broadcast_add(bias)?;
+        }
+        let qkv = qkv.reshape((b, s, nq + 2 * nkv, hd))?;
+        // [b, heads, s, hd], contiguous for the RoPE kernel and the matmuls.
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(2, start, n)?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = candle_nn::rotary_emb::rope(&heads(0, nq)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&heads(nq, nkv)?, cos, sin)?;
+        let v = heads(nq + nkv, nkv)?;
+        // Grouped-query attention without repeating K/V: the `group` query heads that share a
+        // key/value head are consecutive, so fold them into the row dimension.
+        let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?; // [b, nkv, group*s, s]
+        let scores = scores
+            .reshape((b, nkv, group, s, s))?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attn = probs.reshape((b, nkv, group * s, s))?.matmul(&v)?; // [b, nkv, group*s, hd]
+        let attn = attn
+            .reshape((b, nq, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b * s, nq * hd))?;
+        let x = (x + attn.matmul(&block.wo.t()?)?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+        let gate_up = h.matmul(&block.w_gate_up.t()?)?; // [b*s, 2*inter]
+        let inter = cfg.intermediate_size;
+        let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
+            * gate_up.narrow(1, inter, inter)?)?;
+        Ok((x + act.matmul(&block.w_down.t()?)?)?)
+    }
+}
+
+/// Additive causal mask `[s, s]`: 0 where key <= query, -inf above the diagonal.
+fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..s)
+        .flat_map(|q| (0..s).map(move |k| if k <= q { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (s, s), device)?)
+}
+
+/// Cos/sin tables `[context, head_dim / 2]` for half-split RoPE.
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| {
+            let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+            match &cfg.rope_freq_divisors {
+                Some(div) => f / div.get(i).copied().unwrap_or(1.0) as f64,
+                None => f,
+            }
+        })
+        .collect();
+    let n = cfg.context_length.max(1);
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv_freq {
+            // f64 angles, like HF's fp32 `inv_freq @ positions` but without its rounding at
+            // large positions; identical within f32 precision for short contexts.
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
+/// Converts a weight to contiguous f32 on `device`.
+pub(crate) fn to_f32(t: Tensor, device: &Device) -> Result<Tensor> {
+    let t = if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    };
+    Ok(t.to_device(device)?.contiguous()?)
+}
+
+/// Undoes llama.cpp's Q/K row permutation (interleaved RoPE pairs) for `n_head` heads:
+/// GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
+pub(crate) fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / n_head;
+    Ok(w.reshape((n_head, hd / 2, 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))?
+        .contiguous()?)
+}

@@ -1,0 +1,134 @@
+//! The real binary: exit codes, messages, JSON output, and the store read by pyarrow.
+
+use std::process::Command;
+
+use firstkd::schema::LogprobDtype;
+
+use crate::util::{firstkd, in_ci, small_store, tempdir, text};
+
+#[test]
+fn synth_verify_inspect() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("store");
+    let d = dir.to_str().unwrap();
+    let out = firstkd(&["synth", d, "--rows", "3000", "--part-rows", "1000", "--seed", "3"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = firstkd(&["verify", d]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).starts_with("ok: 3 part(s)"), "{}", text(&out));
+    let out = firstkd(&["inspect", d]);
+    assert!(out.status.success());
+    let t = text(&out);
+    assert!(t.contains("bytes/token") && t.contains("label rows") && t.contains("not fitted"), "{t}");
+    let out = firstkd(&["inspect", "--json", d]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
+    assert_eq!(json["manifest"]["k"], 5);
+    assert_eq!(json["manifest"]["logprob_dtype"], "float16");
+    assert!(json["label_rows"].as_u64().unwrap() >= 3000);
+    assert!(json["labels_bytes_per_token"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn verify_lists_problems_and_exits_non_zero() {
+    let tmp = tempdir();
+    let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
+    std::fs::remove_file(dir.join(&m.parts[0].labels.file)).unwrap();
+    std::fs::write(dir.join("labels/stray.parquet"), b"junk").unwrap();
+    let out = firstkd(&["verify", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(t.contains("labels/part-00000.parquet: missing"), "{t}");
+    assert!(t.contains("labels/stray.parquet: extra file"), "{t}");
+    assert!(t.contains("2 problem(s) found"), "{t}");
+    let out = firstkd(&["verify", "--json", dir.to_str().unwrap()]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["problems"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_paths_fail_cleanly() {
+    let out = firstkd(&["inspect", "/nonexistent/store"]);
+    assert_eq!(out.status.code(), Some(2));
+    let t = text(&out);
+    assert!(t.contains("/nonexistent/store") && t.contains("not a firstkd store"), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    let out = firstkd(&["verify", "/nonexistent/store"]);
+    assert_eq!(out.status.code(), Some(1));
+    let tmp = tempdir();
+    std::fs::write(tmp.path().join("x"), "x").unwrap();
+    let out = firstkd(&["synth", tmp.path().to_str().unwrap(), "--rows", "10"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("not empty"));
+    let out = firstkd(&["synth", tmp.path().join("y").to_str().unwrap(), "--dtype", "int8"]);
+    assert!(text(&out).contains("unknown log-prob dtype"));
+}
+
+/// The documented columns and metadata are visible to pyarrow (and DuckDB when installed).
+#[test]
+fn parts_open_in_pyarrow() {
+    let have = |module: &str| {
+        Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have("pyarrow") {
+        assert!(!in_ci(), "pyarrow is required under CI (.ci/run installs it)");
+        eprintln!("skipping: python3 pyarrow not installed (pip install pyarrow)");
+        return;
+    }
+    let tmp = tempdir();
+    let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
+    let script = r#"
+import json, sys
+import pyarrow.parquet as pq
+store = sys.argv[1]
+m = json.load(open(store + "/manifest.json"))
+labels = pq.read_table(store + "/" + m["parts"][0]["labels"]["file"])
+samples = pq.read_table(store + "/" + m["parts"][0]["samples"]["file"])
+md = pq.read_metadata(store + "/" + m["parts"][0]["labels"]["file"]).metadata
+out = {
+  "labels_columns": labels.column_names,
+  "samples_columns": samples.column_names,
+  "topk_ids_type": str(labels.schema.field("topk_ids").type),
+  "topk_logprobs_type": str(labels.schema.field("topk_logprobs").type),
+  "rows": labels.num_rows,
+  "first_ids": labels.column("topk_ids")[0].as_py(),
+  "meta": {k.decode(): v.decode() for k, v in md.items() if k.decode().startswith("firstkd.")},
+  "compression": pq.ParquetFile(store + "/" + m["parts"][0]["labels"]["file"]).metadata.row_group(0).column(0).compression,
+}
+try:
+    import duckdb
+    con = duckdb.connect()
+    row = con.execute(f"select count(*), sum(topk_logprobs[1]) from read_parquet('{store}/labels/*.parquet')").fetchall()[0]
+    out["duckdb_rows"] = row[0]
+    out["duckdb_top1_sum"] = row[1]
+except ImportError:
+    pass
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3").args(["-c", script, dir.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cols: Vec<&str> = v["labels_columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(cols, ["sample_id", "position", "target_id", "in_loss", "topk_ids", "topk_logprobs", "target_logprob", "entropy"]);
+    let cols: Vec<&str> = v["samples_columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(cols, ["sample_id", "source", "split", "record_index", "window_index", "input_ids", "prompt_len", "num_positions"]);
+    assert_eq!(v["topk_ids_type"], "fixed_size_list<item: uint32 not null>[5]");
+    assert_eq!(v["topk_logprobs_type"], "fixed_size_list<item: halffloat not null>[5]");
+    assert_eq!(v["rows"].as_u64().unwrap(), m.parts[0].labels.rows);
+    assert_eq!(v["first_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(v["compression"], "ZSTD");
+    assert_eq!(v["meta"]["firstkd.schema_version"], "1.0");
+    assert_eq!(v["meta"]["firstkd.table"], "labels");
+    assert_eq!(v["meta"]["firstkd.k"], "5");
+    assert_eq!(v["meta"]["firstkd.logprob_dtype"], "float16");
+    for key in firstkd::schema::meta_keys::ALL {
+        assert!(v["meta"].get(key).is_some(), "missing {key}");
+    }
+    if let Some(rows) = v.get("duckdb_rows") {
+        assert_eq!(rows.as_u64().unwrap(), m.rows(firstkd::schema::Table::Labels));
+        // DuckDB decodes the float16 log-probs: the sum of top-1 log-probs is negative.
+        assert!(v["duckdb_top1_sum"].as_f64().unwrap() < 0.0, "{v}");
+    }
+}

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use firstkd::schema::LogprobDtype;
+use firstkd::store::synthetic::{generate, SyntheticConfig};
+use firstkd::store::{Manifest, WriterOptions};
+
+/// A fresh temporary directory.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("create temp dir")
+}
+
+/// A small multi-part synthetic store at `dir/name`.
+pub fn small_store(dir: &Path, name: &str, dtype: LogprobDtype) -> (PathBuf, Manifest) {
+    let path = dir.join(name);
+    let cfg = SyntheticConfig {
+        label_rows: 6_000,
+        seed: 7,
+        logprob_dtype: dtype,
+        min_len: 20,
+        max_len: 200,
+        part_rows: 2_000,
+        ..SyntheticConfig::default()
+    };
+    let opts = WriterOptions {
+        batch_rows: 700,
+        row_group_rows: 1000,
+        ..WriterOptions::default()
+    };
+    let manifest = generate(&path, &cfg, opts).expect("generate synthetic store");
+    assert!(manifest.parts.len() >= 3, "want several parts");
+    (path, manifest)
+}
+
+/// Runs the real binary.
+pub fn firstkd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_firstkd"))
+        .args(args)
+        .output()
+        .expect("run firstkd binary")
+}
+
+/// stdout + stderr as text.
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// True when running under CI (missing fixtures must then fail, not skip).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
