@@ -37,5 +37,5 @@ pub use metrics::{
 pub use temperature::{
     fit_temperature, rescaled_topk_logprobs, target_logprob_at, top1_confidence_at,
     topk_calibration_report, FitObjective, FitOptions, RescaledTopK, TemperatureFit,
-    TemperatureMode, TopKPosition,
+    TemperatureMode, TopKPosition, MAX_TEMPERATURE, MIN_TEMPERATURE,
 };

@@ -80,6 +80,17 @@ pub enum Error {
 
     #[error("interrupted")]
     Interrupted,
+
+    #[error("no training data: {0}")]
+    NoTrainingData(String),
+
+    #[error("training diverged at step {step}: {what} is {value}; {last_checkpoint}")]
+    NonFiniteLoss {
+        step: u64,
+        what: String,
+        value: f64,
+        last_checkpoint: String,
+    },
 }
 
 impl Error {

@@ -237,7 +237,21 @@ pub fn answer_letter(index: usize) -> Option<char> {
 ///
 /// (no trailing space or newline; the response starts with a space, e.g. `" B"`).
 pub fn multiple_choice_prompt(question: &str, choices: &[String]) -> String {
-    let mut s = format!("Question: {}\n", question.trim());
+    multiple_choice_prompt_with_context(None, question, choices)
+}
+
+/// [`multiple_choice_prompt`] preceded by `Passage: {context}\n` when there is a context
+/// (reading comprehension, e.g. BoolQ).
+pub fn multiple_choice_prompt_with_context(
+    context: Option<&str>,
+    question: &str,
+    choices: &[String],
+) -> String {
+    let mut s = match context {
+        Some(c) => format!("Passage: {}\n", c.trim()),
+        None => String::new(),
+    };
+    s.push_str(&format!("Question: {}\n", question.trim()));
     for (i, c) in choices.iter().enumerate() {
         let letter = answer_letter(i).unwrap_or('?');
         s.push_str(&format!("{letter}. {}\n", c.trim()));

@@ -4,11 +4,14 @@
 
 pub mod calibration;
 pub mod error;
+pub mod eval;
 pub mod input;
+pub mod label;
 pub mod query;
 pub mod schema;
 pub mod store;
 pub mod teacher;
+pub mod trainer;
 
 pub use error::{Error, Result};
 

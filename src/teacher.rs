@@ -15,6 +15,7 @@
 //! Design notes live in `docs/teacher.md`.
 
 pub mod chat;
+mod kernels;
 mod load;
 pub mod model;
 pub mod select;

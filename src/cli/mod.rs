@@ -4,7 +4,11 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+mod distill;
+mod compare;
+mod eval;
 mod inspect;
+mod label;
 mod sql;
 mod stats;
 mod synth;
@@ -22,6 +26,12 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Label input files with a teacher into a soft-label store (top-k ids and log-probs).
+    Label(label::Args),
+    /// Accuracy and calibration (ECE, Brier, NLL) of a model on a multiple-choice task.
+    Eval(eval::Args),
+    /// Accuracy and ECE of several models on several tasks, as one table.
+    Compare(compare::Args),
     /// Check a store: manifest vs files, checksums, schema, row invariants.
     Verify(verify::Args),
     /// Show a store's manifest, provenance, counts and size on disk.
@@ -32,15 +42,21 @@ pub enum Command {
     Sql(sql::Args),
     /// Built-in reports: top-k coverage and teacher calibration.
     Stats(stats::Args),
+    /// Train a student on a store: FIRST / KD / CE losses, checkpoints, resume.
+    Distill(distill::Args),
 }
 
 /// Runs a parsed command line, writing its output to `out`. Returns the process exit code.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Label(args) => label::run(args, out),
+        Command::Eval(args) => eval::run(args, out),
+        Command::Compare(args) => compare::run(args, out),
         Command::Verify(args) => verify::run(args, out),
         Command::Inspect(args) => inspect::run(args, out),
         Command::Synth(args) => synth::run(args, out),
         Command::Sql(args) => sql::run(args, out),
         Command::Stats(args) => stats::run(args, out),
+        Command::Distill(args) => distill::run(args, out),
     }
 }

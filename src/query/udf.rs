@@ -361,6 +361,7 @@ fn rescaled(
     let mut top1 = Vec::with_capacity(lists.len);
     let mut valid = Vec::with_capacity(lists.len);
     let mut row_out = Vec::new();
+    let mut terms = Vec::new();
     for row in 0..lists.len {
         let range = lists.range(row);
         let row_lps = &lps[range.clone()];
@@ -373,7 +374,7 @@ fn rescaled(
         row_out.clear();
         let ok = match (t, v) {
             (Some(t), Some(v)) if !lists.is_null(row) => {
-                rescale_row(&mut row_out, row_lps, t, v);
+                rescale_row(&mut row_out, &mut terms, row_lps, t, v);
                 true
             }
             _ => {
@@ -410,10 +411,17 @@ fn vocab_at(v: f64, k: usize) -> Result<f64> {
 /// Appends the log-probs of `lps` rescaled to temperature `t`: renormalised over the list
 /// when `vocab_size` is None, else with the tail mass spread uniformly over `V - k` tokens
 /// and scaled along (as `calibration::TemperatureMode::UniformTail`). Max-subtracted.
-fn rescale_row(out: &mut Vec<f64>, lps: &[f64], t: f64, vocab_size: Option<f64>) {
+fn rescale_row(
+    out: &mut Vec<f64>,
+    terms: &mut Vec<f64>,
+    lps: &[f64],
+    t: f64,
+    vocab_size: Option<f64>,
+) {
     let inv_t = 1.0 / t;
     let k = lps.len();
-    let mut terms: Vec<f64> = lps.iter().map(|lp| lp * inv_t).collect();
+    terms.clear();
+    terms.extend(lps.iter().map(|lp| lp * inv_t));
     if let Some(v) = vocab_size {
         let tail_tokens = v - k as f64;
         let mass: f64 = lps.iter().map(|lp| lp.exp()).sum();

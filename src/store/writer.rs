@@ -188,8 +188,25 @@ impl StoreWriter {
     /// Opens `dir` for writing: creates a new store, resumes an interrupted one written with
     /// the same `meta` (removing any part that was not committed), or reports it complete.
     pub fn open(dir: &Path, meta: StoreMeta, opts: WriterOptions) -> Result<Opened> {
-        if !Manifest::path(dir).exists() {
+        let Some(manifest) = Self::existing(dir, &meta)? else {
             return Ok(Opened::Fresh(Self::create(dir, meta, opts)?));
+        };
+        if manifest.complete {
+            return Ok(Opened::Complete(manifest));
+        }
+        remove_uncommitted(dir, &manifest)?;
+        let cursor = manifest.cursor.clone();
+        Ok(Opened::Resumed {
+            writer: Self::with_manifest(dir, manifest, opts),
+            cursor,
+        })
+    }
+
+    /// The manifest of an existing store at `dir` written with the same `meta`; `None` when
+    /// there is no store; an error when the store was written with different settings.
+    pub fn existing(dir: &Path, meta: &StoreMeta) -> Result<Option<Manifest>> {
+        if !Manifest::path(dir).exists() {
+            return Ok(None);
         }
         let manifest = Manifest::load(dir)?;
         let mut diffs = Vec::new();
@@ -222,15 +239,7 @@ impl StoreWriter {
                 diffs.join("; ")
             )));
         }
-        if manifest.complete {
-            return Ok(Opened::Complete(manifest));
-        }
-        remove_uncommitted(dir, &manifest)?;
-        let cursor = manifest.cursor.clone();
-        Ok(Opened::Resumed {
-            writer: Self::with_manifest(dir, manifest, opts),
-            cursor,
-        })
+        Ok(Some(manifest))
     }
 
     fn with_manifest(dir: &Path, manifest: Manifest, opts: WriterOptions) -> Self {

@@ -258,11 +258,8 @@ impl TeacherModel {
         // key/value head are consecutive, so fold them into the row dimension.
         let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // [b, nkv, group*s, s]
-        let scores = scores
-            .reshape((b, nkv, group, s, s))?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attn = probs.reshape((b, nkv, group * s, s))?.matmul(&v)?; // [b, nkv, group*s, hd]
+        let probs = super::kernels::causal_softmax(&scores, s, mask)?;
+        let attn = probs.matmul(&v)?; // [b, nkv, group*s, hd]
         let attn = attn
             .reshape((b, nq, s, hd))?
             .transpose(1, 2)?
@@ -272,8 +269,7 @@ impl TeacherModel {
         let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
         let gate_up = h.matmul(&block.w_gate_up.t()?)?; // [b*s, 2*inter]
         let inter = cfg.intermediate_size;
-        let act = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
-            * gate_up.narrow(1, inter, inter)?)?;
+        let act = super::kernels::swiglu(&gate_up, inter)?;
         Ok((x + act.matmul(&block.w_down.t()?)?)?)
     }
 }

@@ -9,10 +9,8 @@
 //! Pass 1 keeps a running top-k (which also yields `m`); pass 2 accumulates `s` and `t` with a
 //! vectorisable `exp` over lanes of 16. `-inf` logits contribute exactly nothing.
 
+use super::kernels::{exp_approx, LANES};
 use crate::error::{Error, Result};
-
-/// Number of independent accumulator lanes; lets LLVM vectorise the reductions.
-const LANES: usize = 16;
 
 /// What [`select_row`] computes for one position.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,7 +168,7 @@ fn exp_sums(row: &[f32], max: f32) -> (f64, f64) {
     for chunk in chunks {
         for l in 0..LANES {
             let d = chunk[l] - max;
-            let e = exp_nonpositive(d);
+            let e = exp_approx(d);
             s[l] += e;
             // -inf logits: d = -inf, e = tiny; clamp d so that e * d stays finite and ~0.
             t[l] += e * d.max(-88.0);
@@ -188,30 +186,6 @@ fn exp_sums(row: &[f32], max: f32) -> (f64, f64) {
     }
     // A NaN anywhere has poisoned the sums (clamp and max propagate it), so the caller reports it.
     (sum, weighted)
-}
-
-/// `exp(x)` for `x <= 0` (any `x < -87.3`, including `-inf`, gives ~1e-38, i.e. nothing next
-/// to the maximum's 1): Cephes `expf` range reduction and polynomial, branch-free so that it
-/// vectorises. Relative error about 2 ulp.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
-    let x = x.clamp(-87.3, 0.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_2e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let y = p * r * r + r + 1.0;
-    // 2^n with n in [-126, 0]: build the exponent bits directly.
-    let bits = ((n as i32 + 127) as u32) << 23;
-    y * f32::from_bits(bits)
 }
 
 #[cfg(test)]
@@ -239,21 +213,6 @@ mod tests {
             .map(|&v| -v.exp() * v)
             .sum();
         (idx, vals, h, lp[target as usize])
-    }
-
-    #[test]
-    fn exp_polynomial_matches_libm() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let got = exp_nonpositive(x) as f64;
-            let want = (x as f64).exp();
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.0137;
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 
     #[test]

@@ -339,12 +339,23 @@ fn bench_label_throughput() {
         // Warm-up.
         t.label_batch(&inputs[..batch], &LabelOptions::default()).unwrap();
         let start = std::time::Instant::now();
+        let cpu0 = process_cpu_seconds();
         for chunk in inputs.chunks(batch) {
             t.label_batch(chunk, &LabelOptions::default()).unwrap();
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = process_cpu_seconds() - cpu0;
         let tokens = (inputs.len() * seq) as f64;
-        eprintln!("seq {seq} batch {batch}: {:.0} tokens/s ({tokens} tokens in {secs:.2}s)", tokens / secs);
+        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1) as f64;
+        // On a shared machine wall time includes other processes; CPU time / cores estimates
+        // the rate on idle cores (assumes perfect scaling, so it is an upper bound).
+        eprintln!(
+            "seq {seq} batch {batch}: {:.0} tokens/s wall ({tokens} tokens in {secs:.2}s); \
+             {:.2} cpu-s, {:.0} tokens/s per {cores} idle cores",
+            tokens / secs,
+            cpu,
+            tokens / (cpu / cores)
+        );
     }
     // Split: forward only vs output layer + selection.
     let windows: Vec<&[u32]> = all.chunks_exact(seq).take(4).collect();
@@ -367,6 +378,19 @@ fn bench_label_throughput() {
         "per {} tokens: blocks {fwd:.3}s, output matmul {out:.3}s, selection (1 thread) {sel:.3}s",
         4 * seq
     );
+}
+
+/// User + system CPU time of this process, from `/proc/self/stat` (Linux; 0 elsewhere).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of the file (utime, stime) are 12 and 13 after the command name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
 }
 
 /// A tiny random model (GQA, Qwen2 biases, untied output) exercises the batching and masks
@@ -494,6 +518,12 @@ fn bench_kernels() {
     let fl = 2.0 * 1024.0 * 576.0 * 3072.0;
     time("x @ w.t() (transposed view)", fl, &|| x.matmul(&w.t().unwrap()).unwrap());
     time("x @ wt (contiguous [in,out])", fl, &|| x.matmul(&wt).unwrap());
+    let emb = Tensor::randn(0f32, 1.0, (49152, 576), &dev).unwrap();
+    for rows in [64usize, 128, 256, 512] {
+        let h = x.narrow(0, 0, rows).unwrap();
+        let fl = 2.0 * rows as f64 * 576.0 * 49152.0;
+        time(&format!("output layer, {rows} rows"), fl, &|| h.matmul(&emb.t().unwrap()).unwrap());
+    }
     let big = Tensor::randn(0f32, 1.0, (1024, 3072), &dev).unwrap();
     time("silu [1024,3072]", 0.0, &|| candle_nn::ops::silu(&big).unwrap());
     time("mul [1024,3072]", 0.0, &|| (&big * &big).unwrap());

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod cli;
+mod label;
 mod sql;
 mod store;
 mod util;

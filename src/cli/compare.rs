@@ -1,0 +1,124 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use firstkd::eval::{EvalOptions, Mode, PromptOptions, TaskFormat};
+
+use super::eval::{evaluate_task, load_model};
+
+/// Arguments of `firstkd compare`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model as NAME=PATH (GGUF file or checkpoint directory); repeat for several.
+    #[arg(long = "model", required = true, value_parser = parse_named)]
+    pub models: Vec<(String, PathBuf)>,
+    /// A task as NAME=FILE; repeat for several.
+    #[arg(long = "task", required = true, value_parser = parse_named)]
+    pub tasks: Vec<(String, PathBuf)>,
+    /// Record shape of every task file: auto, generic, boolq, csqa, obqa, arc.
+    #[arg(long, default_value = "auto")]
+    pub task_format: String,
+    /// Scoring mode: cloze or letter.
+    #[arg(long, default_value = "cloze")]
+    pub mode: String,
+    /// Wrap prompts in each model's chat template.
+    #[arg(long)]
+    pub chat_template: bool,
+    /// Evaluate only the first N items of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Padded tokens per forward pass.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+    /// Print a Markdown table.
+    #[arg(long, conflicts_with = "csv")]
+    pub markdown: bool,
+    /// Print CSV.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("{s:?}: expected NAME=PATH")),
+    }
+}
+
+pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let mode: Mode = args.mode.parse()?;
+    anyhow::ensure!(mode != Mode::Both, "--mode: compare takes one mode (cloze or letter)");
+    let format: TaskFormat = args.task_format.parse()?;
+    let opts = EvalOptions {
+        mode,
+        prompt: PromptOptions {
+            chat_template: args.chat_template,
+        },
+        batch_tokens: args.batch_tokens,
+        ..EvalOptions::default()
+    };
+    let mut header = vec!["model".to_string()];
+    for (task, _) in &args.tasks {
+        header.push(format!("{task} acc"));
+        header.push(format!("{task} ECE"));
+    }
+    let mut rows = Vec::new();
+    for (name, path) in &args.models {
+        let model = load_model(path)?;
+        let mut row = vec![name.clone()];
+        for (task, file) in &args.tasks {
+            let (result, _) =
+                evaluate_task(&model, file, format, args.limit, &opts, &format!("{name} {task}"))?;
+            let r = result
+                .reports
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("no report for {task}"))?;
+            row.push(format!("{:.4}", r.accuracy));
+            row.push(format!("{:.4}", r.calibration.ece));
+        }
+        rows.push(row);
+    }
+    if args.csv {
+        writeln!(out, "{}", header.join(","))?;
+        for row in &rows {
+            writeln!(out, "{}", row.join(","))?;
+        }
+    } else if args.markdown {
+        writeln!(out, "| {} |", header.join(" | "))?;
+        let align: Vec<&str> = header
+            .iter()
+            .enumerate()
+            .map(|(i, _)| if i == 0 { "---" } else { "---:" })
+            .collect();
+        writeln!(out, "|{}|", align.join("|"))?;
+        for row in &rows {
+            writeln!(out, "| {} |", row.join(" | "))?;
+        }
+    } else {
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].len())
+                    .chain([header[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| -> String {
+            cells
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (c, w))| if i == 0 { format!("{c:<w$}") } else { format!("{c:>w$}") })
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        writeln!(out, "{}", line(&header))?;
+        for row in &rows {
+            writeln!(out, "{}", line(row))?;
+        }
+    }
+    writeln!(out, "(mode {}, ECE over 15 equal-width bins)", mode.as_str())?;
+    Ok(0)
+}

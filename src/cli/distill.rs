@@ -1,0 +1,229 @@
+//! `firstkd distill`: train a student on a store's soft labels.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use firstkd::trainer::{train, AdamWParams, Init, KdKind, LossKind, StepReport, TrainOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Arguments of `firstkd distill`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The labelled store to train on.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Student initialisation: random:CONFIG.json | gguf:PATH | hf:DIR | teacher-layers:PATH:0,2,4
+    #[arg(long)]
+    pub init: String,
+    /// Loss: first (top-k KL at the store's fitted T), kd (T = 1), kd-tail (k ids + tail
+    /// bucket), ce (next-token cross-entropy) or mix (alpha * kd + (1 - alpha) * ce).
+    #[arg(long, default_value = "first")]
+    pub loss: String,
+    /// Teacher temperature for `first`, overriding the store's fitted one.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Weight of the kd part of `mix`.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// kd part of `mix`: first, kd or kd-tail.
+    #[arg(long, default_value = "first")]
+    pub mix_kd: String,
+    /// Label smoothing of the ce part.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: u64,
+    /// Padded tokens per micro-batch (rows x longest sequence).
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+    /// Longest window fed to the student (longer samples are cut into windows).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak (cosine decay).
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// AdamW weight decay (matrices only).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// AdamW beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    /// Clip the global gradient norm (0 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Seed of the data shuffle and of random initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences in the shuffle buffer (1 = store order).
+    #[arg(long, default_value_t = 1024)]
+    pub shuffle_buffer: usize,
+    /// Stop after this many passes over the data.
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Split to train on.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Split for the validation loss.
+    #[arg(long, default_value = "valid")]
+    pub valid_split: String,
+    /// Compute the validation loss every N steps (and at the end).
+    #[arg(long)]
+    pub valid_every: Option<u64>,
+    /// Micro-batches of the validation split per evaluation (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub valid_batches: usize,
+    /// Save a resumable checkpoint every N steps (one is always saved at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    /// Continue from the newest checkpoint in --out (same settings required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many total steps with a checkpoint, as if interrupted (resume later).
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Positions per chunk of full-vocabulary logits (kd-tail, ce).
+    #[arg(long, default_value_t = 256)]
+    pub logits_chunk: usize,
+    /// Accept a student whose tokenizer hash differs from the store's (vocab must match).
+    #[arg(long)]
+    pub ignore_tokenizer_hash: bool,
+    /// cpu, or cuda[:N] (needs the `cuda` cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Run directory: checkpoints/, final/, metrics.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn device(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s.strip_prefix("cuda:").unwrap_or("0").parse().context("cuda ordinal")?;
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(ordinal).context("opening the CUDA device")
+            } else {
+                anyhow::bail!("--device {s}: this firstkd was built without the `cuda` feature")
+            }
+        }
+        other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
+    }
+}
+
+pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let opts = TrainOptions {
+        loss: LossKind::parse(&args.loss)?,
+        temperature: args.temperature,
+        alpha: args.alpha,
+        mix_kd: KdKind::parse(&args.mix_kd)?,
+        label_smoothing: args.label_smoothing,
+        steps: args.steps,
+        batch_tokens: args.batch_tokens,
+        max_seq_len: args.max_seq_len,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        min_lr_ratio: args.min_lr_ratio,
+        warmup_steps: args.warmup,
+        adamw: AdamWParams {
+            beta1: args.beta1,
+            beta2: args.beta2,
+            weight_decay: args.weight_decay,
+            ..AdamWParams::default()
+        },
+        clip_grad_norm: (args.clip > 0.0).then_some(args.clip),
+        seed: args.seed,
+        shuffle_buffer: args.shuffle_buffer,
+        epochs: args.epochs,
+        train_split: args.split.clone(),
+        valid_split: args.valid_split.clone(),
+        valid_every: args.valid_every,
+        valid_batches: args.valid_batches,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        logits_chunk_rows: args.logits_chunk,
+        prefetch: 4,
+        ignore_tokenizer_hash: args.ignore_tokenizer_hash,
+        stop_after: args.stop_after,
+    };
+    let init = Init::parse(&args.init, args.seed)?;
+    let device = device(&args.device)?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(args.steps);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+            )
+            .context("progress bar template")?
+            .progress_chars("=> "),
+        );
+        bar
+    };
+    let mut observer = |r: &StepReport| {
+        bar.set_position(r.step);
+        let valid = r.valid_loss.map(|v| format!("  valid {v:.4}")).unwrap_or_default();
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{valid}",
+            r.loss, r.lr, r.grad_norm, r.tokens_per_s
+        ));
+    };
+    let summary = train(
+        &args.store,
+        &init,
+        &args.out,
+        &opts,
+        args.resume,
+        &device,
+        &mut observer,
+    )
+    .with_context(|| format!("distilling from {}", args.store.display()))?;
+    bar.finish_and_clear();
+    if let Some(from) = summary.resumed_from {
+        writeln!(out, "resumed from step {from}")?;
+    }
+    let first = summary.losses.first().copied().unwrap_or(f64::NAN);
+    let last = summary.losses.last().copied().unwrap_or(f64::NAN);
+    writeln!(
+        out,
+        "trained {} step(s) on {} tokens: loss {first:.4} -> {last:.4}",
+        summary.steps_done, summary.tokens_seen
+    )?;
+    if let Some(v) = summary.valid_loss {
+        writeln!(out, "validation loss {v:.4}")?;
+    }
+    if summary.data_exhausted {
+        writeln!(out, "stopped early: the data ran out (--epochs)")?;
+    }
+    if summary.steps_done >= args.steps || summary.data_exhausted {
+        writeln!(out, "final model: {}", summary.final_dir.display())?;
+    } else {
+        writeln!(
+            out,
+            "stopped at step {}; continue with --resume",
+            summary.steps_done
+        )?;
+    }
+    Ok(0)
+}

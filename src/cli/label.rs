@@ -1,0 +1,157 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use firstkd::input::{InputFormat, InputOptions, McResponse};
+use firstkd::label::{label, InputSpec, LabelConfig};
+use firstkd::schema::LogprobDtype;
+use firstkd::teacher::Teacher;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Arguments of `firstkd label`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Teacher: a GGUF file (llama/qwen2) or a Hugging Face checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// tokenizer.json overriding the GGUF's own tokenizer.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Input file (JSONL, JSON array or .txt); repeat for several. See docs/inputs.md.
+    #[arg(long = "input", required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output store directory (created; an interrupted store is resumed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Split recorded for every input's samples.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Record shape: auto, text, prompt, messages, alpaca, mc.
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// Window length for plain text, in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Longest accepted sequence (default and maximum: the model's context length).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Response of multiple-choice records: letter (" B") or text (" the answer").
+    #[arg(long, default_value = "letter")]
+    pub mc_response: String,
+    /// Teacher tokens kept per position.
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// Log-prob storage type: float16 or float32.
+    #[arg(long, default_value = "float16")]
+    pub dtype: String,
+    /// Padded tokens per forward pass.
+    #[arg(long, default_value_t = 2048)]
+    pub batch_tokens: usize,
+    /// Sequences per committed part (the resume granularity).
+    #[arg(long, default_value_t = 256)]
+    pub part_sequences: usize,
+    /// Label only shard i of n (`i/n`): sequences whose number modulo n is i.
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Skip invalid records (counted and reported) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
+    let (i, n) = s.split_once('/').context("--shard must look like i/n, e.g. 0/4")?;
+    let (i, n): (u64, u64) = (i.trim().parse()?, n.trim().parse()?);
+    anyhow::ensure!(n > 0 && i < n, "--shard {s}: need 0 <= i < n");
+    Ok((i, n))
+}
+
+pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let device = Device::Cpu;
+    let teacher = Teacher::load_with_tokenizer(&args.model, args.tokenizer.as_deref(), &device)
+        .with_context(|| format!("loading teacher {}", args.model.display()))?;
+    let context = teacher.identity().context_length as usize;
+    let mc_response = match args.mc_response.as_str() {
+        "letter" => McResponse::Letter,
+        "text" => McResponse::Text,
+        other => anyhow::bail!("--mc-response {other:?}: expected letter or text"),
+    };
+    let cfg = LabelConfig {
+        inputs: args.inputs.iter().map(|p| InputSpec::new(p, &args.split)).collect(),
+        input: InputOptions {
+            format: args.format.parse::<InputFormat>()?,
+            seq_len: args.seq_len,
+            max_len: match args.max_len {
+                Some(n) if n > context => anyhow::bail!("--max-len {n} exceeds the model's context of {context}"),
+                Some(n) => n,
+                None => context.max(2),
+            },
+            mc_response,
+        },
+        k: args.k,
+        logprob_dtype: LogprobDtype::parse(&args.dtype)?,
+        batch_tokens: args.batch_tokens,
+        part_sequences: args.part_sequences,
+        shard: parse_shard(&args.shard)?,
+        skip_invalid: args.skip_invalid,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} labelling [{elapsed_precise}] {wide_bar} {pos}/{len} tokens ({per_sec}, ETA {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let summary = label(&teacher, &cfg, &args.out, &mut |p| {
+        bar.set_length(p.tokens_total);
+        bar.set_position(p.tokens_done);
+        bar.set_message(format!("{}/{} sequences", p.sequences_done, p.sequences_total));
+    })
+    .with_context(|| format!("labelling into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["seconds"] = serde_json::json!(seconds);
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)?;
+        return Ok(0);
+    }
+    if summary.already_complete {
+        writeln!(out, "{} is already complete; nothing to do", args.out.display())?;
+        return Ok(0);
+    }
+    let m = &summary.manifest;
+    writeln!(
+        out,
+        "labelled {} sequences, {} tokens in {:.1} s ({:.0} tokens/s){}",
+        summary.sequences_labelled,
+        summary.tokens_labelled,
+        seconds,
+        summary.tokens_labelled as f64 / seconds.max(1e-9),
+        if summary.sequences_resumed > 0 {
+            format!("; {} sequences were already labelled (resumed)", summary.sequences_resumed)
+        } else {
+            String::new()
+        }
+    )?;
+    if summary.records_skipped > 0 {
+        writeln!(out, "skipped {} invalid records, e.g.:", summary.records_skipped)?;
+        for e in &summary.skipped_examples {
+            writeln!(out, "  {e}")?;
+        }
+    }
+    writeln!(
+        out,
+        "store {}: {} parts, {} label rows ({} in loss)",
+        args.out.display(),
+        m.parts.len(),
+        m.rows(firstkd::schema::Table::Labels),
+        m.in_loss_rows()
+    )?;
+    Ok(0)
+}

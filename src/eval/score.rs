@@ -1,0 +1,284 @@
+//! Scoring: prompts, tokenisation, batched forward passes and the per-option scores.
+//!
+//! * Letter: one sequence per question (the lettered prompt of
+//!   [`multiple_choice_prompt_with_context`]); the score of option `i` is the full-vocabulary
+//!   log-prob of its letter token (`" A"`, `" B"`, ...) at the last prompt position, after
+//!   dividing the logits by the temperature.
+//! * Cloze: one sequence per option (`"[Passage: ...\n]Question: ...\nAnswer:" + " " + text`);
+//!   the score is the summed log-prob (temperature 1) of the option's tokens. The options of a
+//!   question always go in the same forward pass.
+
+use candle_core::{Device, Storage, Tensor};
+
+use super::task::EvalItem;
+use crate::error::{Error, Result};
+use crate::input::{answer_letter, multiple_choice_prompt_with_context};
+use crate::teacher::{Message, Teacher};
+
+/// How the prompt is presented to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PromptOptions {
+    /// Wrap the prompt in the model's chat template as a user turn followed by the opening of
+    /// the assistant turn; continuations then have no leading space (`"A"`, `"carbon dioxide"`).
+    pub chat_template: bool,
+}
+
+/// Per-option scores of one item.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ItemScores {
+    /// Line (or element number) of the item in the task file.
+    pub line: u64,
+    /// Gold option index.
+    pub gold: usize,
+    /// Letter mode: full-vocabulary log-prob of each option's letter token at temperature `T`.
+    pub letter_logprobs: Option<Vec<f64>>,
+    /// Cloze mode: summed log-prob of each option's continuation tokens.
+    pub cloze_logprobs: Option<Vec<f64>>,
+    /// Cloze mode: UTF-8 byte length of each option's continuation text (for `acc_norm`).
+    pub cloze_bytes: Option<Vec<usize>>,
+}
+
+/// The cloze prompt (lm-evaluation-harness style): `"[Passage: {context}\n]Question:
+/// {question}\nAnswer:"`.
+pub fn cloze_prompt(context: Option<&str>, question: &str) -> String {
+    let mut s = match context {
+        Some(c) => format!("Passage: {}\n", c.trim()),
+        None => String::new(),
+    };
+    s.push_str(&format!("Question: {}\nAnswer:", question.trim()));
+    s
+}
+
+/// The lettered prompt of an item (shared with labelling, see
+/// [`multiple_choice_prompt_with_context`]).
+pub fn letter_prompt(item: &EvalItem) -> String {
+    multiple_choice_prompt_with_context(item.context.as_deref(), &item.mc.question, &item.mc.choices)
+}
+
+/// One sequence to run: `ids`, and which next-token log-probs to read from it.
+#[derive(Debug, Clone)]
+pub(crate) struct ScoredSequence {
+    pub ids: Vec<u32>,
+    /// Number of prompt tokens: positions `prompt_len - 1 ..` predict the continuation.
+    pub prompt_len: usize,
+}
+
+/// Tokenised prompt of an item and its continuation separator.
+struct Encoded {
+    /// Prompt ids as the model sees them (BOS included when the model wants one).
+    prompt: Vec<u32>,
+    /// Prompt text and its ids without BOS, to split joined encodings.
+    prompt_text: String,
+    prompt_bare: Vec<u32>,
+    /// `" "` without the chat template, `""` with it.
+    separator: &'static str,
+}
+
+fn encode_prompt(teacher: &Teacher, text: &str, opts: &PromptOptions) -> Result<Encoded> {
+    let tok = teacher.tokenizer();
+    let (prompt_text, add_bos, separator) = if opts.chat_template {
+        let template = teacher.chat_template().ok_or_else(|| {
+            Error::InvalidArgument("--chat-template: the model has no chat template".to_string())
+        })?;
+        // The rendering carries its own BOS text when the template wants one.
+        (template.render(&[Message::new("user", text)], true)?, false, "")
+    } else {
+        (text.to_string(), true, " ")
+    };
+    Ok(Encoded {
+        prompt: tok.encode(&prompt_text, add_bos)?,
+        prompt_bare: tok.encode(&prompt_text, false)?,
+        prompt_text,
+        separator,
+    })
+}
+
+/// Tokens of `continuation` after the prompt, the lm-evaluation-harness way: encode the joined
+/// text and drop the prompt's tokens (falling back to encoding the continuation alone when the
+/// joined encoding does not start with the prompt's).
+fn continuation_ids(teacher: &Teacher, enc: &Encoded, continuation: &str) -> Result<Vec<u32>> {
+    let tok = teacher.tokenizer();
+    let joined = tok.encode(&format!("{}{continuation}", enc.prompt_text), false)?;
+    if joined.starts_with(&enc.prompt_bare) && joined.len() > enc.prompt_bare.len() {
+        Ok(joined[enc.prompt_bare.len()..].to_vec())
+    } else {
+        tok.encode(continuation, false)
+    }
+}
+
+/// Letter-mode sequence of an item and its option letter token ids.
+pub(crate) fn letter_sequence(
+    teacher: &Teacher,
+    item: &EvalItem,
+    opts: &PromptOptions,
+) -> std::result::Result<(ScoredSequence, Vec<u32>), String> {
+    let enc = encode_prompt(teacher, &letter_prompt(item), opts).map_err(|e| e.to_string())?;
+    let mut letters = Vec::with_capacity(item.mc.choices.len());
+    for i in 0..item.mc.choices.len() {
+        let letter = answer_letter(i).ok_or("more than 26 choices")?;
+        let ids = continuation_ids(teacher, &enc, &format!("{}{letter}", enc.separator))
+            .map_err(|e| e.to_string())?;
+        match ids.as_slice() {
+            [id] => letters.push(*id),
+            _ => {
+                return Err(format!(
+                    "option letter {:?} is {} tokens, not one",
+                    format!("{}{letter}", enc.separator),
+                    ids.len()
+                ))
+            }
+        }
+    }
+    let prompt_len = enc.prompt.len();
+    Ok((
+        ScoredSequence {
+            ids: enc.prompt,
+            prompt_len,
+        },
+        letters,
+    ))
+}
+
+/// Cloze-mode sequences of an item (one per option) and the byte length of each continuation.
+pub(crate) fn cloze_sequences(
+    teacher: &Teacher,
+    item: &EvalItem,
+    opts: &PromptOptions,
+) -> std::result::Result<(Vec<ScoredSequence>, Vec<usize>), String> {
+    let prompt = cloze_prompt(item.context.as_deref(), &item.mc.question);
+    let enc = encode_prompt(teacher, &prompt, opts).map_err(|e| e.to_string())?;
+    let mut seqs = Vec::with_capacity(item.mc.choices.len());
+    let mut bytes = Vec::with_capacity(item.mc.choices.len());
+    for (i, choice) in item.mc.choices.iter().enumerate() {
+        let continuation = format!("{}{}", enc.separator, choice.trim());
+        let cont = continuation_ids(teacher, &enc, &continuation).map_err(|e| e.to_string())?;
+        if cont.is_empty() {
+            return Err(format!("choice {i} renders to no tokens"));
+        }
+        let mut ids = enc.prompt.clone();
+        ids.extend_from_slice(&cont);
+        seqs.push(ScoredSequence {
+            ids,
+            prompt_len: enc.prompt.len(),
+        });
+        bytes.push(continuation.len());
+    }
+    Ok((seqs, bytes))
+}
+
+/// What to read from one sequence's forward pass.
+#[derive(Debug, Clone)]
+pub(crate) enum Readout {
+    /// Full-vocabulary log-probs (at `1 / inv_temperature`) of these ids at the last position.
+    LastPosition(Vec<u32>),
+    /// Summed log-prob (temperature 1) of the continuation tokens.
+    Continuation,
+}
+
+/// Runs a batch of sequences (right-padded) in one forward pass and returns, per sequence, the
+/// requested log-probs: the letter ids' log-probs or a one-element summed continuation log-prob.
+pub(crate) fn run_batch(
+    teacher: &Teacher,
+    batch: &[(&ScoredSequence, &Readout)],
+    temperature: f64,
+) -> Result<Vec<Vec<f64>>> {
+    let model = teacher.model();
+    let cfg = model.config();
+    let seq = batch.iter().map(|(s, _)| s.ids.len()).max().unwrap_or(0);
+    if seq == 0 {
+        return Ok(Vec::new());
+    }
+    let device = model.device();
+    let mut padded = vec![0u32; batch.len() * seq];
+    for (b, (s, _)) in batch.iter().enumerate() {
+        padded[b * seq..b * seq + s.ids.len()].copy_from_slice(&s.ids);
+    }
+    let ids = Tensor::from_vec(padded, (batch.len(), seq), device)?;
+    let hidden = model
+        .hidden_states(&ids)?
+        .reshape((batch.len() * seq, cfg.hidden_size))?;
+    // Rows whose logits are needed, with (sequence, target id or None for the last position).
+    let mut rows: Vec<u32> = Vec::new();
+    for (b, (s, readout)) in batch.iter().enumerate() {
+        match readout {
+            Readout::LastPosition(_) => rows.push((b * seq + s.ids.len() - 1) as u32),
+            Readout::Continuation => {
+                for p in s.prompt_len.max(1) - 1..s.ids.len() - 1 {
+                    rows.push((b * seq + p) as u32);
+                }
+            }
+        }
+    }
+    let index = Tensor::from_slice(&rows, rows.len(), device)?;
+    let logits = model
+        .logits(&hidden.index_select(&index, 0)?)?
+        .to_device(&Device::Cpu)?
+        .contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    let data: &[f32] = match &*storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
+        _ => return Err(Error::InvalidArgument("logits are not on the host".to_string())),
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidArgument("logits are not contiguous".to_string()))?;
+    let data = &data[start..end];
+    let vocab = cfg.vocab_size;
+    let mut row = 0usize;
+    let mut out = Vec::with_capacity(batch.len());
+    for (s, readout) in batch {
+        match readout {
+            Readout::LastPosition(ids) => {
+                let logits = &data[row * vocab..(row + 1) * vocab];
+                row += 1;
+                let scale = 1.0 / temperature;
+                let lse = log_sum_exp(logits, scale);
+                out.push(
+                    ids.iter()
+                        .map(|&id| f64::from(logits[id as usize]) * scale - lse)
+                        .collect(),
+                );
+            }
+            Readout::Continuation => {
+                let mut total = 0.0;
+                for p in s.prompt_len.max(1) - 1..s.ids.len() - 1 {
+                    let logits = &data[row * vocab..(row + 1) * vocab];
+                    row += 1;
+                    let target = s.ids[p + 1] as usize;
+                    total += f64::from(logits[target]) - log_sum_exp(logits, 1.0);
+                }
+                out.push(vec![total]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `log(sum_j exp(scale * x_j))`, in f64.
+pub(crate) fn log_sum_exp(xs: &[f32], scale: f64) -> f64 {
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = f64::from(max) * scale;
+    let sum: f64 = xs.iter().map(|&x| (f64::from(x) * scale - max).exp()).sum();
+    max + sum.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_sum_exp_matches_direct_sum() {
+        // numpy: np.log(np.exp(np.array([1.0, 2.0, 3.0]) / 2).sum()) = 2.1802...
+        let got = log_sum_exp(&[1.0, 2.0, 3.0], 0.5);
+        assert!((got - 2.180_227_106_256_477).abs() < 1e-12, "{got}");
+    }
+
+    #[test]
+    fn cloze_prompt_with_and_without_passage() {
+        assert_eq!(cloze_prompt(None, " Why? "), "Question: Why?\nAnswer:");
+        assert_eq!(
+            cloze_prompt(Some("Sky."), "Is it blue?"),
+            "Passage: Sky.\nQuestion: Is it blue?\nAnswer:"
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! Labelling: input files -> teacher -> store. FIRST's "efficient knowledge selection".
+//!
+//! Every input file is read into token sequences (see [`crate::input`]); sequences are
+//! numbered in input order over all files (`seq_no`, which becomes the store's `sample_id`),
+//! so the numbering does not depend on sharding. Shard `i/n` labels the sequences with
+//! `seq_no % n == i`. Sequences are labelled in buffers of `part_sequences`; each buffer is
+//! one committed store part, with the cursor `next_seq` (every sequence of this shard below
+//! it is in the store). Rerunning the same command after an interruption, even `kill -9`,
+//! continues after the last committed part.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::input::{Encoder, InputOptions, SampleReader};
+use crate::schema::LogprobDtype;
+use crate::store::manifest::{SpecialToken, TokenizerInfo};
+use crate::store::writer::Opened;
+use crate::store::{Manifest, SampleLabels, SampleRecord, StoreMeta, StoreWriter, TeacherInfo, WriterOptions};
+use crate::teacher::{plan_batches, LabelInput, LabelOptions, Teacher};
+
+/// One input file and how its samples are tagged in the store.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InputSpec {
+    pub path: PathBuf,
+    /// `source` column (default: the file stem).
+    pub source: String,
+    /// `split` column.
+    pub split: String,
+}
+
+impl InputSpec {
+    /// An input tagged with its file stem as source.
+    pub fn new(path: &Path, split: &str) -> Self {
+        let source = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "input".into());
+        InputSpec { path: path.to_path_buf(), source, split: split.to_string() }
+    }
+}
+
+/// Settings of a labelling run.
+#[derive(Debug, Clone)]
+pub struct LabelConfig {
+    pub inputs: Vec<InputSpec>,
+    pub input: InputOptions,
+    pub k: usize,
+    pub logprob_dtype: LogprobDtype,
+    /// Padded tokens per forward pass.
+    pub batch_tokens: usize,
+    /// Sequences per committed part.
+    pub part_sequences: usize,
+    /// `(index, count)`: label only sequences with `seq_no % count == index`.
+    pub shard: (u64, u64),
+    /// Skip (and count) invalid records instead of stopping at the first one.
+    pub skip_invalid: bool,
+}
+
+impl Default for LabelConfig {
+    fn default() -> Self {
+        LabelConfig {
+            inputs: Vec::new(),
+            input: InputOptions::default(),
+            k: 5,
+            logprob_dtype: LogprobDtype::Float16,
+            batch_tokens: 2048,
+            part_sequences: 256,
+            shard: (0, 1),
+            skip_invalid: false,
+        }
+    }
+}
+
+/// Progress of a run, reported after every forward pass.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LabelProgress {
+    pub sequences_total: u64,
+    pub sequences_done: u64,
+    pub tokens_total: u64,
+    pub tokens_done: u64,
+    /// Sequences already in the store when the run started (resume).
+    pub sequences_resumed: u64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelSummary {
+    pub manifest: Manifest,
+    /// Sequences labelled by this run (not counting resumed ones).
+    pub sequences_labelled: u64,
+    pub tokens_labelled: u64,
+    pub sequences_resumed: u64,
+    pub records_skipped: u64,
+    /// First few skipped records, `path:line: reason`.
+    pub skipped_examples: Vec<String>,
+    pub already_complete: bool,
+}
+
+struct Planned {
+    seq_no: u64,
+    input: usize,
+    record: u64,
+    segment: u32,
+    input_ids: Vec<u32>,
+    prompt_len: u32,
+}
+
+/// Store metadata for `teacher` and `cfg`.
+pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
+    let id = teacher.identity();
+    let tok = teacher.tokenizer().identity();
+    let mut special_tokens = std::collections::BTreeMap::new();
+    for (role, t) in [("bos", &tok.bos), ("eos", &tok.eos), ("pad", &tok.pad)] {
+        if let Some(t) = t {
+            special_tokens.insert(role.to_string(), SpecialToken { id: t.id, text: t.text.clone() });
+        }
+    }
+    let mut inputs = Vec::new();
+    for spec in &cfg.inputs {
+        inputs.push(serde_json::json!({
+            "file": spec.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "sha256": crate::store::sha256_file(&spec.path)?,
+            "source": spec.source,
+            "split": spec.split,
+        }));
+    }
+    let fmt = format!("{:?}", cfg.input.format);
+    let mc = format!("{:?}", cfg.input.mc_response);
+    Ok(StoreMeta {
+        k: cfg.k,
+        logprob_dtype: cfg.logprob_dtype,
+        teacher: TeacherInfo {
+            file_name: id.file_name.clone(),
+            sha256: id.sha256.clone(),
+            architecture: id.architecture.clone(),
+            quantization: id.quantization.clone(),
+            compute_dtype: "f32".into(),
+            compute_mode: id.compute.clone(),
+        },
+        tokenizer: TokenizerInfo { sha256: tok.sha256.clone(), vocab_size: tok.vocab_size, special_tokens },
+        labeling: serde_json::json!({
+            "inputs": inputs,
+            "format": fmt,
+            "seq_len": cfg.input.seq_len,
+            "max_len": cfg.input.max_len,
+            "mc_response": mc,
+            "shard": format!("{}/{}", cfg.shard.0, cfg.shard.1),
+            "skip_invalid": cfg.skip_invalid,
+            "part_sequences": cfg.part_sequences,
+            "chat_template_sha256": teacher.chat_template().map(|t| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(t.source().as_bytes()))
+            }),
+        }),
+    })
+}
+
+/// Reads every input once: validates every record, returns the sequences of this shard with
+/// `seq_no >= start` (tokens only), the totals, and the skipped records.
+fn plan(teacher: &Teacher, cfg: &LabelConfig, start: u64) -> Result<(Vec<Planned>, LabelProgress, Vec<String>, u64)> {
+    let encoder = Encoder::from_teacher(teacher);
+    let (index, count) = cfg.shard;
+    let mut planned = Vec::new();
+    let mut progress = LabelProgress::default();
+    let (mut skipped, mut examples) = (0u64, Vec::new());
+    let mut seq_no = 0u64;
+    for (input, spec) in cfg.inputs.iter().enumerate() {
+        let reader = SampleReader::open(&spec.path, encoder, cfg.input.clone())?;
+        for sample in reader {
+            let sample = match sample {
+                Ok(s) => s,
+                Err(e @ Error::InvalidRecord { .. }) if cfg.skip_invalid => {
+                    skipped += 1;
+                    if examples.len() < 10 {
+                        examples.push(e.to_string());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let this = seq_no;
+            seq_no += 1;
+            if this % count != index || sample.input_ids.len() < 2 {
+                continue;
+            }
+            let tokens = sample.input_ids.len() as u64;
+            progress.sequences_total += 1;
+            progress.tokens_total += tokens;
+            if this < start {
+                progress.sequences_resumed += 1;
+                progress.sequences_done += 1;
+                progress.tokens_done += tokens;
+                continue;
+            }
+            planned.push(Planned {
+                seq_no: this,
+                input,
+                record: sample.record,
+                segment: sample.segment,
+                input_ids: sample.input_ids,
+                prompt_len: sample.prompt_len,
+            });
+        }
+    }
+    Ok((planned, progress, examples, skipped))
+}
+
+/// Labels `cfg.inputs` with `teacher` into the store at `out`, resuming an interrupted run.
+/// `on_progress` is called after every forward pass.
+pub fn label(
+    teacher: &Teacher,
+    cfg: &LabelConfig,
+    out: &Path,
+    on_progress: &mut dyn FnMut(&LabelProgress),
+) -> Result<LabelSummary> {
+    if cfg.inputs.is_empty() {
+        return Err(Error::InvalidArgument("no input files".into()));
+    }
+    let (index, count) = cfg.shard;
+    if count == 0 || index >= count {
+        return Err(Error::InvalidArgument(format!("shard {index}/{count}: need 0 <= i < n")));
+    }
+    if cfg.part_sequences == 0 || cfg.batch_tokens == 0 {
+        return Err(Error::InvalidArgument("part_sequences and batch_tokens must be > 0".into()));
+    }
+    let meta = store_meta(teacher, cfg)?;
+    let existing = StoreWriter::existing(out, &meta)?;
+    if let Some(manifest) = existing.as_ref().filter(|m| m.complete) {
+        return Ok(LabelSummary {
+            manifest: manifest.clone(),
+            sequences_labelled: 0,
+            tokens_labelled: 0,
+            sequences_resumed: manifest.rows(crate::schema::Table::Samples),
+            records_skipped: manifest.cursor["records_skipped"].as_u64().unwrap_or(0),
+            skipped_examples: Vec::new(),
+            already_complete: true,
+        });
+    }
+    let resume_from = existing.and_then(|m| m.cursor["next_seq"].as_u64()).unwrap_or(0);
+    // Every input is read and validated before anything is written.
+    let (planned, mut progress, skipped_examples, records_skipped) = plan(teacher, cfg, resume_from)?;
+    let mut writer = match StoreWriter::open(out, meta, WriterOptions::default())? {
+        Opened::Complete(manifest) => {
+            return Ok(LabelSummary {
+                manifest,
+                sequences_labelled: 0,
+                tokens_labelled: 0,
+                sequences_resumed: progress.sequences_resumed,
+                records_skipped,
+                skipped_examples,
+                already_complete: true,
+            })
+        }
+        Opened::Fresh(w) => w,
+        Opened::Resumed { writer, .. } => writer,
+    };
+    on_progress(&progress);
+    let opts = LabelOptions { k: cfg.k, ..LabelOptions::default() };
+    let (mut labelled, mut tokens) = (0u64, 0u64);
+    for chunk in planned.chunks(cfg.part_sequences) {
+        let lengths: Vec<usize> = chunk.iter().map(|p| p.input_ids.len()).collect();
+        let mut results: Vec<Option<SampleLabels>> = vec![None; chunk.len()];
+        for batch in plan_batches(&lengths, cfg.batch_tokens) {
+            let inputs: Vec<LabelInput<'_>> = batch
+                .iter()
+                .map(|&i| LabelInput { input_ids: &chunk[i].input_ids, prompt_len: chunk[i].prompt_len })
+                .collect();
+            let labels = teacher.label_batch(&inputs, &opts)?;
+            for (&i, l) in batch.iter().zip(labels) {
+                progress.sequences_done += 1;
+                progress.tokens_done += chunk[i].input_ids.len() as u64;
+                results[i] = Some(SampleLabels {
+                    topk_ids: l.topk_ids,
+                    topk_logprobs: l.topk_logprobs,
+                    target_logprobs: l.target_logprobs,
+                    entropy: l.entropy,
+                });
+            }
+            on_progress(&progress);
+        }
+        for (p, labels) in chunk.iter().zip(results) {
+            let labels = labels.ok_or_else(|| Error::InvalidArgument("sequence left unlabelled".into()))?;
+            let spec = &cfg.inputs[p.input];
+            let record = SampleRecord {
+                sample_id: p.seq_no,
+                source: spec.source.clone(),
+                split: spec.split.clone(),
+                record_index: p.record,
+                window_index: p.segment,
+                input_ids: p.input_ids.clone(),
+                prompt_len: p.prompt_len,
+            };
+            writer.push(&record, &labels)?;
+            labelled += 1;
+            tokens += p.input_ids.len() as u64;
+        }
+        let next = chunk.last().map_or(resume_from, |p| p.seq_no + 1);
+        writer.commit(serde_json::json!({ "next_seq": next }))?;
+    }
+    let manifest = writer.finish(serde_json::json!({ "next_seq": u64::MAX, "records_skipped": records_skipped }))?;
+    Ok(LabelSummary {
+        manifest,
+        sequences_labelled: labelled,
+        tokens_labelled: tokens,
+        sequences_resumed: progress.sequences_resumed,
+        records_skipped,
+        skipped_examples,
+        already_complete: false,
+    })
+}

@@ -1,0 +1,187 @@
+//! Checkpoints: a Hugging Face-compatible model directory (`config.json` + `model.safetensors`
+//! with the usual tensor names) plus, for resuming, `optimizer.safetensors` (AdamW moments) and
+//! `trainer_state.json` (step, data position, settings fingerprint).
+//!
+//! A checkpoint is written into `NAME.tmp` and renamed into place, so an interrupted save never
+//! leaves a directory that looks complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::init::load_pretrained;
+use super::model::Student;
+use crate::error::{Error, Result};
+
+/// Model weights file name.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Model config file name.
+pub const CONFIG_FILE: &str = "config.json";
+/// Optimizer moments file name.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Trainer state file name.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Version of `trainer_state.json`.
+pub const STATE_VERSION: u32 = 1;
+
+/// Everything besides weights and moments needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Format version of this file.
+    pub version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Micro-batches taken from the data stream so far (the stream is replayed up to here).
+    pub batches_consumed: u64,
+    /// Input tokens trained on so far.
+    pub tokens_seen: u64,
+    /// AdamW's update count (bias correction).
+    pub optimizer_steps: u64,
+    /// The settings that determine the run's arithmetic; a resume must match them.
+    pub fingerprint: serde_json::Value,
+    /// Loss of every completed step, in order.
+    pub losses: Vec<f64>,
+}
+
+fn json_err(path: &Path, e: serde_json::Error) -> Error {
+    Error::InvalidManifest {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Writes `config.json` and `model.safetensors` for `student` into `dir` (created).
+pub fn write_model_files(student: &Student, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut cfg = student.config().clone();
+    cfg.torch_dtype = "float32".into();
+    if cfg.architectures.is_empty() {
+        cfg.architectures = vec![if cfg.model_type == "qwen2" {
+            "Qwen2ForCausalLM".into()
+        } else {
+            "LlamaForCausalLM".into()
+        }];
+    }
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| json_err(&cfg_path, e))?;
+    write_file(&cfg_path, text.as_bytes())?;
+    let weights: HashMap<String, Tensor> = student
+        .weights()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let path = dir.join(MODEL_FILE);
+    candle_core::safetensors::save(&weights, &path).map_err(|e| Error::Model {
+        path: path.clone(),
+        reason: format!("writing safetensors: {e}"),
+    })
+}
+
+/// Atomically replaces `dir` with the output of `fill` (written into `dir.tmp` first).
+pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", dir.display()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fill(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Saves a full checkpoint (model, optimizer moments, state) to `dir`.
+pub fn save_checkpoint(
+    dir: &Path,
+    student: &Student,
+    optimizer: &HashMap<String, Tensor>,
+    state: &TrainerState,
+) -> Result<()> {
+    write_atomically(dir, |tmp| {
+        write_model_files(student, tmp)?;
+        let opt_path = tmp.join(OPTIMIZER_FILE);
+        let cpu: HashMap<String, Tensor> = optimizer
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&cpu, &opt_path).map_err(|e| Error::Model {
+            path: opt_path.clone(),
+            reason: format!("writing safetensors: {e}"),
+        })?;
+        let state_path = tmp.join(STATE_FILE);
+        let text = serde_json::to_string_pretty(state).map_err(|e| json_err(&state_path, e))?;
+        write_file(&state_path, text.as_bytes())
+    })
+}
+
+/// Loads a student from a model directory written by [`write_model_files`] (or any HF
+/// Llama/Qwen2 safetensors directory).
+pub fn load_model(dir: &Path, device: &Device) -> Result<Student> {
+    let (cfg, weights, _) = load_pretrained(dir, None)?;
+    Student::from_weights(cfg, weights, device)
+}
+
+/// Reads a checkpoint's trainer state and optimizer moments.
+pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let state: TrainerState = serde_json::from_slice(&bytes).map_err(|e| json_err(&path, e))?;
+    if state.version != STATE_VERSION {
+        return Err(Error::InvalidManifest {
+            path,
+            reason: format!(
+                "trainer state version {} (this firstkd reads {STATE_VERSION})",
+                state.version
+            ),
+        });
+    }
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let moments = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
+        Error::Model {
+            path: opt_path.clone(),
+            reason: format!("reading safetensors: {e}"),
+        }
+    })?;
+    Ok((state, moments))
+}
+
+/// Directory of the checkpoint after `step` steps under a run directory.
+pub fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// Complete checkpoints under a run directory, sorted by step.
+pub fn list_checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = out.join("checkpoints");
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))? {
+        let path = entry.map_err(|e| Error::io(&root, e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if path.join(STATE_FILE).exists() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+    let all = list_checkpoints(out)?;
+    let excess = all.len().saturating_sub(keep.max(1));
+    for (_, path) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! Where a student's first weights come from: random, a Hugging Face safetensors directory, a
+//! GGUF file (dequantised to f32), or a subset of a teacher's layers.
+//!
+//! GGUF reading reuses the teacher's pieces: its config parsing (through
+//! [`Teacher::load`](crate::teacher::Teacher::load), which also yields the tokenizer identity),
+//! its dequantisation to f32 and its undoing of llama.cpp's Q/K row permutation.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+
+use super::model::{Student, StudentConfig};
+use crate::error::{Error, Result};
+use crate::teacher::model::{to_f32, unpermute_qk};
+use crate::teacher::{Architecture, Teacher, TeacherTokenizer};
+
+/// How to initialise a student.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    /// Random weights for the shapes of an HF-style `config.json`, seeded.
+    Random { config: PathBuf, seed: u64 },
+    /// A GGUF file (llama or qwen2), every weight dequantised to f32.
+    Gguf(PathBuf),
+    /// A Hugging Face checkpoint directory (`config.json` + `*.safetensors`).
+    Hf(PathBuf),
+    /// A teacher (GGUF file or HF directory) keeping only the listed layers, in that order.
+    TeacherLayers { path: PathBuf, layers: Vec<usize> },
+}
+
+impl Init {
+    /// Parses `random:CONFIG.json`, `gguf:PATH`, `hf:DIR` or `teacher-layers:PATH:0,2,4`
+    /// (a space may replace the first colon). `seed` seeds random initialisation.
+    pub fn parse(spec: &str, seed: u64) -> Result<Self> {
+        let (kind, rest) = spec
+            .split_once(':')
+            .or_else(|| spec.split_once(' '))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "--init {spec:?}: expected random:CONFIG.json, gguf:PATH, hf:DIR or \
+                     teacher-layers:PATH:0,2,4"
+                ))
+            })?;
+        let rest = rest.trim();
+        match kind.trim() {
+            "random" => Ok(Init::Random {
+                config: rest.into(),
+                seed,
+            }),
+            "gguf" => Ok(Init::Gguf(rest.into())),
+            "hf" => Ok(Init::Hf(rest.into())),
+            "teacher-layers" => {
+                let (path, list) = rest.rsplit_once(':').ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "--init {spec:?}: expected teacher-layers:PATH:0,2,4"
+                    ))
+                })?;
+                let layers = list
+                    .split(',')
+                    .map(|x| {
+                        x.trim().parse::<usize>().map_err(|_| {
+                            Error::InvalidArgument(format!("--init {spec:?}: bad layer {x:?}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if layers.is_empty() {
+                    return Err(Error::InvalidArgument(format!("--init {spec:?}: no layers")));
+                }
+                Ok(Init::TeacherLayers {
+                    path: path.into(),
+                    layers,
+                })
+            }
+            other => Err(Error::InvalidArgument(format!(
+                "--init kind {other:?} unknown (random, gguf, hf, teacher-layers)"
+            ))),
+        }
+    }
+}
+
+/// A student plus the sha256 of its tokenizer when the source carries one.
+#[derive(Debug)]
+pub struct Initialised {
+    /// The model.
+    pub student: Student,
+    /// Tokenizer hash (same canonical form as the store manifest's `tokenizer.sha256`).
+    pub tokenizer_sha256: Option<String>,
+}
+
+/// Builds the student described by `init` on `device`.
+pub fn initialise(init: &Init, device: &Device) -> Result<Initialised> {
+    match init {
+        Init::Random { config, seed } => {
+            let cfg = read_config(config)?;
+            Ok(Initialised {
+                student: Student::random(cfg, *seed, device)?,
+                tokenizer_sha256: None,
+            })
+        }
+        Init::Gguf(path) | Init::Hf(path) => {
+            let (cfg, weights, sha) = load_pretrained(path, None)?;
+            Ok(Initialised {
+                student: Student::from_weights(cfg, weights, device)?,
+                tokenizer_sha256: sha,
+            })
+        }
+        Init::TeacherLayers { path, layers } => {
+            let (cfg, weights, sha) = load_pretrained(path, Some(layers))?;
+            Ok(Initialised {
+                student: Student::from_weights(cfg, weights, device)?,
+                tokenizer_sha256: sha,
+            })
+        }
+    }
+}
+
+/// Reads an HF-style `config.json` into a [`StudentConfig`].
+pub fn read_config(path: &Path) -> Result<StudentConfig> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let cfg: StudentConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        reason: format!("parsing student config: {e}"),
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Loads a GGUF file or an HF directory as (config, f32 weights under HF names on the CPU,
+/// tokenizer sha256). With `layers`, only those source layers are kept, renumbered 0.. in the
+/// given order.
+pub fn load_pretrained(
+    path: &Path,
+    layers: Option<&[usize]>,
+) -> Result<(StudentConfig, BTreeMap<String, Tensor>, Option<String>)> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let (mut cfg, mut weights, sha) = if meta.is_dir() {
+        load_hf(path)?
+    } else {
+        load_gguf(path)?
+    };
+    if let Some(keep) = layers {
+        if let Some(&bad) = keep.iter().find(|&&l| l >= cfg.num_hidden_layers) {
+            return Err(Error::InvalidArgument(format!(
+                "layer {bad} does not exist: {} has {} layers",
+                path.display(),
+                cfg.num_hidden_layers
+            )));
+        }
+        let mut renamed = BTreeMap::new();
+        for (name, t) in std::mem::take(&mut weights) {
+            match layer_of(&name) {
+                None => {
+                    renamed.insert(name, t);
+                }
+                Some((src, suffix)) => {
+                    for (dst, _) in keep.iter().enumerate().filter(|(_, &l)| l == src) {
+                        renamed.insert(format!("model.layers.{dst}.{suffix}"), t.clone());
+                    }
+                }
+            }
+        }
+        weights = renamed;
+        cfg.num_hidden_layers = keep.len();
+    }
+    Ok((cfg, weights, sha))
+}
+
+/// `model.layers.N.rest` -> (N, rest).
+fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (n, suffix) = rest.split_once('.')?;
+    Some((n.parse().ok()?, suffix))
+}
+
+fn model_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Model {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+type Pretrained = (StudentConfig, BTreeMap<String, Tensor>, Option<String>);
+
+fn load_hf(dir: &Path) -> Result<Pretrained> {
+    let cfg = read_config(&dir.join("config.json"))?;
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(model_err(dir, "no *.safetensors files"));
+    }
+    let mut weights = BTreeMap::new();
+    for shard in &shards {
+        let tensors = candle_core::safetensors::load(shard, &Device::Cpu)
+            .map_err(|e| model_err(shard, format!("reading safetensors: {e}")))?;
+        for (name, t) in tensors {
+            weights.insert(name, to_f32(t, &Device::Cpu)?);
+        }
+    }
+    let tokenizer = dir.join("tokenizer.json");
+    let sha = if tokenizer.exists() {
+        TeacherTokenizer::from_tokenizer_json(&tokenizer, [None, None, None])
+            .ok()
+            .map(|t| t.identity().sha256.clone())
+    } else {
+        None
+    };
+    Ok((cfg, weights, sha))
+}
+
+fn load_gguf(path: &Path) -> Result<Pretrained> {
+    // The teacher loader parses the metadata (shapes, RoPE, tokenizer) once; its f32 copy of
+    // the weights is dropped before the student's own copy is read.
+    let (mcfg, tied, sha) = {
+        let teacher = Teacher::load(path, &Device::Cpu)?;
+        (
+            teacher.model().config().clone(),
+            teacher.identity().tied_embeddings,
+            teacher.tokenizer().identity().sha256.clone(),
+        )
+    };
+    if mcfg.rope_freq_divisors.is_some() {
+        return Err(model_err(path, "RoPE frequency scaling is not supported by the student"));
+    }
+    let cfg = StudentConfig {
+        model_type: mcfg.architecture.as_str().to_string(),
+        architectures: vec![match mcfg.architecture {
+            Architecture::Llama => "LlamaForCausalLM".to_string(),
+            Architecture::Qwen2 => "Qwen2ForCausalLM".to_string(),
+        }],
+        hidden_size: mcfg.hidden_size,
+        intermediate_size: mcfg.intermediate_size,
+        num_hidden_layers: mcfg.num_layers,
+        num_attention_heads: mcfg.num_heads,
+        num_key_value_heads: Some(mcfg.num_kv_heads),
+        head_dim: Some(mcfg.head_dim),
+        vocab_size: mcfg.vocab_size,
+        max_position_embeddings: mcfg.context_length,
+        rms_norm_eps: mcfg.rms_norm_eps,
+        rope_theta: mcfg.rope_theta,
+        tie_word_embeddings: tied,
+        attention_bias: Some(mcfg.architecture == Architecture::Qwen2),
+        rope_scaling: None,
+        bos_token_id: None,
+        eos_token_id: None,
+        torch_dtype: "float32".into(),
+    };
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let ct = gguf_file::Content::read(&mut reader)
+        .map_err(|e| model_err(path, format!("not a readable GGUF file: {e}")))?;
+    let mut read = |name: &str| -> Result<Tensor> {
+        let q = ct
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| model_err(path, format!("tensor {name}: {e}")))?;
+        to_f32(q.dequantize(&Device::Cpu)?, &Device::Cpu)
+    };
+    let mut weights = BTreeMap::new();
+    weights.insert("model.embed_tokens.weight".to_string(), read("token_embd.weight")?);
+    weights.insert("model.norm.weight".to_string(), read("output_norm.weight")?);
+    if !tied {
+        weights.insert("lm_head.weight".to_string(), read("output.weight")?);
+    }
+    let llama = mcfg.architecture == Architecture::Llama;
+    for i in 0..mcfg.num_layers {
+        let (g, h) = (format!("blk.{i}"), format!("model.layers.{i}"));
+        let mut q = read(&format!("{g}.attn_q.weight"))?;
+        let mut k = read(&format!("{g}.attn_k.weight"))?;
+        if llama {
+            q = unpermute_qk(&q, mcfg.num_heads)?;
+            k = unpermute_qk(&k, mcfg.num_kv_heads)?;
+        }
+        let pairs = [
+            ("input_layernorm.weight", read(&format!("{g}.attn_norm.weight"))?),
+            ("self_attn.q_proj.weight", q),
+            ("self_attn.k_proj.weight", k),
+            ("self_attn.v_proj.weight", read(&format!("{g}.attn_v.weight"))?),
+            ("self_attn.o_proj.weight", read(&format!("{g}.attn_output.weight"))?),
+            ("post_attention_layernorm.weight", read(&format!("{g}.ffn_norm.weight"))?),
+            ("mlp.gate_proj.weight", read(&format!("{g}.ffn_gate.weight"))?),
+            ("mlp.up_proj.weight", read(&format!("{g}.ffn_up.weight"))?),
+            ("mlp.down_proj.weight", read(&format!("{g}.ffn_down.weight"))?),
+        ];
+        for (name, t) in pairs {
+            weights.insert(format!("{h}.{name}"), t);
+        }
+        if !llama {
+            for (src, dst) in [("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")] {
+                weights.insert(
+                    format!("{h}.self_attn.{dst}.bias"),
+                    read(&format!("{g}.{src}.bias"))?,
+                );
+            }
+        }
+    }
+    Ok((cfg, weights, Some(sha)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_init_specs() {
+        assert_eq!(
+            Init::parse("random:cfg.json", 3).unwrap(),
+            Init::Random { config: "cfg.json".into(), seed: 3 }
+        );
+        assert_eq!(Init::parse("gguf /m.gguf", 0).unwrap(), Init::Gguf("/m.gguf".into()));
+        assert_eq!(Init::parse("hf:dir", 0).unwrap(), Init::Hf("dir".into()));
+        assert_eq!(
+            Init::parse("teacher-layers:/a/b.gguf:0,2,4", 0).unwrap(),
+            Init::TeacherLayers { path: "/a/b.gguf".into(), layers: vec![0, 2, 4] }
+        );
+        assert!(Init::parse("teacher-layers:/a/b.gguf:x", 0).is_err());
+        assert!(Init::parse("nonsense", 0).is_err());
+    }
+
+    #[test]
+    fn layer_names() {
+        assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some((12, "mlp.up_proj.weight")));
+        assert_eq!(layer_of("model.norm.weight"), None);
+    }
+}

@@ -1,0 +1,586 @@
+//! The trainable student: a Llama-family decoder (Llama, SmolLM/SmolLM2, Qwen2 shapes) built
+//! only from differentiable candle ops.
+//!
+//! candle's fused `rms_norm`, `softmax_last_dim` and `rope` kernels have no backward pass, so
+//! this module composes them from elementary ops: RMSNorm as
+//! `x / sqrt(mean(x^2) + eps) * w`, rotate-half RoPE with cos/sin tables, and softmax as
+//! `exp(x - max) / sum`. Grouped-query attention folds the query heads that share a key/value
+//! head into the row dimension instead of repeating K and V. Weights live in a
+//! [`candle_nn::VarMap`] under their Hugging Face names (`model.layers.N.self_attn.q_proj.weight`,
+//! ...), so a checkpoint is a plain HF `model.safetensors`.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Additive attention-mask value for masked keys (finite, so fully masked rows stay finite).
+const MASKED: f32 = -1e9;
+
+/// Student hyper-parameters, mirroring the fields of a Hugging Face `config.json` for
+/// `LlamaForCausalLM` / `Qwen2ForCausalLM`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudentConfig {
+    /// `llama` (Llama, SmolLM, Mistral-style) or `qwen2` (Q/K/V biases).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// HF class names, e.g. `["LlamaForCausalLM"]`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (defaults to `num_attention_heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Width of one head (defaults to `hidden_size / num_attention_heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Vocabulary size (rows of the embedding and output matrices).
+    pub vocab_size: usize,
+    /// Longest sequence the model handles.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Whether the output matrix is the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on the Q/K/V projections (defaults to true for `qwen2`, false otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// RoPE scaling; only `null` (none) is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Beginning-of-sequence id (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// End-of-sequence id (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<serde_json::Value>,
+    /// Storage dtype of the weights; checkpoints written here are `float32`.
+    #[serde(default = "default_dtype")]
+    pub torch_dtype: String,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_dtype() -> String {
+    "float32".into()
+}
+
+impl StudentConfig {
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether Q/K/V projections carry biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias.unwrap_or(self.model_type == "qwen2")
+    }
+
+    /// Checks the shapes are usable.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::InvalidArgument(format!("student config: {reason}")));
+        if !matches!(self.model_type.as_str(), "llama" | "qwen2" | "mistral") {
+            return bad(format!(
+                "model_type {:?} is not supported (llama, qwen2)",
+                self.model_type
+            ));
+        }
+        if self.hidden_size == 0 || self.intermediate_size == 0 || self.vocab_size == 0 {
+            return bad("hidden_size, intermediate_size and vocab_size must be positive".into());
+        }
+        let (nq, nkv) = (self.num_attention_heads, self.kv_heads());
+        if nq == 0 || nkv == 0 || nq % nkv != 0 {
+            return bad(format!("{nq} query heads cannot be grouped over {nkv} key/value heads"));
+        }
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return bad(format!("head width {} must be even and positive", self.head_dim()));
+        }
+        if self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 {
+            return bad("rms_norm_eps and rope_theta must be positive".into());
+        }
+        match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => {}
+            Some(other) => return bad(format!("rope_scaling {other} is not supported")),
+        }
+        Ok(())
+    }
+
+    /// Shapes of every trainable tensor by HF name.
+    pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let hd = self.head_dim();
+        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
+        let mut shapes = BTreeMap::new();
+        shapes.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        shapes.insert("model.norm.weight".to_string(), vec![h]);
+        if !self.tie_word_embeddings {
+            shapes.insert("lm_head.weight".to_string(), vec![v, h]);
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut put = |name: &str, shape: Vec<usize>| {
+                shapes.insert(format!("{p}.{name}"), shape);
+            };
+            put("input_layernorm.weight", vec![h]);
+            put("post_attention_layernorm.weight", vec![h]);
+            put("self_attn.q_proj.weight", vec![q, h]);
+            put("self_attn.k_proj.weight", vec![kv, h]);
+            put("self_attn.v_proj.weight", vec![kv, h]);
+            put("self_attn.o_proj.weight", vec![h, q]);
+            if self.qkv_bias() {
+                put("self_attn.q_proj.bias", vec![q]);
+                put("self_attn.k_proj.bias", vec![kv]);
+                put("self_attn.v_proj.bias", vec![kv]);
+            }
+            put("mlp.gate_proj.weight", vec![i, h]);
+            put("mlp.up_proj.weight", vec![i, h]);
+            put("mlp.down_proj.weight", vec![h, i]);
+        }
+        shapes
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.tensor_shapes()
+            .values()
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A trainable Llama-family decoder whose weights are [`Var`]s in a [`VarMap`].
+pub struct Student {
+    cfg: StudentConfig,
+    varmap: VarMap,
+    vars: Vec<(String, Var)>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Student {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Student")
+            .field("cfg", &self.cfg)
+            .field("tensors", &self.vars.len())
+            .finish()
+    }
+}
+
+/// Deterministic N(0, std^2) samples (Box-Muller over a seeded [`StdRng`]).
+fn normal_vec(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let a = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+impl Student {
+    /// A randomly initialised student: weights N(0, 0.02^2) drawn in name order from `seed`,
+    /// norms 1, biases 0. The same config and seed always give the same weights.
+    pub fn random(cfg: StudentConfig, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut weights = BTreeMap::new();
+        for (name, shape) in cfg.tensor_shapes() {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("norm.weight") {
+                vec![1f32; n]
+            } else if name.ends_with(".bias") {
+                vec![0f32; n]
+            } else {
+                normal_vec(&mut rng, n, 0.02)
+            };
+            weights.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Self::from_weights(cfg, weights, device)
+    }
+
+    /// Builds a student from f32 weights under their HF names. Missing tensors or wrong shapes
+    /// are refused; extra tensors (e.g. `lm_head.weight` of a tied model) are ignored.
+    pub fn from_weights(
+        cfg: StudentConfig,
+        mut weights: BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let mut vars = Vec::new();
+        for (name, shape) in cfg.tensor_shapes() {
+            let t = weights.remove(&name).ok_or_else(|| {
+                Error::InvalidArgument(format!("student weights: missing tensor {name}"))
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::InvalidArgument(format!(
+                    "student weights: {name} has shape {:?}, config expects {shape:?}",
+                    t.dims()
+                )));
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
+            let var = Var::from_tensor(&t)?;
+            match varmap.data().lock() {
+                Ok(mut data) => {
+                    data.insert(name.clone(), var.clone());
+                }
+                Err(_) => return Err(Error::InvalidArgument("var map lock poisoned".into())),
+            }
+            vars.push((name, var));
+        }
+        let get = |name: &str| -> Result<Tensor> {
+            vars.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_tensor().clone())
+                .ok_or_else(|| Error::InvalidArgument(format!("missing tensor {name}")))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let t = |n: &str| get(&format!("{p}.{n}"));
+            let qkv_bias = if cfg.qkv_bias() {
+                Some((
+                    t("self_attn.q_proj.bias")?,
+                    t("self_attn.k_proj.bias")?,
+                    t("self_attn.v_proj.bias")?,
+                ))
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_norm: t("input_layernorm.weight")?,
+                q: t("self_attn.q_proj.weight")?,
+                k: t("self_attn.k_proj.weight")?,
+                v: t("self_attn.v_proj.weight")?,
+                qkv_bias,
+                o: t("self_attn.o_proj.weight")?,
+                post_norm: t("post_attention_layernorm.weight")?,
+                gate: t("mlp.gate_proj.weight")?,
+                up: t("mlp.up_proj.weight")?,
+                down: t("mlp.down_proj.weight")?,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let norm = get("model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight")?)
+        };
+        Ok(Student {
+            cfg,
+            varmap,
+            vars,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &StudentConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights as a candle [`VarMap`].
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// Trainable variables sorted by name (the order every optimizer loop uses, so float
+    /// reductions over parameters are reproducible).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Current weights by HF name (sharing storage with the variables).
+    pub fn weights(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding when tied).
+    pub fn output_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Final-norm hidden states `[batch * seq, hidden]` of a right-padded batch `[batch, seq]`
+    /// (u32 ids). `lengths[b]` is the number of real tokens of row `b`; keys beyond it are
+    /// masked, as are future keys (causal).
+    pub fn hidden_states(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if lengths.len() != b {
+            return Err(Error::InvalidArgument(format!(
+                "{} lengths for a batch of {b} rows",
+                lengths.len()
+            )));
+        }
+        if s > self.cfg.max_position_embeddings {
+            return Err(Error::InvalidArgument(format!(
+                "sequence of {s} tokens exceeds the student's max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let group = self.cfg.num_attention_heads / self.cfg.kv_heads();
+        let mask = attention_mask(lengths, s, group, &self.device)?;
+        let (cos, sin) = rope_tables(&self.cfg, s, &self.device)?;
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?;
+        for layer in &self.layers {
+            x = self.block(layer, &x, b, s, &mask, &cos, &sin)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits `[batch, seq, vocab]` (for tests and small inputs; training never builds them).
+    pub fn logits(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let h = self.hidden_states(input_ids, lengths)?;
+        let logits = h.matmul(&self.output_weight().t()?)?;
+        Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        s: usize,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let group = nq / nkv;
+        let h = rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
+        let mut q = linear(&h, &l.q)?;
+        let mut k = linear(&h, &l.k)?;
+        let mut v = linear(&h, &l.v)?;
+        if let Some((bq, bk, bv)) = &l.qkv_bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        // [b, heads, s, hd]
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope(&heads(q, nq)?, cos, sin)?;
+        let k = rope(&heads(k, nkv)?, cos, sin)?;
+        let v = heads(v, nkv)?;
+        // Query heads sharing a K/V head are consecutive: fold them into the rows.
+        let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?; // [b, nkv, group*s, s]
+        let max = scores.max_keepdim(D::Minus1)?.detach();
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((b, nq, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b * s, nq * hd))?;
+        let x = (x + linear(&attn, &l.o)?)?;
+        let h = rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+        let act = (linear(&h, &l.gate)?.silu()? * linear(&h, &l.up)?)?;
+        Ok((x + linear(&act, &l.down)?)?)
+    }
+}
+
+/// `x @ w^T` for `x: [n, in]`, `w: [out, in]`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// Differentiable RMSNorm over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+}
+
+/// Rotate-half RoPE on `[b, heads, s, hd]` with `cos`/`sin` tables `[s, hd]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let half = hd / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// cos/sin tables `[s, head_dim]` (each half repeated) for positions `0..s`.
+fn rope_tables(cfg: &StudentConfig, s: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let half = hd / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(s * hd);
+    let mut sin = Vec::with_capacity(s * hd);
+    for p in 0..s {
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (s, hd), device)?,
+        Tensor::from_vec(sin, (s, hd), device)?,
+    ))
+}
+
+/// Additive mask `[b, 1, group * s, s]`: query `q` of row `r` may see key `k` iff
+/// `k <= q` and `k < lengths[r]` (position 0 is always visible, so no row is fully masked).
+fn attention_mask(lengths: &[usize], s: usize, group: usize, device: &Device) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(lengths.len() * group * s * s);
+    for &len in lengths {
+        for _ in 0..group {
+            for q in 0..s {
+                for k in 0..s {
+                    let visible = k <= q && (k < len || k == 0);
+                    data.push(if visible { 0.0 } else { MASKED });
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (lengths.len(), 1, group * s, s),
+        device,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_config(tied: bool) -> StudentConfig {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 512,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": tied,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_trainable_tensor_gets_a_gradient() {
+        for (tied, bias) in [(true, false), (false, true)] {
+            let mut cfg = tiny_config(tied);
+            cfg.attention_bias = Some(bias);
+            let student = Student::random(cfg, 3, &Device::Cpu).unwrap();
+            let ids = Tensor::new(&[[1u32, 5, 9, 300, 7], [2, 8, 4, 0, 0]], &Device::Cpu).unwrap();
+            let logits = student.logits(&ids, &[5, 3]).unwrap();
+            // A loss touching every output row: log-softmax cross-entropy on fixed targets.
+            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+            let loss = lsm.mean_all().unwrap().neg().unwrap();
+            let grads = loss.backward().unwrap();
+            for (name, var) in student.vars() {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no grad for {name}"));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm > 0.0 && norm.is_finite(), "{name}: grad norm {norm}");
+            }
+        }
+    }
+
+    #[test]
+    fn padding_does_not_change_real_positions() {
+        let student = Student::random(tiny_config(true), 1, &Device::Cpu).unwrap();
+        let alone = Tensor::new(&[[3u32, 1, 4]], &Device::Cpu).unwrap();
+        let padded = Tensor::new(&[[3u32, 1, 4, 1, 5], [9, 2, 6, 5, 3]], &Device::Cpu).unwrap();
+        let a = student.logits(&alone, &[3]).unwrap();
+        let p = student.logits(&padded, &[3, 5]).unwrap();
+        let diff = (a - p.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn random_init_is_seeded() {
+        let a = Student::random(tiny_config(false), 7, &Device::Cpu).unwrap();
+        let b = Student::random(tiny_config(false), 7, &Device::Cpu).unwrap();
+        let c = Student::random(tiny_config(false), 8, &Device::Cpu).unwrap();
+        let w = |s: &Student| s.weights()["model.layers.1.mlp.up_proj.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(w(&a), w(&b));
+        assert_ne!(w(&a), w(&c));
+    }
+}

