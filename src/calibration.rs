@@ -27,6 +27,7 @@
 //! ```
 
 pub mod metrics;
+pub mod store_fit;
 pub mod temperature;
 
 pub use metrics::{

@@ -132,7 +132,10 @@ impl<'a> Encoder<'a> {
     ) -> std::result::Result<Vec<(Vec<u32>, u32)>, String> {
         let out = match record {
             Record::Text(text) => {
-                let ids = self.tokenizer.encode(text, true).map_err(|e| e.to_string())?;
+                let ids = self
+                    .tokenizer
+                    .encode(text, true)
+                    .map_err(|e| e.to_string())?;
                 let windows: Vec<(Vec<u32>, u32)> = ids
                     .chunks(opts.seq_len.max(2))
                     .filter(|w| w.len() >= 2)
@@ -178,10 +181,15 @@ impl<'a> Encoder<'a> {
         if prefix.is_empty() {
             return Err("no user message before the final assistant turn".to_string());
         }
-        if messages[prefix.len()..].iter().all(|m| m.content.trim().is_empty()) {
+        if messages[prefix.len()..]
+            .iter()
+            .all(|m| m.content.trim().is_empty())
+        {
             return Err("empty assistant response".to_string());
         }
-        let full = template.render(messages, false).map_err(|e| e.to_string())?;
+        let full = template
+            .render(messages, false)
+            .map_err(|e| e.to_string())?;
         let prompt = template.render(prefix, true).map_err(|e| e.to_string())?;
         if !full.starts_with(&prompt) {
             return Err(

@@ -305,9 +305,9 @@ fn select_rows(
             ))
         }
     };
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        Error::InvalidArgument("logits are not contiguous".to_string())
-    })?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidArgument("logits are not contiguous".to_string()))?;
     let data = &data[start..end];
     let n = owners.len();
     let threads = std::thread::available_parallelism()
@@ -335,7 +335,9 @@ fn select_rows(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument("selection thread panicked".to_string()))
+                    Err(Error::InvalidArgument(
+                        "selection thread panicked".to_string(),
+                    ))
                 })
             })
             .collect()

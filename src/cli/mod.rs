@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod distill;
 mod compare;
 mod eval;
+mod calibrate;
 mod inspect;
 mod label;
 mod sql;
@@ -26,6 +27,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fit the teacher temperature on held-out positions and record it in the manifest.
+    Calibrate(calibrate::Args),
     /// Label input files with a teacher into a soft-label store (top-k ids and log-probs).
     Label(label::Args),
     /// Accuracy and calibration (ECE, Brier, NLL) of a model on a multiple-choice task.
@@ -49,6 +52,7 @@ pub enum Command {
 /// Runs a parsed command line, writing its output to `out`. Returns the process exit code.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Calibrate(args) => calibrate::run(args, out),
         Command::Label(args) => label::run(args, out),
         Command::Eval(args) => eval::run(args, out),
         Command::Compare(args) => compare::run(args, out),

@@ -96,7 +96,9 @@ impl MultipleChoice {
                 } else if let Some(i) = letter_index(s) {
                     i
                 } else {
-                    return Err(format!("answer {s:?} is neither a choice label nor a letter"));
+                    return Err(format!(
+                        "answer {s:?} is neither a choice label nor a letter"
+                    ));
                 }
             }
             other => return Err(format!("answer {other} is neither a letter nor an index")),
@@ -266,18 +268,35 @@ mod tests {
     fn detects_every_shape() {
         let cases = [
             (json!({"text": "x"}), InputFormat::Text),
-            (json!({"prompt": "a", "response": "b"}), InputFormat::PromptResponse),
-            (json!({"question": "a", "answer": "b"}), InputFormat::PromptResponse),
+            (
+                json!({"prompt": "a", "response": "b"}),
+                InputFormat::PromptResponse,
+            ),
+            (
+                json!({"question": "a", "answer": "b"}),
+                InputFormat::PromptResponse,
+            ),
             (json!({"messages": []}), InputFormat::Messages),
-            (json!({"instruction": "a", "input": "", "output": "b"}), InputFormat::Alpaca),
-            (json!({"question": "q", "choices": ["a", "b"], "answer": "B"}), InputFormat::MultipleChoice),
-            (json!({"query": "q", "choices": ["a", "b"], "gold": 1}), InputFormat::MultipleChoice),
+            (
+                json!({"instruction": "a", "input": "", "output": "b"}),
+                InputFormat::Alpaca,
+            ),
+            (
+                json!({"question": "q", "choices": ["a", "b"], "answer": "B"}),
+                InputFormat::MultipleChoice,
+            ),
+            (
+                json!({"query": "q", "choices": ["a", "b"], "gold": 1}),
+                InputFormat::MultipleChoice,
+            ),
         ];
         for (v, want) in cases {
             assert_eq!(detect(&v).unwrap(), want, "{v}");
         }
         assert!(detect(&json!({})).unwrap_err().contains("empty"));
-        assert!(detect(&json!({"foo": 1})).unwrap_err().contains("unrecognised"));
+        assert!(detect(&json!({"foo": 1}))
+            .unwrap_err()
+            .contains("unrecognised"));
         assert!(detect(&json!([1])).is_err());
     }
 
@@ -292,18 +311,26 @@ mod tests {
         let foundry = json!({"query": "q", "choices": ["no", "yes"], "gold": 1});
         assert_eq!(MultipleChoice::from_json(&foundry).unwrap().answer, 1);
         let bad = json!({"question": "q", "choices": ["a", "b"], "answer": "E"});
-        assert!(MultipleChoice::from_json(&bad).unwrap_err().contains("out of range"));
+        assert!(MultipleChoice::from_json(&bad)
+            .unwrap_err()
+            .contains("out of range"));
         let bad = json!({"question": "q", "choices": ["a"], "answer": 0});
         assert!(MultipleChoice::from_json(&bad).is_err());
         let bad = json!({"question": "q", "choices": ["a", "b"]});
-        assert!(MultipleChoice::from_json(&bad).unwrap_err().contains("answer"));
+        assert!(MultipleChoice::from_json(&bad)
+            .unwrap_err()
+            .contains("answer"));
     }
 
     #[test]
     fn parse_errors_name_the_field() {
         let e = parse(&json!({"prompt": "a"}), InputFormat::Auto).unwrap_err();
         assert!(e.contains("response"), "{e}");
-        let e = parse(&json!({"instruction": "a", "output": ""}), InputFormat::Auto).unwrap_err();
+        let e = parse(
+            &json!({"instruction": "a", "output": ""}),
+            InputFormat::Auto,
+        )
+        .unwrap_err();
         assert!(e.contains("empty"), "{e}");
         let e = parse(&json!({"text": 3}), InputFormat::Text).unwrap_err();
         assert!(e.contains("not a string"), "{e}");

@@ -18,11 +18,15 @@ const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first an
 fn tiny() -> &'static (TeacherTokenizer, ChatTemplate) {
     static TINY: OnceLock<(TeacherTokenizer, ChatTemplate)> = OnceLock::new();
     TINY.get_or_init(|| {
-        let mut alphabet: Vec<char> =
-            tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+        let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+            .into_iter()
+            .collect();
         alphabet.sort();
-        let mut tokens: Vec<String> =
-            vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+        let mut tokens: Vec<String> = vec![
+            "<|endoftext|>".into(),
+            "<|im_start|>".into(),
+            "<|im_end|>".into(),
+        ];
         tokens.extend(alphabet.iter().map(|c| c.to_string()));
         let mut token_types = vec![3, 3, 3];
         token_types.extend(std::iter::repeat_n(1, alphabet.len()));
@@ -79,7 +83,9 @@ fn mixed_file_yields_one_sample_per_shape() {
         let response = tok.decode(&s.input_ids[s.prompt_len as usize..]).unwrap();
         match s.record {
             1 => {
-                assert!(prompt.ends_with("<|im_start|>user\nName a primary colour.<|im_end|>\n<|im_start|>assistant\n"));
+                assert!(prompt.ends_with(
+                    "<|im_start|>user\nName a primary colour.<|im_end|>\n<|im_start|>assistant\n"
+                ));
                 assert_eq!(response, "Red.<|im_end|>\n");
             }
             2 => {
@@ -130,12 +136,28 @@ fn text_windows_drop_a_single_token_remainder() {
 fn errors_carry_path_and_one_based_line() {
     let cases = [
         ("{\"text\": \"ok ok\"}\n{not json}\n", 2, "malformed JSON"),
-        ("{\"text\": \"ok ok\"}\n\n{\"text\": \"ok\"}\n", 2, "empty record"),
+        (
+            "{\"text\": \"ok ok\"}\n\n{\"text\": \"ok\"}\n",
+            2,
+            "empty record",
+        ),
         ("{}\n", 1, "empty record"),
         ("{\"prompt\": \"hi\"}\n", 1, "missing field \"response\""),
-        ("{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": \"Z\"}\n", 1, "neither"),
-        ("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n", 1, "does not end with an assistant"),
-        ("{\"prompt\": \"hi\", \"response\": \"a very long answer indeed\"}\n", 1, "exceeds the model's context"),
+        (
+            "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": \"Z\"}\n",
+            1,
+            "neither",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+            1,
+            "does not end with an assistant",
+        ),
+        (
+            "{\"prompt\": \"hi\", \"response\": \"a very long answer indeed\"}\n",
+            1,
+            "exceeds the model's context",
+        ),
         ("{\"foo\": 1}\n", 1, "unrecognised record"),
     ];
     for (content, line, reason) in cases {
@@ -147,7 +169,11 @@ fn errors_carry_path_and_one_based_line() {
         };
         let err = read_samples(f.path(), encoder(), opts).unwrap_err();
         match &err {
-            Error::InvalidRecord { path, line: l, reason: r } => {
+            Error::InvalidRecord {
+                path,
+                line: l,
+                reason: r,
+            } => {
                 assert_eq!(path, f.path());
                 assert_eq!(*l, line, "{content:?}: {err}");
                 assert!(r.contains(reason), "{content:?}: {r}");
@@ -189,9 +215,15 @@ fn json_array_and_txt_files() {
 
 #[test]
 fn explicit_format_and_parsing_names() {
-    assert_eq!("mc".parse::<InputFormat>().unwrap(), InputFormat::MultipleChoice);
+    assert_eq!(
+        "mc".parse::<InputFormat>().unwrap(),
+        InputFormat::MultipleChoice
+    );
     assert!("xml".parse::<InputFormat>().is_err());
-    let f = write_tmp("{\"text\": \"abc\", \"prompt\": \"p\", \"response\": \"r\"}\n", ".jsonl");
+    let f = write_tmp(
+        "{\"text\": \"abc\", \"prompt\": \"p\", \"response\": \"r\"}\n",
+        ".jsonl",
+    );
     let text = read_samples(
         f.path(),
         encoder(),
@@ -219,7 +251,10 @@ fn multiple_choice_prompt_and_text_response() {
         "Question: Which gas do plants take in from the air?\nA. oxygen\nB. carbon dioxide\nC. helium\nAnswer:"
     );
     assert_eq!(multiple_choice_response(&mc, McResponse::Letter), " B");
-    assert_eq!(multiple_choice_response(&mc, McResponse::Text), " carbon dioxide");
+    assert_eq!(
+        multiple_choice_response(&mc, McResponse::Text),
+        " carbon dioxide"
+    );
     assert_eq!(answer_letter(25), Some('Z'));
     assert_eq!(answer_letter(26), None);
 }
@@ -277,7 +312,10 @@ fn real_shared_data_files_read_cleanly() {
         ..InputOptions::default()
     };
     let files = [
-        ("../shared/data/alpaca_en_demo/alpaca_en_demo.json", 999usize),
+        (
+            "../shared/data/alpaca_en_demo/alpaca_en_demo.json",
+            999usize,
+        ),
         ("../shared/data/commonsenseqa/dev_rand_split.jsonl", 1221),
         ("../shared/data/openbookqa/openbook_qa.jsonl", 500),
     ];
@@ -290,7 +328,11 @@ fn real_shared_data_files_read_cleanly() {
         let samples = read_samples(&path, enc, opts.clone()).unwrap();
         assert_eq!(samples.len(), records, "{rel}");
         for s in &samples {
-            assert!((s.prompt_len as usize) < s.input_ids.len(), "{rel} record {}", s.record);
+            assert!(
+                (s.prompt_len as usize) < s.input_ids.len(),
+                "{rel} record {}",
+                s.record
+            );
         }
     }
 }

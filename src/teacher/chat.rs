@@ -54,13 +54,19 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
-        env.add_filter("tojson", |v: Value| -> std::result::Result<String, minijinja::Error> {
-            serde_json::to_string(&v)
-                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_filter(
+            "tojson",
+            |v: Value| -> std::result::Result<String, minijinja::Error> {
+                serde_json::to_string(&v)
+                    .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
+            },
+        );
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| Error::ChatTemplate(format!("compiling: {e}")))?;
@@ -235,10 +241,14 @@ mod tests {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}\
                    {{ messages[0].content.strip().upper() }}|{{ messages[0].content.startswith(' hi') }}|{{ {'a': 1} | tojson }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        let out = t.render(&[Message::new("user", " hi there ")], false).unwrap();
+        let out = t
+            .render(&[Message::new("user", " hi there ")], false)
+            .unwrap();
         // minijinja prints booleans the Python way, as Jinja2 does.
         assert_eq!(out, "HI THERE|True|{\"a\":1}");
-        let err = t.render(&[Message::new("assistant", "x")], false).unwrap_err();
+        let err = t
+            .render(&[Message::new("assistant", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
     }
 }

@@ -107,8 +107,10 @@ pub(crate) fn swiglu(gate_up: &Tensor, inter: usize) -> Result<Tensor> {
     });
     Ok(match cpu {
         Some(out) => Tensor::from_vec(out, (rows, inter), gate_up.device())?,
-        None => (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
-            * gate_up.narrow(1, inter, inter)?)?,
+        None => {
+            (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)?
+                * gate_up.narrow(1, inter, inter)?)?
+        }
     })
 }
 

@@ -73,7 +73,11 @@ fn file_type_name(ft: u32) -> String {
 
 /// Loads a GGUF file of the llama or qwen2 architecture, dequantising every weight to f32.
 /// `tokenizer_json` overrides the tokenizer built from the GGUF metadata.
-pub(crate) fn load_gguf(path: &Path, tokenizer_json: Option<&Path>, device: &Device) -> Result<Loaded> {
+pub(crate) fn load_gguf(
+    path: &Path,
+    tokenizer_json: Option<&Path>,
+    device: &Device,
+) -> Result<Loaded> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
     let ct = gguf_file::Content::read(&mut reader)
@@ -98,7 +102,8 @@ pub(crate) fn load_gguf(path: &Path, tokenizer_json: Option<&Path>, device: &Dev
     let a = arch_name.as_str();
     let hidden = need_u32(&format!("{a}.embedding_length"))? as usize;
     let num_heads = need_u32(&format!("{a}.attention.head_count"))? as usize;
-    let num_kv_heads = get_u32(&format!("{a}.attention.head_count_kv")).unwrap_or(num_heads as u32) as usize;
+    let num_kv_heads =
+        get_u32(&format!("{a}.attention.head_count_kv")).unwrap_or(num_heads as u32) as usize;
     let head_dim = get_u32(&format!("{a}.attention.key_length"))
         .map(|v| v as usize)
         .unwrap_or(hidden / num_heads.max(1));
@@ -130,7 +135,9 @@ pub(crate) fn load_gguf(path: &Path, tokenizer_json: Option<&Path>, device: &Dev
     // Tensor dtypes, for the identity.
     let mut dtype_counts: BTreeMap<String, usize> = BTreeMap::new();
     for info in ct.tensor_infos.values() {
-        *dtype_counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+        *dtype_counts
+            .entry(format!("{:?}", info.ggml_dtype))
+            .or_default() += 1;
     }
     let tensor_dtypes = dtype_counts
         .iter()
@@ -194,10 +201,7 @@ pub(crate) fn load_gguf(path: &Path, tokenizer_json: Option<&Path>, device: &Dev
             down: tensor(&format!("{p}.ffn_down.weight"))?,
         });
     }
-    let intermediate = layers
-        .first()
-        .map(|l| l.gate.dims()[0])
-        .unwrap_or_default();
+    let intermediate = layers.first().map(|l| l.gate.dims()[0]).unwrap_or_default();
     let cfg = ModelConfig {
         architecture: arch,
         hidden_size: hidden,
@@ -208,7 +212,8 @@ pub(crate) fn load_gguf(path: &Path, tokenizer_json: Option<&Path>, device: &Dev
         head_dim,
         vocab_size,
         context_length: get_u32(&format!("{a}.context_length")).unwrap_or(4096) as usize,
-        rms_norm_eps: get_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64,
+        rms_norm_eps: get_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5)
+            as f64,
         rope_theta: get_f32(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0) as f64,
         rope_freq_divisors,
     };
@@ -385,7 +390,11 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let arch_name = cfg
         .model_type
         .clone()
-        .or_else(|| cfg.architectures.first().map(|a| a.to_lowercase().replace("forcausallm", "")))
+        .or_else(|| {
+            cfg.architectures
+                .first()
+                .map(|a| a.to_lowercase().replace("forcausallm", ""))
+        })
         .unwrap_or_default();
     let arch = Architecture::parse(&arch_name).ok_or_else(|| {
         model_err(
@@ -393,17 +402,23 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
             format!("unsupported model_type {arch_name:?} (supported: llama, qwen2)"),
         )
     })?;
-    let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1));
+    let head_dim = cfg
+        .head_dim
+        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1));
     let rope_theta = cfg.rope_theta.unwrap_or(10_000.0);
     let rope_freq_divisors = match &cfg.rope_scaling {
         None | Some(serde_json::Value::Null) => None,
         Some(s) => {
-            let kind = s["rope_type"].as_str().or_else(|| s["type"].as_str()).unwrap_or("");
+            let kind = s["rope_type"]
+                .as_str()
+                .or_else(|| s["type"].as_str())
+                .unwrap_or("");
             match kind {
                 "default" => None,
-                "llama3" => Some(llama3_divisors(s, rope_theta, head_dim).ok_or_else(|| {
-                    model_err(&config_path, "incomplete llama3 rope_scaling")
-                })?),
+                "llama3" => Some(
+                    llama3_divisors(s, rope_theta, head_dim)
+                        .ok_or_else(|| model_err(&config_path, "incomplete llama3 rope_scaling"))?,
+                ),
                 other => {
                     return Err(model_err(
                         &config_path,
@@ -421,7 +436,10 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         .collect();
     shards.sort();
     if shards.is_empty() {
-        return Err(model_err(dir, "no *.safetensors files in the checkpoint directory"));
+        return Err(model_err(
+            dir,
+            "no *.safetensors files in the checkpoint directory",
+        ));
     }
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     let mut hasher = Sha256::new();
@@ -503,7 +521,11 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     }
     let tokenizer = TeacherTokenizer::from_tokenizer_json(
         &tokenizer_path,
-        [first_id(&cfg.bos_token_id), first_id(&cfg.eos_token_id), first_id(&cfg.pad_token_id)],
+        [
+            first_id(&cfg.bos_token_id),
+            first_id(&cfg.eos_token_id),
+            first_id(&cfg.pad_token_id),
+        ],
     )?;
     let chat_template = match hf_chat_template(dir)? {
         Some(src) => Some(compile_template(&src, &tokenizer)?),

@@ -228,7 +228,11 @@ mod tests {
         assert!((sel.topk_logprobs[3] - (2.0 - lse)).abs() < 1e-6);
         assert_eq!(sel.target_logprob, Some(f32::NEG_INFINITY));
         let (_, _, h, _) = naive(&row, 4, 0);
-        assert!((sel.entropy as f64 - h).abs() < 1e-6, "{} vs {h}", sel.entropy);
+        assert!(
+            (sel.entropy as f64 - h).abs() < 1e-6,
+            "{} vs {h}",
+            sel.entropy
+        );
         assert!(sel.entropy.is_finite());
     }
 
@@ -259,7 +263,11 @@ mod tests {
         for (a, b) in sel.topk_logprobs.iter().zip(&vals) {
             assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
         }
-        assert!((sel.entropy as f64 - h).abs() < 1e-4, "{} vs {h}", sel.entropy);
+        assert!(
+            (sel.entropy as f64 - h).abs() < 1e-4,
+            "{} vs {h}",
+            sel.entropy
+        );
         assert!((sel.target_logprob.unwrap() as f64 - t).abs() < 1e-5);
     }
 

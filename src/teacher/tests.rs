@@ -17,7 +17,9 @@ const DEFAULT_TEACHER: &str =
 
 fn missing(what: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is required when CI=true (run scripts/fetch-teacher.sh or set FIRSTKD_TEACHER)");
+        panic!(
+            "{what} is required when CI=true (run scripts/fetch-teacher.sh or set FIRSTKD_TEACHER)"
+        );
     }
     eprintln!("skipping: {what} not found");
 }
@@ -93,14 +95,25 @@ fn tokenizer_matches_reference_ids() {
     let ids = tok.encode(rendered, false).unwrap();
     assert_eq!(ids, u32s(&chat["rendered_ids"]));
     assert_eq!(tok.decode(&ids).unwrap(), rendered);
-    for text in ["  leading spaces", "tabs\tand\nnewlines\r\n", "émoji 🦀 and 12345", ""] {
+    for text in [
+        "  leading spaces",
+        "tabs\tand\nnewlines\r\n",
+        "émoji 🦀 and 12345",
+        "",
+    ] {
         let ids = tok.encode(text, true).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text);
     }
     let id = tok.identity();
     assert_eq!(id.vocab_size, 49152);
-    assert_eq!(id.bos.as_ref().map(|b| (b.id, b.text.as_str())), Some((1, "<|im_start|>")));
-    assert_eq!(id.eos.as_ref().map(|b| (b.id, b.text.as_str())), Some((2, "<|im_end|>")));
+    assert_eq!(
+        id.bos.as_ref().map(|b| (b.id, b.text.as_str())),
+        Some((1, "<|im_start|>"))
+    );
+    assert_eq!(
+        id.eos.as_ref().map(|b| (b.id, b.text.as_str())),
+        Some((2, "<|im_end|>"))
+    );
     assert_eq!(id.sha256.len(), 64);
 }
 
@@ -132,7 +145,15 @@ fn identity_describes_the_gguf() {
     assert!(id.tied_embeddings);
     assert_eq!(id.sha256, sha256_file(&teacher_path().unwrap()).unwrap());
     let cfg = t.model().config();
-    assert_eq!((cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), (30, 9, 3, 64));
+    assert_eq!(
+        (
+            cfg.num_layers,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim
+        ),
+        (30, 9, 3, 64)
+    );
     assert_eq!(cfg.rope_theta, 100_000.0);
 }
 
@@ -191,7 +212,13 @@ fn labels_match_reference_at_every_position() {
     for s in r["sequences"].as_array().unwrap() {
         let ids = u32s(&s["input_ids"]);
         let labels = t
-            .label_batch(&[LabelInput { input_ids: &ids, prompt_len: 0 }], &opts)
+            .label_batch(
+                &[LabelInput {
+                    input_ids: &ids,
+                    prompt_len: 0,
+                }],
+                &opts,
+            )
             .unwrap();
         let d = compare(&labels[0], s, opts.k);
         worst = (worst.0.max(d.0), worst.1.max(d.1), worst.2.max(d.2));
@@ -199,7 +226,13 @@ fn labels_match_reference_at_every_position() {
         // The last position (no target) through the lower-level API.
         let x = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
         let logits = t.model().forward_logits(&x).unwrap();
-        let last: Vec<f32> = logits.get(0).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap();
+        let last: Vec<f32> = logits
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let sel = select_row(&last, 5, None).unwrap();
         let p = ids.len() - 1;
         assert_eq!(sel.topk_ids, u32s(&s["topk_ids"][p]));
@@ -240,7 +273,10 @@ fn first_positions_match_literal_reference() {
     let target = [-11.53928f32, -0.3376, -2.43866];
     let labels = t
         .label_batch(
-            &[LabelInput { input_ids: &ids, prompt_len: 0 }],
+            &[LabelInput {
+                input_ids: &ids,
+                prompt_len: 0,
+            }],
             &LabelOptions::default(),
         )
         .unwrap();
@@ -280,10 +316,17 @@ fn padded_batch_equals_each_sequence_alone() {
         .collect();
     let inputs: Vec<LabelInput> = seqs
         .iter()
-        .map(|s| LabelInput { input_ids: s, prompt_len: 3 })
+        .map(|s| LabelInput {
+            input_ids: s,
+            prompt_len: 3,
+        })
         .collect();
     for positions in [Positions::All, Positions::Response] {
-        let opts = LabelOptions { positions, chunk_rows: 7, ..LabelOptions::default() };
+        let opts = LabelOptions {
+            positions,
+            chunk_rows: 7,
+            ..LabelOptions::default()
+        };
         let batched = t.label_batch(&inputs, &opts).unwrap();
         let mut worst = 0f32;
         for (i, input) in inputs.iter().enumerate() {
@@ -296,7 +339,10 @@ fn padded_batch_equals_each_sequence_alone() {
     let resp = t
         .label_batch(
             &inputs[..1],
-            &LabelOptions { positions: Positions::Response, ..LabelOptions::default() },
+            &LabelOptions {
+                positions: Positions::Response,
+                ..LabelOptions::default()
+            },
         )
         .unwrap();
     assert_eq!(resp[0].first_position, 2);
@@ -307,14 +353,39 @@ fn padded_batch_equals_each_sequence_alone() {
 fn temperature_scales_the_distribution() {
     let Some(t) = teacher() else { return };
     let ids = t.tokenizer().encode("Once upon a time", true).unwrap();
-    let input = [LabelInput { input_ids: &ids, prompt_len: 0 }];
-    let cold = t.label_batch(&input, &LabelOptions { temperature: 0.5, ..Default::default() }).unwrap();
-    let warm = t.label_batch(&input, &LabelOptions { temperature: 2.0, ..Default::default() }).unwrap();
+    let input = [LabelInput {
+        input_ids: &ids,
+        prompt_len: 0,
+    }];
+    let cold = t
+        .label_batch(
+            &input,
+            &LabelOptions {
+                temperature: 0.5,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let warm = t
+        .label_batch(
+            &input,
+            &LabelOptions {
+                temperature: 2.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     for p in 0..cold[0].len() {
         assert!(cold[0].entropy[p] <= warm[0].entropy[p] + 1e-5);
     }
     assert!(t
-        .label_batch(&input, &LabelOptions { temperature: 0.0, ..Default::default() })
+        .label_batch(
+            &input,
+            &LabelOptions {
+                temperature: 0.0,
+                ..Default::default()
+            }
+        )
         .is_err());
 }
 
@@ -325,19 +396,27 @@ fn temperature_scales_the_distribution() {
 fn bench_label_throughput() {
     let Some(t) = teacher() else { return };
     let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinystories/tinystories_val.txt"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data/tinystories/tinystories_val.txt"),
     )
     .unwrap_or_else(|_| "Once upon a time there was a little girl. ".repeat(2000));
     let all = t.tokenizer().encode(&text, true).unwrap();
-    let seq = std::env::var("BENCH_SEQ").ok().and_then(|v| v.parse().ok()).unwrap_or(256usize);
+    let seq = std::env::var("BENCH_SEQ")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256usize);
     for batch in [1usize, 4, 8] {
         let windows: Vec<&[u32]> = all.chunks_exact(seq).take(batch * 3).collect();
         let inputs: Vec<LabelInput> = windows
             .iter()
-            .map(|w| LabelInput { input_ids: w, prompt_len: 0 })
+            .map(|w| LabelInput {
+                input_ids: w,
+                prompt_len: 0,
+            })
             .collect();
         // Warm-up.
-        t.label_batch(&inputs[..batch], &LabelOptions::default()).unwrap();
+        t.label_batch(&inputs[..batch], &LabelOptions::default())
+            .unwrap();
         let start = std::time::Instant::now();
         let cpu0 = process_cpu_seconds();
         for chunk in inputs.chunks(batch) {
@@ -346,7 +425,9 @@ fn bench_label_throughput() {
         let secs = start.elapsed().as_secs_f64();
         let cpu = process_cpu_seconds() - cpu0;
         let tokens = (inputs.len() * seq) as f64;
-        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1) as f64;
+        let cores = std::thread::available_parallelism()
+            .map(|c| c.get())
+            .unwrap_or(1) as f64;
         // On a shared machine wall time includes other processes; CPU time / cores estimates
         // the rate on idle cores (assumes perfect scaling, so it is an upper bound).
         eprintln!(
@@ -364,7 +445,9 @@ fn bench_label_throughput() {
     let start = std::time::Instant::now();
     let h = t.model().hidden_states(&x).unwrap();
     let fwd = start.elapsed().as_secs_f64();
-    let h = h.reshape((4 * seq, t.model().config().hidden_size)).unwrap();
+    let h = h
+        .reshape((4 * seq, t.model().config().hidden_size))
+        .unwrap();
     let start = std::time::Instant::now();
     let logits = t.model().logits(&h.narrow(0, 0, 64).unwrap()).unwrap();
     let out = start.elapsed().as_secs_f64() * (4 * seq) as f64 / 64.0;
@@ -427,7 +510,15 @@ fn tiny_model(arch: Architecture) -> TeacherModel {
             down: r(&[32, 48]),
         })
         .collect();
-    TeacherModel::new(cfg, r(&[50, 32]), layers, ones(32), Some(r(&[50, 32])), &dev).unwrap()
+    TeacherModel::new(
+        cfg,
+        r(&[50, 32]),
+        layers,
+        ones(32),
+        Some(r(&[50, 32])),
+        &dev,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -436,7 +527,12 @@ fn tiny_model_padded_batch_equals_alone() {
         let m = tiny_model(arch);
         let a: Vec<u32> = vec![1, 7, 3, 9, 11, 2, 40, 5];
         let b: Vec<u32> = vec![4, 4, 8];
-        let batch = Tensor::from_vec([a.clone(), b.iter().copied().chain([0; 5]).collect()].concat(), (2, 8), &Device::Cpu).unwrap();
+        let batch = Tensor::from_vec(
+            [a.clone(), b.iter().copied().chain([0; 5]).collect()].concat(),
+            (2, 8),
+            &Device::Cpu,
+        )
+        .unwrap();
         let both = m.forward_logits(&batch).unwrap();
         let alone_b = m
             .forward_logits(&Tensor::from_slice(&b, (1, 3), &Device::Cpu).unwrap())
@@ -516,30 +612,54 @@ fn bench_kernels() {
         eprintln!("{name}: {:.2} ms, {:.1} GFLOP/s", s * 1e3, flops / s / 1e9);
     };
     let fl = 2.0 * 1024.0 * 576.0 * 3072.0;
-    time("x @ w.t() (transposed view)", fl, &|| x.matmul(&w.t().unwrap()).unwrap());
-    time("x @ wt (contiguous [in,out])", fl, &|| x.matmul(&wt).unwrap());
+    time("x @ w.t() (transposed view)", fl, &|| {
+        x.matmul(&w.t().unwrap()).unwrap()
+    });
+    time("x @ wt (contiguous [in,out])", fl, &|| {
+        x.matmul(&wt).unwrap()
+    });
     let emb = Tensor::randn(0f32, 1.0, (49152, 576), &dev).unwrap();
     for rows in [64usize, 128, 256, 512] {
         let h = x.narrow(0, 0, rows).unwrap();
         let fl = 2.0 * rows as f64 * 576.0 * 49152.0;
-        time(&format!("output layer, {rows} rows"), fl, &|| h.matmul(&emb.t().unwrap()).unwrap());
+        time(&format!("output layer, {rows} rows"), fl, &|| {
+            h.matmul(&emb.t().unwrap()).unwrap()
+        });
     }
     let big = Tensor::randn(0f32, 1.0, (1024, 3072), &dev).unwrap();
-    time("silu [1024,3072]", 0.0, &|| candle_nn::ops::silu(&big).unwrap());
+    time("silu [1024,3072]", 0.0, &|| {
+        candle_nn::ops::silu(&big).unwrap()
+    });
     time("mul [1024,3072]", 0.0, &|| (&big * &big).unwrap());
     time("narrow+transpose copy", 0.0, &|| {
-        big.reshape((4, 256, 48, 64)).unwrap().narrow(2, 0, 9).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+        big.reshape((4, 256, 48, 64))
+            .unwrap()
+            .narrow(2, 0, 9)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
     });
     let sc = Tensor::randn(0f32, 1.0, (4, 3, 3, 256, 256), &dev).unwrap();
     let mask = Tensor::zeros((256, 256), DType::F32, &dev).unwrap();
     time("scores + mask", 0.0, &|| sc.broadcast_add(&mask).unwrap());
-    time("softmax_last_dim", 0.0, &|| candle_nn::ops::softmax_last_dim(&sc).unwrap());
+    time("softmax_last_dim", 0.0, &|| {
+        candle_nn::ops::softmax_last_dim(&sc).unwrap()
+    });
     let alpha = Tensor::ones(576, DType::F32, &dev).unwrap();
-    time("rms_norm [1024,576]", 0.0, &|| candle_nn::ops::rms_norm(&x, &alpha, 1e-5).unwrap());
-    let row: Vec<f32> = (0..49152).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+    time("rms_norm [1024,576]", 0.0, &|| {
+        candle_nn::ops::rms_norm(&x, &alpha, 1e-5).unwrap()
+    });
+    let row: Vec<f32> = (0..49152)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
     let start = std::time::Instant::now();
     for _ in 0..200 {
         std::hint::black_box(select_row(&row, 5, Some(3)).unwrap());
     }
-    eprintln!("select_row: {:.1} us", start.elapsed().as_secs_f64() / 200.0 * 1e6);
+    eprintln!(
+        "select_row: {:.1} us",
+        start.elapsed().as_secs_f64() / 200.0 * 1e6
+    );
 }

@@ -145,7 +145,10 @@ impl TeacherTokenizer {
             .collect::<Result<Vec<_>>>()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
-            .ignore_merges(matches!(spec.pre.as_str(), "llama-bpe" | "llama3" | "llama-v3"))
+            .ignore_merges(matches!(
+                spec.pre.as_str(),
+                "llama-bpe" | "llama3" | "llama-v3"
+            ))
             .build()
             .map_err(|e| err(format!("building BPE tokenizer: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -191,10 +194,7 @@ impl TeacherTokenizer {
     /// Loads a Hugging Face `tokenizer.json`. Special tokens come from the sibling
     /// `tokenizer_config.json` when present (`bos_token`, `eos_token`, `pad_token`,
     /// `add_bos_token`), otherwise from `fallback_specials` (BOS, EOS, PAD ids).
-    pub fn from_tokenizer_json(
-        path: &Path,
-        fallback_specials: [Option<u32>; 3],
-    ) -> Result<Self> {
+    pub fn from_tokenizer_json(path: &Path, fallback_specials: [Option<u32>; 3]) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let err = |reason: String| Error::Model {
             path: path.to_path_buf(),
@@ -222,7 +222,8 @@ impl TeacherTokenizer {
             })
             .unwrap_or_default();
         let vocab = inner.get_vocab(true);
-        let mut tokens = vec![String::new(); vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0)];
+        let mut tokens =
+            vec![String::new(); vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0)];
         for (t, &i) in &vocab {
             tokens[i as usize] = t.clone();
         }
@@ -233,7 +234,9 @@ impl TeacherTokenizer {
         let named = |key: &str, fallback: Option<u32>| -> Option<SpecialToken> {
             let text = config.as_ref().and_then(|c| match &c[key] {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|v| v.as_str()).map(String::from),
+                serde_json::Value::Object(o) => {
+                    o.get("content").and_then(|v| v.as_str()).map(String::from)
+                }
                 _ => None,
             });
             match text {

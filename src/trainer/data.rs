@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
 
-use arrow::array::{Array, AsArray, BooleanArray, FixedSizeListArray, UInt32Array, UInt64Array};
+use arrow::array::{AsArray, BooleanArray, FixedSizeListArray, UInt32Array, UInt64Array};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;

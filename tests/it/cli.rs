@@ -132,3 +132,71 @@ print(json.dumps(out))
         assert!(v["duckdb_top1_sum"].as_f64().unwrap() < 0.0, "{v}");
     }
 }
+
+/// calibrate fits T > 1 for an over-confident synthetic teacher, lowers held-out ECE, records it
+/// in the manifest without touching the parts, and a calibrated teacher gets T near 1.
+#[test]
+fn calibrate_fits_and_records_temperature() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("over");
+    let d = dir.to_str().unwrap();
+    let out = firstkd(&["synth", d, "--rows", "40000", "--overconfidence", "2.0", "--seed", "5"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = firstkd::store::Manifest::load(&dir).unwrap();
+    assert!(before.temperature.is_none());
+    let out = firstkd(&["calibrate", d, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let fit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = fit["fit"]["temperature"].as_f64().unwrap();
+    assert!(t > 1.3, "over-confident teacher fitted T = {t}");
+    let (ece0, ece1) = (fit["fit"]["before"]["ece"].as_f64().unwrap(), fit["fit"]["after"]["ece"].as_f64().unwrap());
+    assert!(ece1 < ece0 / 2.0, "ECE {ece0} -> {ece1}");
+    assert_eq!(fit["fitted_on"]["rule"], "split = \"valid\"");
+    let after = firstkd::store::Manifest::load(&dir).unwrap();
+    let temp = after.temperature.as_ref().expect("temperature recorded");
+    assert!((temp.value - t).abs() < 1e-12);
+    assert_eq!(temp.objective, "ece");
+    assert_eq!(after.parts, before.parts, "parts are not rewritten");
+    assert_eq!(firstkd(&["verify", d]).status.code(), Some(0));
+    let shown = text(&firstkd(&["inspect", d]));
+    assert!(shown.contains(&format!("temperature      {t:.4}")), "{shown}");
+
+    // Held-out ECE on data the fit did not see: a second store from another seed.
+    let other = tmp.path().join("other");
+    firstkd(&["synth", other.to_str().unwrap(), "--rows", "40000", "--overconfidence", "2.0", "--seed", "6"]);
+    let report = |temp: f64| -> f64 {
+        let o = firstkd(&["stats", other.to_str().unwrap(), "--report", "calibration", "--mode", "renormalized", "--temperature", &temp.to_string(), "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        find_ece(&v).expect("ece in stats json")
+    };
+    let (held0, held1) = (report(1.0), report(t));
+    assert!(held1 < held0, "held-out ECE {held0} -> {held1}");
+
+    // A calibrated teacher (sharpening 1) fits close to T = 1 under uniform-tail, which keeps the tail.
+    let cal = tmp.path().join("cal");
+    firstkd(&["synth", cal.to_str().unwrap(), "--rows", "40000", "--overconfidence", "1.0", "--seed", "5"]);
+    let out = firstkd(&["calibrate", cal.to_str().unwrap(), "--mode", "uniform-tail", "--objective", "nll", "--dry-run", "--json"]);
+    let fit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = fit["fit"]["temperature"].as_f64().unwrap();
+    assert!((0.8..1.2).contains(&t), "calibrated teacher fitted T = {t}");
+    assert!(firstkd::store::Manifest::load(&cal).unwrap().temperature.is_none(), "dry run writes nothing");
+
+    // No held-out data at all is a clear error.
+    let out = firstkd(&["calibrate", d, "--split", "none", "--held-out-fraction", "0.0000001"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("no held-out positions"), "{}", text(&out));
+}
+
+fn find_ece(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(e) = m.get("ece").and_then(|e| e.as_f64()) {
+                return Some(e);
+            }
+            m.values().find_map(find_ece)
+        }
+        serde_json::Value::Array(a) => a.iter().find_map(find_ece),
+        _ => None,
+    }
+}

@@ -1,0 +1,152 @@
+//! Fitting the teacher temperature on a store's held-out positions (`firstkd calibrate`).
+//!
+//! Held-out positions: those of samples in the requested split (default `valid`) when the
+//! store has any; otherwise a deterministic fraction of samples chosen by a hash of the
+//! sample id, so the same store always gives the same held-out set. The fit reads only the
+//! columns it needs, streaming, and writes the result into `manifest.json` (atomically);
+//! the Parquet parts are not rewritten.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow::array::AsArray;
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
+use serde::Serialize;
+
+use super::temperature::{fit_temperature, FitObjective, FitOptions, TemperatureFit, TopKPosition};
+use crate::error::{Error, Result};
+use crate::schema::{labels as lcol, samples as scol, Table};
+use crate::store::{Manifest, StoreReader, TemperatureInfo};
+
+/// Which positions the temperature is fitted on.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOut {
+    /// Use the samples of this split when the store has any.
+    pub split: String,
+    /// Otherwise this fraction of samples, chosen by hash of the sample id.
+    pub fraction: f64,
+    /// Only positions in the loss (response tokens).
+    pub in_loss_only: bool,
+    /// Stop after this many positions (streaming order).
+    pub max_positions: usize,
+}
+
+impl Default for HeldOut {
+    fn default() -> Self {
+        HeldOut { split: "valid".into(), fraction: 0.1, in_loss_only: true, max_positions: 2_000_000 }
+    }
+}
+
+/// Result of fitting on a store.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreFit {
+    pub fit: TemperatureFit,
+    /// Description of the held-out data (rule, samples, positions).
+    pub fitted_on: serde_json::Value,
+}
+
+/// Deterministic membership of the hash-selected held-out set (splitmix64 of the id).
+pub fn hash_held_out(sample_id: u64, fraction: f64) -> bool {
+    let mut z = sample_id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+/// Fits the temperature of the store at `dir` on its held-out positions.
+pub fn fit_store(dir: &Path, held_out: &HeldOut, objective: FitObjective, options: &FitOptions) -> Result<StoreFit> {
+    if !(held_out.fraction > 0.0 && held_out.fraction <= 1.0) {
+        return Err(Error::InvalidArgument(format!("held-out fraction {} must be in (0, 1]", held_out.fraction)));
+    }
+    let reader = StoreReader::open(dir)?;
+    let vocab = reader.manifest().tokenizer.vocab_size as usize;
+    let k = reader.manifest().k;
+    // Which samples are held out.
+    let mut split_of: HashMap<u64, bool> = HashMap::new();
+    for batch in reader.batches(Table::Samples, Some(&[scol::SAMPLE_ID, scol::SPLIT]), 65536)? {
+        let batch = batch?;
+        let ids = batch.column(0).as_primitive::<UInt64Type>();
+        let splits = batch.column(1).as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            split_of.insert(ids.value(i), splits.value(i) == held_out.split);
+        }
+    }
+    let use_split = split_of.values().any(|&v| v);
+    let chosen = |id: u64| if use_split { split_of.get(&id).copied().unwrap_or(false) } else { hash_held_out(id, held_out.fraction) };
+    let held_samples = split_of.keys().filter(|&&id| chosen(id)).count();
+
+    let (mut logprobs, mut ranks, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    let columns = [lcol::SAMPLE_ID, lcol::TARGET_ID, lcol::IN_LOSS, lcol::TOPK_IDS, lcol::TOPK_LOGPROBS, lcol::TARGET_LOGPROB];
+    'outer: for batch in reader.batches(Table::Labels, Some(&columns), 65536)? {
+        let batch = batch?;
+        let sid = batch.column(0).as_primitive::<UInt64Type>();
+        let target = batch.column(1).as_primitive::<UInt32Type>();
+        let in_loss = batch.column(2).as_boolean();
+        let ids = batch.column(3).as_fixed_size_list().values().as_primitive::<UInt32Type>().clone();
+        let lps = cast(batch.column(4).as_fixed_size_list().values(), &DataType::Float32)?;
+        let lps = lps.as_primitive::<Float32Type>();
+        let tlp = cast(batch.column(5), &DataType::Float32)?;
+        let tlp = tlp.as_primitive::<Float32Type>();
+        for i in 0..batch.num_rows() {
+            if !chosen(sid.value(i)) || (held_out.in_loss_only && !in_loss.value(i)) {
+                continue;
+            }
+            let row_ids = &ids.values()[i * k..(i + 1) * k];
+            logprobs.extend_from_slice(&lps.values()[i * k..(i + 1) * k]);
+            ranks.push(row_ids.iter().position(|&t| t == target.value(i)));
+            targets.push(tlp.value(i));
+            if ranks.len() >= held_out.max_positions {
+                break 'outer;
+            }
+        }
+    }
+    if ranks.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no held-out positions to fit on (split {:?} absent and hash fraction {} selected none{})",
+            dir.display(),
+            held_out.split,
+            held_out.fraction,
+            if held_out.in_loss_only { ", in-loss positions only" } else { "" }
+        )));
+    }
+    let positions: Vec<TopKPosition<'_>> = ranks
+        .iter()
+        .enumerate()
+        .map(|(j, &target_rank)| TopKPosition {
+            logprobs: &logprobs[j * k..(j + 1) * k],
+            target_rank,
+            target_logprob: targets[j],
+            vocab_size: vocab,
+        })
+        .collect();
+    let fit = fit_temperature(&positions, objective, options)?;
+    let fitted_on = serde_json::json!({
+        "rule": if use_split { format!("split = {:?}", held_out.split) } else { format!("hash(sample_id) < {}", held_out.fraction) },
+        "samples": held_samples,
+        "positions": positions.len(),
+        "in_loss_only": held_out.in_loss_only,
+        "mode": fit.mode,
+    });
+    Ok(StoreFit { fit, fitted_on })
+}
+
+/// Writes a fit into the store's manifest (atomically; the parts are untouched).
+pub fn record_fit(dir: &Path, store_fit: &StoreFit) -> Result<Manifest> {
+    let mut manifest = Manifest::load(dir)?;
+    let objective = match store_fit.fit.objective {
+        FitObjective::Ece => "ece",
+        FitObjective::Nll => "nll",
+    };
+    manifest.temperature = Some(TemperatureInfo {
+        value: store_fit.fit.temperature,
+        objective: objective.into(),
+        fitted_on: store_fit.fitted_on.clone(),
+        before: serde_json::to_value(&store_fit.fit.before)?,
+        after: serde_json::to_value(&store_fit.fit.after)?,
+        fitted_by: format!("firstkd {}", crate::VERSION),
+    });
+    manifest.save(dir)?;
+    Ok(manifest)
+}

@@ -1,0 +1,319 @@
+//! `firstkd distill` and the trainer library: learning, checkpoints, resume, bad input.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use firstkd::schema::LogprobDtype;
+use firstkd::store::synthetic::{generate, synthetic_meta, SyntheticConfig};
+use firstkd::store::{SampleLabels, SampleRecord, StoreWriter, WriterOptions};
+use firstkd::trainer::checkpoint::{self, load_model, write_model_files};
+use firstkd::trainer::{train, Init, LossKind, Student, StudentConfig, TrainOptions, TrainSummary};
+use firstkd::Error;
+
+use crate::util::{firstkd, tempdir, text};
+
+/// The tiny student of the brief: hidden 32, 2 layers, 4 heads, 2 KV heads, vocab 512.
+fn tiny_config_json(tied: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+    })
+}
+
+fn write_config(dir: &Path, tied: bool) -> PathBuf {
+    let path = dir.join(if tied { "tiny-tied.json" } else { "tiny.json" });
+    std::fs::write(&path, tiny_config_json(tied).to_string()).unwrap();
+    path
+}
+
+/// A small synthetic store with vocabulary 512 (several parts).
+fn small_store(dir: &Path) -> PathBuf {
+    let path = dir.join("store");
+    let cfg = SyntheticConfig {
+        label_rows: 4000,
+        seed: 11,
+        vocab_size: 512,
+        min_len: 16,
+        max_len: 90,
+        part_rows: 1500,
+        ..SyntheticConfig::default()
+    };
+    generate(&path, &cfg, WriterOptions::default()).unwrap();
+    path
+}
+
+fn opts(loss: LossKind, steps: u64) -> TrainOptions {
+    TrainOptions {
+        loss,
+        temperature: Some(1.5),
+        steps,
+        batch_tokens: 256,
+        lr: 3e-3,
+        warmup_steps: 2,
+        shuffle_buffer: 16,
+        seed: 3,
+        ..TrainOptions::default()
+    }
+}
+
+fn run(store: &Path, init: &Init, out: &Path, o: &TrainOptions, resume: bool) -> firstkd::Result<TrainSummary> {
+    train(store, init, out, o, resume, &Device::Cpu, &mut |_| {})
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn loss_falls_for_every_loss_kind() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let init = Init::Random { config: write_config(tmp.path(), true), seed: 1 };
+    for loss in [LossKind::First, LossKind::Kd, LossKind::KdTail, LossKind::Ce, LossKind::Mix] {
+        let out = tmp.path().join(format!("run-{loss:?}"));
+        let summary = run(&store, &init, &out, &opts(loss, 24), false).unwrap();
+        assert_eq!(summary.losses.len(), 24);
+        let (first, last) = (mean(&summary.losses[..4]), mean(&summary.losses[20..]));
+        assert!(last < first * 0.97, "{loss:?}: loss {first} -> {last}: {:?}", summary.losses);
+        assert!(out.join("final").join("model.safetensors").exists());
+    }
+}
+
+#[test]
+fn checkpoint_reload_gives_identical_logits() {
+    let tmp = tempdir();
+    for tied in [true, false] {
+        let cfg: StudentConfig = serde_json::from_value(tiny_config_json(tied)).unwrap();
+        let student = Student::random(cfg, 9, &Device::Cpu).unwrap();
+        let dir = tmp.path().join(format!("model-{tied}"));
+        write_model_files(&student, &dir).unwrap();
+        // HF names on disk.
+        let names = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(names.contains_key("model.layers.1.self_attn.q_proj.weight"));
+        assert_eq!(names.contains_key("lm_head.weight"), !tied);
+        let reloaded = load_model(&dir, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3, 400, 5]], &Device::Cpu).unwrap();
+        let a = student.logits(&ids, &[5]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = reloaded.logits(&ids, &[5]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+fn weights_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut w: Vec<_> = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+#[test]
+fn resume_reproduces_an_uninterrupted_run() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let init = Init::Random { config: write_config(tmp.path(), false), seed: 2 };
+    for loss in [LossKind::Kd, LossKind::Mix] {
+        let mut o = opts(loss, 6);
+        o.grad_accum = 2;
+        o.checkpoint_every = Some(2);
+        let straight = tmp.path().join(format!("straight-{loss:?}"));
+        let full = run(&store, &init, &straight, &o, false).unwrap();
+
+        let split = tmp.path().join(format!("split-{loss:?}"));
+        let first = run(&store, &init, &split, &TrainOptions { stop_after: Some(3), ..o.clone() }, false).unwrap();
+        assert_eq!(first.steps_done, 3);
+        assert!(!split.join("final").exists());
+        let second = run(&store, &init, &split, &o, true).unwrap();
+        assert_eq!(second.resumed_from, Some(3));
+        assert_eq!(second.steps_done, 6);
+        assert_eq!(second.losses, full.losses, "{loss:?}");
+        assert_eq!(weights_of(&split.join("final")), weights_of(&straight.join("final")));
+        let lines = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 6);
+    }
+}
+
+#[test]
+fn resume_refuses_different_settings() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let init = Init::Random { config: write_config(tmp.path(), true), seed: 2 };
+    let out = tmp.path().join("run");
+    run(&store, &init, &out, &TrainOptions { stop_after: Some(1), ..opts(LossKind::Kd, 4) }, false).unwrap();
+    let err = run(&store, &init, &out, &TrainOptions { lr: 1.0, ..opts(LossKind::Kd, 4) }, true).unwrap_err();
+    assert!(err.to_string().contains("different settings"), "{err}");
+}
+
+#[test]
+fn refuses_mismatched_vocabulary() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let mut cfg = tiny_config_json(true);
+    cfg["vocab_size"] = 256.into();
+    let path = tmp.path().join("small-vocab.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let init = Init::Random { config: path, seed: 0 };
+    let err = run(&store, &init, &tmp.path().join("o"), &opts(LossKind::Kd, 2), false).unwrap_err();
+    assert!(matches!(err, Error::TokenizerMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("512") && err.to_string().contains("256"), "{err}");
+}
+
+#[test]
+fn first_needs_a_temperature() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let init = Init::Random { config: write_config(tmp.path(), true), seed: 0 };
+    let o = TrainOptions { temperature: None, ..opts(LossKind::First, 2) };
+    let err = run(&store, &init, &tmp.path().join("o"), &o, false).unwrap_err();
+    assert!(err.to_string().contains("firstkd calibrate"), "{err}");
+}
+
+#[test]
+fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let init = Init::Random { config: write_config(tmp.path(), true), seed: 0 };
+    let out = tmp.path().join("o");
+    let o = TrainOptions {
+        lr: 1e36,
+        warmup_steps: 0,
+        clip_grad_norm: None,
+        checkpoint_every: Some(1),
+        ..opts(LossKind::Kd, 10)
+    };
+    let err = run(&store, &init, &out, &o, false).unwrap_err();
+    assert!(matches!(err, Error::NonFiniteLoss { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("last good checkpoint"), "{msg}");
+    let kept = checkpoint::list_checkpoints(&out).unwrap();
+    assert!(!kept.is_empty());
+    // The kept checkpoint is loadable and finite.
+    let student = load_model(&kept.last().unwrap().1, &Device::Cpu).unwrap();
+    let _ = student;
+    assert!(!out.join("final").exists());
+}
+
+fn tiny_meta() -> firstkd::store::StoreMeta {
+    synthetic_meta(&SyntheticConfig { vocab_size: 512, ..SyntheticConfig::default() })
+}
+
+#[test]
+fn empty_store_and_store_without_loss_positions_are_refused() {
+    let tmp = tempdir();
+    let init = Init::Random { config: write_config(tmp.path(), true), seed: 0 };
+    // No samples at all.
+    let empty = tmp.path().join("empty");
+    StoreWriter::create(&empty, tiny_meta(), WriterOptions::default())
+        .unwrap()
+        .finish(serde_json::json!({}))
+        .unwrap();
+    let err = run(&empty, &init, &tmp.path().join("o1"), &opts(LossKind::Kd, 2), false).unwrap_err();
+    assert!(matches!(err, Error::NoTrainingData(_)), "{err}");
+    // Samples that are all prompt.
+    let prompt_only = tmp.path().join("prompt-only");
+    let mut w = StoreWriter::create(&prompt_only, tiny_meta(), WriterOptions::default()).unwrap();
+    for s in 0..3u64 {
+        let input_ids: Vec<u32> = (0..10).map(|i| (i * 7 + s as u32) % 512).collect();
+        let n = input_ids.len() - 1;
+        let mut labels = SampleLabels::default();
+        for _ in 0..n {
+            labels.topk_ids.extend_from_slice(&[1, 2, 3, 4, 5]);
+            labels.topk_logprobs.extend_from_slice(&[-0.5, -1.5, -2.5, -3.5, -4.5]);
+            labels.target_logprobs.push(-6.0);
+            labels.entropy.push(1.0);
+        }
+        let record = SampleRecord {
+            sample_id: s,
+            source: "t".into(),
+            split: "train".into(),
+            record_index: s,
+            window_index: 0,
+            input_ids,
+            prompt_len: 10,
+        };
+        w.push(&record, &labels).unwrap();
+    }
+    w.finish(serde_json::json!({})).unwrap();
+    let err = run(&prompt_only, &init, &tmp.path().join("o2"), &opts(LossKind::Kd, 2), false).unwrap_err();
+    assert!(matches!(err, Error::NoTrainingData(_)), "{err}");
+    assert!(err.to_string().contains("in-loss"), "{err}");
+}
+
+#[test]
+fn cli_distill_trains_validates_and_resumes() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let s = store.to_str().unwrap();
+    let o = firstkd(&["synth", s, "--rows", "3000", "--vocab", "512", "--seed", "4"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = write_config(tmp.path(), true);
+    let init = format!("random:{}", cfg.display());
+    let out = tmp.path().join("run");
+    let base = [
+        "distill", "--store", s, "--init", &init, "--loss", "kd-tail", "--steps", "4",
+        "--batch-tokens", "256", "--max-seq-len", "128", "--lr", "2e-3", "--valid-every", "2",
+        "--valid-batches", "2", "--checkpoint-every", "2", "--quiet", "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut first = base.to_vec();
+    first.extend(["--stop-after", "2"]);
+    let o = firstkd(&first);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("continue with --resume"), "{}", text(&o));
+    let mut again = base.to_vec();
+    again.push("--resume");
+    let o = firstkd(&again);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("resumed from step 2") && t.contains("trained 4 step(s)"), "{t}");
+    assert!(t.contains("validation loss"), "{t}");
+    assert!(out.join("final").join("config.json").exists());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(lines[3].get(key).is_some(), "{key} missing: {}", lines[3]);
+    }
+    assert!(lines[1].get("valid_loss").is_some());
+    // Bad input: first without temperature on an uncalibrated store.
+    let o = firstkd(&["distill", "--store", s, "--init", &init, "--steps", "1", "--quiet", "--out", tmp.path().join("x").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--temperature"), "{}", text(&o));
+}
+
+#[test]
+fn a_multi_part_store_streams_across_parts() {
+    // Grad accumulation over a store of many small parts with a float32 dtype.
+    let tmp = tempdir();
+    let path = tmp.path().join("f32");
+    let cfg = SyntheticConfig {
+        label_rows: 2000,
+        seed: 2,
+        vocab_size: 512,
+        logprob_dtype: LogprobDtype::Float32,
+        min_len: 10,
+        max_len: 60,
+        part_rows: 300,
+        ..SyntheticConfig::default()
+    };
+    let m = generate(&path, &cfg, WriterOptions::default()).unwrap();
+    assert!(m.parts.len() >= 5);
+    let init = Init::Random { config: write_config(tmp.path(), false), seed: 0 };
+    let o = TrainOptions { grad_accum: 3, epochs: Some(2), steps: 1000, ..opts(LossKind::Kd, 1000) };
+    let summary = run(&path, &init, &tmp.path().join("o"), &o, false).unwrap();
+    assert!(summary.data_exhausted);
+    assert!(summary.steps_done > 5 && summary.steps_done < 1000);
+    assert!(tmp.path().join("o").join("final").exists());
+}
