@@ -1,7 +1,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use firstkd::eval::{EvalOptions, Mode, PromptOptions, TaskFormat};
+use firstkd::eval::{read_task, EvalOptions, Mode, PromptOptions, TaskFormat};
 
 use super::eval::{evaluate_task, load_model};
 
@@ -63,13 +63,16 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         header.push(format!("{task} acc"));
         header.push(format!("{task} ECE"));
     }
+    let mut task_items = Vec::with_capacity(args.tasks.len());
+    for (_, file) in &args.tasks {
+        task_items.push(read_task(file, format, args.limit)?);
+    }
     let mut rows = Vec::new();
     for (name, path) in &args.models {
         let model = load_model(path)?;
         let mut row = vec![name.clone()];
-        for (task, file) in &args.tasks {
-            let (result, _) =
-                evaluate_task(&model, file, format, args.limit, &opts, &format!("{name} {task}"))?;
+        for ((task, file), items) in args.tasks.iter().zip(&task_items) {
+            let (result, _) = evaluate_task(&model, file, items, &opts, &format!("{name} {task}"))?;
             let r = result
                 .reports
                 .first()

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use firstkd::eval::{
-    evaluate, read_task, reliability_svg, EvalOptions, EvalResult, Mode, ModeReport,
+    evaluate, read_task, reliability_svg, EvalItem, EvalOptions, EvalResult, Mode, ModeReport,
     PromptOptions, TaskFormat,
 };
 use firstkd::teacher::Teacher;
@@ -47,16 +47,15 @@ pub struct Args {
     pub plot: Option<PathBuf>,
 }
 
-/// Shared by `eval` and `compare`: loads nothing, evaluates one task with a progress bar.
+/// Shared by `eval` and `compare`: evaluates the items of one task with a progress bar;
+/// returns the result and the seconds it took.
 pub(crate) fn evaluate_task(
     model: &Teacher,
     task: &Path,
-    format: TaskFormat,
-    limit: Option<usize>,
+    items: &[EvalItem],
     opts: &EvalOptions,
     label: &str,
 ) -> anyhow::Result<(EvalResult, f64)> {
-    let items = read_task(task, format, limit)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -66,7 +65,7 @@ pub(crate) fn evaluate_task(
     );
     bar.set_message(label.to_string());
     let started = Instant::now();
-    let result = evaluate(model, task, &items, opts, &mut |done, total| {
+    let result = evaluate(model, task, items, opts, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
@@ -97,9 +96,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             plot.display()
         );
     }
+    // Read the task first so that bad input fails before the (slow) model load.
+    let items = read_task(&args.task, format, args.limit)?;
     let model = load_model(&args.model)?;
-    let (result, seconds) =
-        evaluate_task(&model, &args.task, format, args.limit, &opts, "evaluating")?;
+    let (result, seconds) = evaluate_task(&model, &args.task, &items, &opts, "evaluating")?;
     let model_name = model.identity().file_name.clone();
     let task_name = args.task.display().to_string();
     if let Some(plot) = &args.plot {

@@ -72,11 +72,11 @@ fn mixed_file_yields_one_sample_per_shape() {
     };
     let samples = read_samples(&data("tests/data/inputs_mixed.jsonl"), encoder(), opts).unwrap();
     let (tok, _) = tiny();
-    // Text: 113 bytes -> windows of 64 + 49, all in the loss.
+    // Text: 111 bytes, one token per byte -> windows of 64 + 47, all in the loss.
     assert_eq!(samples[0].record, 0);
     assert_eq!((samples[0].input_ids.len(), samples[0].prompt_len), (64, 0));
     assert_eq!((samples[1].record, samples[1].segment), (0, 1));
-    assert_eq!(samples[1].input_ids.len(), 49);
+    assert_eq!(samples[1].input_ids.len(), 47);
     // Every chat-shaped sample: prompt ends right after "<|im_start|>assistant\n".
     for s in &samples[2..] {
         let prompt = tok.decode(&s.input_ids[..s.prompt_len as usize]).unwrap();
@@ -146,7 +146,7 @@ fn errors_carry_path_and_one_based_line() {
         (
             "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": \"Z\"}\n",
             1,
-            "neither",
+            "out of range",
         ),
         (
             "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",

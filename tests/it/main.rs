@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 
 mod cli;
+mod eval;
 mod distill;
 mod label;
 mod sql;

