@@ -12,9 +12,9 @@ max_tokens="${1:-4096}"
 text="${FIRSTKD_SHARED:-../shared}/data/wikitext-2/valid.txt"
 [ -f "$text" ] || { echo "missing $text (../shared/data)" >&2; exit 1; }
 venv="${FIRSTKD_BENCH_VENV:-$cache/bench-venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, gguf, pyarrow" 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, gguf, accelerate, pyarrow" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers gguf numpy pyarrow
+  "$venv/bin/pip" install --quiet torch transformers gguf accelerate numpy pyarrow
 fi
 cargo build --release --quiet
 bin="$CARGO_TARGET_DIR/release/firstkd"

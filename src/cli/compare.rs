@@ -48,7 +48,10 @@ fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let mode: Mode = args.mode.parse()?;
-    anyhow::ensure!(mode != Mode::Both, "--mode: compare takes one mode (cloze or letter)");
+    anyhow::ensure!(
+        mode != Mode::Both,
+        "--mode: compare takes one mode (cloze or letter)"
+    );
     let format: TaskFormat = args.task_format.parse()?;
     let opts = EvalOptions {
         mode,
@@ -113,7 +116,13 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 .iter()
                 .zip(&widths)
                 .enumerate()
-                .map(|(i, (c, w))| if i == 0 { format!("{c:<w$}") } else { format!("{c:>w$}") })
+                .map(|(i, (c, w))| {
+                    if i == 0 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("  ")
         };
@@ -122,6 +131,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             writeln!(out, "{}", line(row))?;
         }
     }
-    writeln!(out, "(mode {}, ECE over 15 equal-width bins)", mode.as_str())?;
+    writeln!(
+        out,
+        "(mode {}, ECE over 15 equal-width bins)",
+        mode.as_str()
+    )?;
     Ok(0)
 }

@@ -120,7 +120,11 @@ fn device(spec: &str) -> anyhow::Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = s.strip_prefix("cuda:").unwrap_or("0").parse().context("cuda ordinal")?;
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .context("cuda ordinal")?;
             if cfg!(feature = "cuda") {
                 Device::new_cuda(ordinal).context("opening the CUDA device")
             } else {
@@ -183,7 +187,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     };
     let mut observer = |r: &StepReport| {
         bar.set_position(r.step);
-        let valid = r.valid_loss.map(|v| format!("  valid {v:.4}")).unwrap_or_default();
+        let valid = r
+            .valid_loss
+            .map(|v| format!("  valid {v:.4}"))
+            .unwrap_or_default();
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{valid}",
             r.loss, r.lr, r.grad_norm, r.tokens_per_s

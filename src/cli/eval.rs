@@ -125,7 +125,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         writeln!(out)?;
         return Ok(0);
     }
-    writeln!(out, "model {model_name}, task {task_name}: {} items", result.items.len())?;
+    writeln!(
+        out,
+        "model {model_name}, task {task_name}: {} items",
+        result.items.len()
+    )?;
     write_summary(out, &result.reports)?;
     for r in &result.reports {
         write_bins(out, r)?;
@@ -151,7 +155,17 @@ fn write_summary(out: &mut dyn Write, reports: &[ModeReport]) -> anyhow::Result<
     writeln!(
         out,
         "{:<7} {:>5} {:>7} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>7} {:>11}",
-        "mode", "n", "acc", "acc_norm", "ECE", "aECE", "MCE", "Brier(mc)", "NLL", "conf", "letter_mass"
+        "mode",
+        "n",
+        "acc",
+        "acc_norm",
+        "ECE",
+        "aECE",
+        "MCE",
+        "Brier(mc)",
+        "NLL",
+        "conf",
+        "letter_mass"
     )?;
     for r in reports {
         let c = &r.calibration;
@@ -176,7 +190,11 @@ fn write_summary(out: &mut dyn Write, reports: &[ModeReport]) -> anyhow::Result<
 
 fn write_bins(out: &mut dyn Write, r: &ModeReport) -> anyhow::Result<()> {
     writeln!(out, "reliability ({}):", r.mode)?;
-    writeln!(out, "  {:<13} {:>6} {:>8} {:>8} {:>8}", "bin", "count", "conf", "acc", "gap")?;
+    writeln!(
+        out,
+        "  {:<13} {:>6} {:>8} {:>8} {:>8}",
+        "bin", "count", "conf", "acc", "gap"
+    )?;
     for b in r.calibration.bins.iter().filter(|b| b.count > 0) {
         writeln!(
             out,

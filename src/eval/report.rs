@@ -38,7 +38,10 @@ pub fn option_probabilities(scores: &[f64], temperature: f64) -> Vec<f64> {
         .iter()
         .map(|s| s / temperature)
         .fold(f64::NEG_INFINITY, f64::max);
-    let exps: Vec<f64> = scores.iter().map(|s| (s / temperature - max).exp()).collect();
+    let exps: Vec<f64> = scores
+        .iter()
+        .map(|s| (s / temperature - max).exp())
+        .collect();
     let total: f64 = exps.iter().sum();
     exps.iter().map(|e| e / total).collect()
 }

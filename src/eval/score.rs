@@ -52,7 +52,11 @@ pub fn cloze_prompt(context: Option<&str>, question: &str) -> String {
 /// The lettered prompt of an item (shared with labelling, see
 /// [`multiple_choice_prompt_with_context`]).
 pub fn letter_prompt(item: &EvalItem) -> String {
-    multiple_choice_prompt_with_context(item.context.as_deref(), &item.mc.question, &item.mc.choices)
+    multiple_choice_prompt_with_context(
+        item.context.as_deref(),
+        &item.mc.question,
+        &item.mc.choices,
+    )
 }
 
 /// One sequence to run: `ids`, and which next-token log-probs to read from it.
@@ -81,7 +85,11 @@ fn encode_prompt(teacher: &Teacher, text: &str, opts: &PromptOptions) -> Result<
             Error::InvalidArgument("--chat-template: the model has no chat template".to_string())
         })?;
         // The rendering carries its own BOS text when the template wants one.
-        (template.render(&[Message::new("user", text)], true)?, false, "")
+        (
+            template.render(&[Message::new("user", text)], true)?,
+            false,
+            "",
+        )
     } else {
         (text.to_string(), true, " ")
     };
@@ -217,7 +225,11 @@ pub(crate) fn run_batch(
     let (storage, layout) = logits.storage_and_layout();
     let data: &[f32] = match &*storage {
         Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
-        _ => return Err(Error::InvalidArgument("logits are not on the host".to_string())),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "logits are not on the host".to_string(),
+            ))
+        }
     };
     let (start, end) = layout
         .contiguous_offsets()

@@ -97,7 +97,8 @@ pub fn read_task(path: &Path, format: TaskFormat, limit: Option<usize>) -> Resul
             .map_err(|e| invalid(e.line() as u64, format!("malformed JSON array: {e}")))?;
         for (i, v) in values.iter().take(limit).enumerate() {
             let line = i as u64 + 1;
-            let item = parse_item(v, format).map_err(|r| invalid(line, format!("element {i}: {r}")))?;
+            let item =
+                parse_item(v, format).map_err(|r| invalid(line, format!("element {i}: {r}")))?;
             items.push(EvalItem { line, ..item });
         }
     } else {
@@ -113,7 +114,10 @@ pub fn read_task(path: &Path, format: TaskFormat, limit: Option<usize>) -> Resul
             let v: Value = serde_json::from_str(&line)
                 .map_err(|e| invalid(line_no, format!("malformed JSON: {e}")))?;
             let item = parse_item(&v, format).map_err(|r| invalid(line_no, r))?;
-            items.push(EvalItem { line: line_no, ..item });
+            items.push(EvalItem {
+                line: line_no,
+                ..item
+            });
         }
     }
     if items.is_empty() {
@@ -165,7 +169,9 @@ fn detect(v: &Value) -> TaskFormat {
         return TaskFormat::Arc;
     }
     let boolq_original = v["passage"].is_string() && v["answer"].is_boolean();
-    let boolq_foundry = v["query"].as_str().is_some_and(|q| q.starts_with("Passage:"));
+    let boolq_foundry = v["query"]
+        .as_str()
+        .is_some_and(|q| q.starts_with("Passage:"));
     if boolq_original || boolq_foundry {
         TaskFormat::BoolQ
     } else {
@@ -219,7 +225,12 @@ fn parse_boolq(v: &Value) -> std::result::Result<EvalItem, String> {
         let yes = match v["answer"].as_str().map(str::trim) {
             Some("true") => true,
             Some("false") => false,
-            _ => return Err(format!("BoolQ answer {} is not \"true\"/\"false\"", v["answer"])),
+            _ => {
+                return Err(format!(
+                    "BoolQ answer {} is not \"true\"/\"false\"",
+                    v["answer"]
+                ))
+            }
         };
         return Ok(yes_no(question.to_string(), None, yes));
     }
@@ -315,29 +326,42 @@ mod tests {
         assert_eq!(item.mc.choices, vec!["wood", "iron", "glass"]);
         assert_eq!(item.mc.answer, 1);
         let bad = json!({"instruction": v["instruction"], "answer": "answer4"});
-        assert!(parse_item(&bad, TaskFormat::Arc).unwrap_err().contains("out of range"));
+        assert!(parse_item(&bad, TaskFormat::Arc)
+            .unwrap_err()
+            .contains("out of range"));
     }
 
     #[test]
     fn boolq_shapes() {
         let adapters = json!({"instruction": "Please answer the following question with true or false, question: is the sky blue?\n\nAnswer format: true/false", "answer": "true"});
         let item = parse_item(&adapters, TaskFormat::Auto).unwrap();
-        assert_eq!((item.mc.question.as_str(), item.mc.answer, item.context), ("is the sky blue?", 1, None));
+        assert_eq!(
+            (item.mc.question.as_str(), item.mc.answer, item.context),
+            ("is the sky blue?", 1, None)
+        );
         let foundry = json!({"query": "Passage: The sky is blue.\nQuestion: is the sky green?", "choices": ["no", "yes"], "gold": 0});
         let item = parse_item(&foundry, TaskFormat::Auto).unwrap();
         assert_eq!(item.context.as_deref(), Some("The sky is blue."));
-        assert_eq!((item.mc.question.as_str(), item.mc.answer), ("is the sky green?", 0));
-        let original = json!({"question": "is water wet", "passage": "Water is wet.", "answer": true});
+        assert_eq!(
+            (item.mc.question.as_str(), item.mc.answer),
+            ("is the sky green?", 0)
+        );
+        let original =
+            json!({"question": "is water wet", "passage": "Water is wet.", "answer": true});
         let item = parse_item(&original, TaskFormat::Auto).unwrap();
         assert_eq!((item.mc.choices.len(), item.mc.answer), (2, 1));
         let bad = json!({"question": "q", "passage": "p", "answer": "maybe"});
-        assert!(parse_item(&bad, TaskFormat::BoolQ).unwrap_err().contains("boolean"));
+        assert!(parse_item(&bad, TaskFormat::BoolQ)
+            .unwrap_err()
+            .contains("boolean"));
     }
 
     #[test]
     fn csqa_requires_its_shape() {
         let v = json!({"question": "q", "choices": ["a", "b"], "answer": 0});
-        assert!(parse_item(&v, TaskFormat::CommonsenseQa).unwrap_err().contains("CommonsenseQA"));
+        assert!(parse_item(&v, TaskFormat::CommonsenseQa)
+            .unwrap_err()
+            .contains("CommonsenseQA"));
         assert_eq!(parse_item(&v, TaskFormat::Generic).unwrap().mc.answer, 0);
         assert!("xyz".parse::<TaskFormat>().is_err());
     }

@@ -130,7 +130,15 @@ pub(crate) fn load_gguf(
         .tensor_infos
         .get("token_embd.weight")
         .ok_or_else(|| model_err(path, "missing tensor token_embd.weight"))?;
-    let vocab_size = embd_info.shape.dims()[0];
+    let vocab_size = match embd_info.shape.dims() {
+        [rows, _] => *rows,
+        dims => {
+            return Err(model_err(
+                path,
+                format!("token_embd.weight has shape {dims:?}, expected 2 dimensions"),
+            ))
+        }
+    };
 
     // Tensor dtypes, for the identity.
     let mut dtype_counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -201,7 +209,10 @@ pub(crate) fn load_gguf(
             down: tensor(&format!("{p}.ffn_down.weight"))?,
         });
     }
-    let intermediate = layers.first().map(|l| l.gate.dims()[0]).unwrap_or_default();
+    let intermediate = layers
+        .first()
+        .and_then(|l| l.gate.dims().first().copied())
+        .unwrap_or_default();
     let cfg = ModelConfig {
         architecture: arch,
         hidden_size: hidden,
@@ -506,7 +517,7 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         num_heads: cfg.num_attention_heads,
         num_kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
         head_dim,
-        vocab_size: embed.dims()[0],
+        vocab_size: embed.dims().first().copied().unwrap_or(0),
         context_length: cfg.max_position_embeddings.unwrap_or(4096),
         rms_norm_eps: cfg.rms_norm_eps,
         rope_theta,

@@ -142,12 +142,11 @@ pub fn load_state(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)>
         });
     }
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let moments = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| {
-        Error::Model {
+    let moments =
+        candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| Error::Model {
             path: opt_path.clone(),
             reason: format!("reading safetensors: {e}"),
-        }
-    })?;
+        })?;
     Ok((state, moments))
 }
 
@@ -165,8 +164,14 @@ pub fn list_checkpoints(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))? {
         let path = entry.map_err(|e| Error::io(&root, e))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if path.join(STATE_FILE).exists() {
                 found.push((step, path));
             }

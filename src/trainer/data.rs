@@ -102,7 +102,8 @@ impl Batch {
             for p in (0..n).filter(|&p| s.in_loss[p]) {
                 b.loss_rows.push((r * seq_len + p) as u32);
                 b.targets.push(s.tokens[p + 1]);
-                b.topk_ids.extend_from_slice(&s.topk_ids[p * k..(p + 1) * k]);
+                b.topk_ids
+                    .extend_from_slice(&s.topk_ids[p * k..(p + 1) * k]);
                 b.topk_logprobs
                     .extend_from_slice(&s.topk_logprobs[p * k..(p + 1) * k]);
             }
@@ -186,7 +187,10 @@ fn flat_list<'a>(
     if list.value_length() as usize != k {
         return Err(corrupt(
             path,
-            format!("column {name} has lists of {}, manifest says k = {k}", list.value_length()),
+            format!(
+                "column {name} has lists of {}, manifest says k = {k}",
+                list.value_length()
+            ),
         ));
     }
     Ok(list)
@@ -224,7 +228,10 @@ fn decode_labels(batch: &RecordBatch, k: usize, path: &std::path::Path) -> Resul
         .ok_or_else(|| type_err(labels::TOPK_LOGPROBS))?
         .clone();
     if topk_ids.len() != batch.num_rows() * k || topk_logprobs.len() != batch.num_rows() * k {
-        return Err(corrupt(path, "top-k lists do not match the row count".into()));
+        return Err(corrupt(
+            path,
+            "top-k lists do not match the row count".into(),
+        ));
     }
     Ok(LabelBatch {
         sample_id,
@@ -344,7 +351,10 @@ impl SequenceReader {
         if keep && tokens.len() != n + 1 {
             return Err(corrupt(
                 &part.labels_path,
-                format!("sample {id}: {} input ids but num_positions {n}", tokens.len()),
+                format!(
+                    "sample {id}: {} input ids but num_positions {n}",
+                    tokens.len()
+                ),
             ));
         }
         let mut seq = Sequence {
@@ -356,7 +366,10 @@ impl SequenceReader {
         };
         let mut done = 0;
         while done < n {
-            let exhausted = part.batch.as_ref().is_none_or(|b| part.row >= b.sample_id.len());
+            let exhausted = part
+                .batch
+                .as_ref()
+                .is_none_or(|b| part.row >= b.sample_id.len());
             if exhausted {
                 match part.labels.next() {
                     Some(Ok(batch)) => {
@@ -396,7 +409,8 @@ impl SequenceReader {
                 ));
             }
             if keep {
-                seq.in_loss.extend((first..=last).map(|r| b.in_loss.value(r)));
+                seq.in_loss
+                    .extend((first..=last).map(|r| b.in_loss.value(r)));
                 seq.topk_ids
                     .extend_from_slice(&b.topk_ids.values()[first * k..(last + 1) * k]);
                 seq.topk_logprobs
@@ -502,7 +516,9 @@ impl BatchStream {
     /// A stream starting at epoch 0.
     pub fn new(reader: StoreReader, opts: DataOptions) -> Result<Self> {
         if opts.batch_tokens == 0 {
-            return Err(Error::InvalidArgument("batch tokens must be positive".into()));
+            return Err(Error::InvalidArgument(
+                "batch tokens must be positive".into(),
+            ));
         }
         let mut opts = opts;
         opts.max_positions = opts.max_positions.clamp(1, opts.batch_tokens);
@@ -551,8 +567,7 @@ impl BatchStream {
 
     fn push(&mut self, seq: Sequence) {
         let longest = self.current_longest.max(seq.positions());
-        if !self.current.is_empty() && longest * (self.current.len() + 1) > self.opts.batch_tokens
-        {
+        if !self.current.is_empty() && longest * (self.current.len() + 1) > self.opts.batch_tokens {
             self.flush();
         }
         self.current_longest = self.current_longest.max(seq.positions());
@@ -640,7 +655,16 @@ mod tests {
             valid_fraction: 0.2,
             ..SyntheticConfig::default()
         };
-        generate(dir, &cfg, WriterOptions { batch_rows: 300, row_group_rows: 500, ..Default::default() }).unwrap();
+        generate(
+            dir,
+            &cfg,
+            WriterOptions {
+                batch_rows: 300,
+                row_group_rows: 500,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         StoreReader::open(dir).unwrap()
     }
 
@@ -694,14 +718,22 @@ mod tests {
             for p in 0..seq.positions() {
                 if seq.in_loss[p] {
                     let key = (seq.sample_id, *off + p as u32);
-                    assert_eq!(expected.remove(&key).as_deref(), Some(&seq.topk_ids[p * 5..p * 5 + 5]), "{key:?}");
+                    assert_eq!(
+                        expected.remove(&key).as_deref(),
+                        Some(&seq.topk_ids[p * 5..p * 5 + 5]),
+                        "{key:?}"
+                    );
                     seen += 1;
                 }
             }
             *off += seq.positions() as u32;
         }
         assert!(seen > 500);
-        assert!(expected.is_empty(), "{} in-loss rows never seen", expected.len());
+        assert!(
+            expected.is_empty(),
+            "{} in-loss rows never seen",
+            expected.len()
+        );
     }
 
     #[test]
@@ -709,8 +741,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let reader = store(&tmp.path().join("s"));
         let collect = |seed: u64| -> Vec<Batch> {
-            let o = DataOptions { seed, epochs: Some(2), ..opts("train") };
-            BatchStream::new(reader.clone(), o).unwrap().map(|b| b.unwrap()).collect()
+            let o = DataOptions {
+                seed,
+                epochs: Some(2),
+                ..opts("train")
+            };
+            BatchStream::new(reader.clone(), o)
+                .unwrap()
+                .map(|b| b.unwrap())
+                .collect()
         };
         let a = collect(1);
         assert_eq!(a, collect(1));
@@ -725,7 +764,17 @@ mod tests {
                 let _ = t;
             }
         }
-        let rx = spawn_prefetch(BatchStream::new(reader.clone(), DataOptions { epochs: Some(2), ..opts("train") }).unwrap(), 2);
+        let rx = spawn_prefetch(
+            BatchStream::new(
+                reader.clone(),
+                DataOptions {
+                    epochs: Some(2),
+                    ..opts("train")
+                },
+            )
+            .unwrap(),
+            2,
+        );
         let threaded: Vec<Batch> = rx.iter().map(|b| b.unwrap()).collect();
         assert_eq!(threaded, a);
     }

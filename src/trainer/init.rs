@@ -67,7 +67,9 @@ impl Init {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 if layers.is_empty() {
-                    return Err(Error::InvalidArgument(format!("--init {spec:?}: no layers")));
+                    return Err(Error::InvalidArgument(format!(
+                        "--init {spec:?}: no layers"
+                    )));
                 }
                 Ok(Init::TeacherLayers {
                     path: path.into(),
@@ -226,7 +228,10 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         )
     };
     if mcfg.rope_freq_divisors.is_some() {
-        return Err(model_err(path, "RoPE frequency scaling is not supported by the student"));
+        return Err(model_err(
+            path,
+            "RoPE frequency scaling is not supported by the student",
+        ));
     }
     let cfg = StudentConfig {
         model_type: mcfg.architecture.as_str().to_string(),
@@ -262,7 +267,10 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         to_f32(q.dequantize(&Device::Cpu)?, &Device::Cpu)
     };
     let mut weights = BTreeMap::new();
-    weights.insert("model.embed_tokens.weight".to_string(), read("token_embd.weight")?);
+    weights.insert(
+        "model.embed_tokens.weight".to_string(),
+        read("token_embd.weight")?,
+    );
     weights.insert("model.norm.weight".to_string(), read("output_norm.weight")?);
     if !tied {
         weights.insert("lm_head.weight".to_string(), read("output.weight")?);
@@ -277,21 +285,43 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
             k = unpermute_qk(&k, mcfg.num_kv_heads)?;
         }
         let pairs = [
-            ("input_layernorm.weight", read(&format!("{g}.attn_norm.weight"))?),
+            (
+                "input_layernorm.weight",
+                read(&format!("{g}.attn_norm.weight"))?,
+            ),
             ("self_attn.q_proj.weight", q),
             ("self_attn.k_proj.weight", k),
-            ("self_attn.v_proj.weight", read(&format!("{g}.attn_v.weight"))?),
-            ("self_attn.o_proj.weight", read(&format!("{g}.attn_output.weight"))?),
-            ("post_attention_layernorm.weight", read(&format!("{g}.ffn_norm.weight"))?),
-            ("mlp.gate_proj.weight", read(&format!("{g}.ffn_gate.weight"))?),
+            (
+                "self_attn.v_proj.weight",
+                read(&format!("{g}.attn_v.weight"))?,
+            ),
+            (
+                "self_attn.o_proj.weight",
+                read(&format!("{g}.attn_output.weight"))?,
+            ),
+            (
+                "post_attention_layernorm.weight",
+                read(&format!("{g}.ffn_norm.weight"))?,
+            ),
+            (
+                "mlp.gate_proj.weight",
+                read(&format!("{g}.ffn_gate.weight"))?,
+            ),
             ("mlp.up_proj.weight", read(&format!("{g}.ffn_up.weight"))?),
-            ("mlp.down_proj.weight", read(&format!("{g}.ffn_down.weight"))?),
+            (
+                "mlp.down_proj.weight",
+                read(&format!("{g}.ffn_down.weight"))?,
+            ),
         ];
         for (name, t) in pairs {
             weights.insert(format!("{h}.{name}"), t);
         }
         if !llama {
-            for (src, dst) in [("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")] {
+            for (src, dst) in [
+                ("attn_q", "q_proj"),
+                ("attn_k", "k_proj"),
+                ("attn_v", "v_proj"),
+            ] {
                 weights.insert(
                     format!("{h}.self_attn.{dst}.bias"),
                     read(&format!("{g}.{src}.bias"))?,
@@ -310,13 +340,22 @@ mod tests {
     fn parses_init_specs() {
         assert_eq!(
             Init::parse("random:cfg.json", 3).unwrap(),
-            Init::Random { config: "cfg.json".into(), seed: 3 }
+            Init::Random {
+                config: "cfg.json".into(),
+                seed: 3
+            }
         );
-        assert_eq!(Init::parse("gguf /m.gguf", 0).unwrap(), Init::Gguf("/m.gguf".into()));
+        assert_eq!(
+            Init::parse("gguf /m.gguf", 0).unwrap(),
+            Init::Gguf("/m.gguf".into())
+        );
         assert_eq!(Init::parse("hf:dir", 0).unwrap(), Init::Hf("dir".into()));
         assert_eq!(
             Init::parse("teacher-layers:/a/b.gguf:0,2,4", 0).unwrap(),
-            Init::TeacherLayers { path: "/a/b.gguf".into(), layers: vec![0, 2, 4] }
+            Init::TeacherLayers {
+                path: "/a/b.gguf".into(),
+                layers: vec![0, 2, 4]
+            }
         );
         assert!(Init::parse("teacher-layers:/a/b.gguf:x", 0).is_err());
         assert!(Init::parse("nonsense", 0).is_err());
@@ -324,7 +363,10 @@ mod tests {
 
     #[test]
     fn layer_names() {
-        assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some((12, "mlp.up_proj.weight")));
+        assert_eq!(
+            layer_of("model.layers.12.mlp.up_proj.weight"),
+            Some((12, "mlp.up_proj.weight"))
+        );
         assert_eq!(layer_of("model.norm.weight"), None);
     }
 }

@@ -131,7 +131,10 @@ impl LossSpec {
             )));
         }
         if !(0.0..=1.0).contains(&self.alpha) {
-            return Err(Error::InvalidArgument(format!("alpha {} must be in [0, 1]", self.alpha)));
+            return Err(Error::InvalidArgument(format!(
+                "alpha {} must be in [0, 1]",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(Error::InvalidArgument(format!(
@@ -252,7 +255,11 @@ fn need<'a>(t: &'a Option<Tensor>, what: &str) -> Result<&'a Tensor> {
 }
 
 /// Per-row `first`/`kd` loss `[n]`: KL(softmax(l/T) || softmax(z_topk)).
-pub fn topk_kl_rows(topk_logits: &Tensor, topk_logprobs: &Tensor, temperature: f64) -> Result<Tensor> {
+pub fn topk_kl_rows(
+    topk_logits: &Tensor,
+    topk_logprobs: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
     let log_t = candle_nn::ops::log_softmax(&(topk_logprobs / temperature)?, D::Minus1)?;
     let log_s = candle_nn::ops::log_softmax(topk_logits, D::Minus1)?;
     Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?)
@@ -268,7 +275,11 @@ pub fn tail_kl_rows(topk_logits: &Tensor, lse: &Tensor, topk_logprobs: &Tensor) 
     let p_tail = p.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(0.0)?;
     let log_p_tail = p_tail.maximum(PROB_FLOOR)?.log()?;
     let log_q = topk_logits.broadcast_sub(&lse.unsqueeze(1)?)?;
-    let q_tail = log_q.exp()?.sum(D::Minus1)?.affine(-1.0, 1.0)?.maximum(PROB_FLOOR)?;
+    let q_tail = log_q
+        .exp()?
+        .sum(D::Minus1)?
+        .affine(-1.0, 1.0)?
+        .maximum(PROB_FLOOR)?;
     let head = (p * (log_p - log_q)?)?.sum(D::Minus1)?;
     let tail = (p_tail * (log_p_tail - q_tail.log()?)?)?;
     Ok((head + tail)?)
@@ -289,7 +300,11 @@ pub fn ce_rows(rows: &StudentRows, eps: f64) -> Result<Tensor> {
 pub fn loss_rows(rows: &StudentRows, topk_logprobs: &Tensor, spec: &LossSpec) -> Result<Tensor> {
     let kd = match spec.kd() {
         None => None,
-        Some(KdKind::First) => Some(topk_kl_rows(&rows.topk_logits, topk_logprobs, spec.temperature)?),
+        Some(KdKind::First) => Some(topk_kl_rows(
+            &rows.topk_logits,
+            topk_logprobs,
+            spec.temperature,
+        )?),
         Some(KdKind::Kd) => Some(topk_kl_rows(&rows.topk_logits, topk_logprobs, 1.0)?),
         Some(KdKind::KdTail) => Some(tail_kl_rows(
             &rows.topk_logits,
@@ -385,13 +400,23 @@ mod tests {
     #[test]
     fn losses_match_numpy() {
         let close = |got: f32, want: f64, what: &str| {
-            assert!((got as f64 - want).abs() < 1e-5, "{what}: got {got}, numpy {want}");
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "{what}: got {got}, numpy {want}"
+            );
         };
         close(loss(&spec(LossKind::First)), 0.042042857794265365, "first");
         close(loss(&spec(LossKind::Kd)), 0.06530191319971869, "kd");
-        close(loss(&spec(LossKind::KdTail)), 0.17512277764281334, "kd-tail");
+        close(
+            loss(&spec(LossKind::KdTail)),
+            0.17512277764281334,
+            "kd-tail",
+        );
         close(loss(&spec(LossKind::Ce)), 1.7424150852565201, "ce");
-        let smoothed = LossSpec { label_smoothing: 0.1, ..spec(LossKind::Ce) };
+        let smoothed = LossSpec {
+            label_smoothing: 0.1,
+            ..spec(LossKind::Ce)
+        };
         close(loss(&smoothed), 1.844081751923187, "ce eps 0.1");
         close(loss(&spec(LossKind::Mix)), 1.2323034170178435, "mix");
     }
@@ -412,7 +437,8 @@ mod tests {
         let ids_t = Tensor::new(&[ids], d).unwrap();
         let lps_t = Tensor::new(&[lps], d).unwrap();
         let tg = Tensor::new(&[7u32], d).unwrap();
-        let got = mean_loss_from_logits(&logits, &ids_t, &lps_t, &tg, &spec(LossKind::KdTail)).unwrap();
+        let got =
+            mean_loss_from_logits(&logits, &ids_t, &lps_t, &tg, &spec(LossKind::KdTail)).unwrap();
         assert!(got.abs() < 1e-6, "{got}");
         // first/kd are zero too when the student's top-k logits equal the teacher's log-probs.
         let got = mean_loss_from_logits(&logits, &ids_t, &lps_t, &tg, &spec(LossKind::Kd)).unwrap();
@@ -424,15 +450,26 @@ mod tests {
         // student_rows without full logits (first/kd) vs with them: same top-k logits and loss.
         let d = &Device::Cpu;
         let hidden = Tensor::new(&[[0.1f32, -0.2, 0.3, 0.05], [0.4, 0.0, -0.1, 0.2]], d).unwrap();
-        let output = Tensor::arange(0f32, 32.0, d).unwrap().reshape((8, 4)).unwrap().sin().unwrap();
+        let output = Tensor::arange(0f32, 32.0, d)
+            .unwrap()
+            .reshape((8, 4))
+            .unwrap()
+            .sin()
+            .unwrap();
         let ids = Tensor::new(&[[1u32, 5, 2], [7, 0, 3]], d).unwrap();
         let lps = Tensor::new(&[[-0.2f32, -2.0, -3.0], [-0.5, -1.5, -1.6]], d).unwrap();
         let tg = Tensor::new(&[1u32, 4], d).unwrap();
         let s = spec(LossKind::First);
         let fast = student_rows(&hidden, &output, &ids, &tg, &s, 1).unwrap();
         let full = student_rows(&hidden, &output, &ids, &tg, &spec(LossKind::Mix), 1).unwrap();
-        let a = loss_rows(&fast, &lps, &s).unwrap().to_vec1::<f32>().unwrap();
-        let b = loss_rows(&full, &lps, &s).unwrap().to_vec1::<f32>().unwrap();
+        let a = loss_rows(&fast, &lps, &s)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = loss_rows(&full, &lps, &s)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
         }

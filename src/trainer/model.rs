@@ -124,10 +124,15 @@ impl StudentConfig {
         }
         let (nq, nkv) = (self.num_attention_heads, self.kv_heads());
         if nq == 0 || nkv == 0 || nq % nkv != 0 {
-            return bad(format!("{nq} query heads cannot be grouped over {nkv} key/value heads"));
+            return bad(format!(
+                "{nq} query heads cannot be grouped over {nkv} key/value heads"
+            ));
         }
         if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
-            return bad(format!("head width {} must be even and positive", self.head_dim()));
+            return bad(format!(
+                "head width {} must be even and positive",
+                self.head_dim()
+            ));
         }
         if self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 {
             return bad("rms_norm_eps and rope_theta must be positive".into());
@@ -549,8 +554,16 @@ mod tests {
             let loss = lsm.mean_all().unwrap().neg().unwrap();
             let grads = loss.backward().unwrap();
             for (name, var) in student.vars() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no grad for {name}"));
-                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no grad for {name}"));
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(norm > 0.0 && norm.is_finite(), "{name}: grad norm {norm}");
             }
         }
@@ -579,7 +592,13 @@ mod tests {
         let a = Student::random(tiny_config(false), 7, &Device::Cpu).unwrap();
         let b = Student::random(tiny_config(false), 7, &Device::Cpu).unwrap();
         let c = Student::random(tiny_config(false), 8, &Device::Cpu).unwrap();
-        let w = |s: &Student| s.weights()["model.layers.1.mlp.up_proj.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = |s: &Student| {
+            s.weights()["model.layers.1.mlp.up_proj.weight"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(w(&a), w(&b));
         assert_ne!(w(&a), w(&c));
     }

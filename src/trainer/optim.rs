@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{Storage, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -60,28 +60,78 @@ impl Schedule {
     }
 }
 
+/// Moments of one variable: host vectors on the CPU (updated in one fused pass), tensors on
+/// an accelerator.
+enum Moments {
+    Host(Vec<f32>, Vec<f32>),
+    Device(Tensor, Tensor),
+}
+
 /// AdamW over a fixed, ordered list of variables.
 pub struct AdamW {
     params: AdamWParams,
     vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Vec<Moments>,
     t: u64,
+}
+
+/// Runs `f` on the contiguous f32 host slice of `t`.
+fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>()?;
+            let (a, b) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| Error::InvalidArgument("tensor is not contiguous".into()))?;
+            Ok(f(&data[a..b]))
+        }
+        _ => Err(Error::InvalidArgument("tensor is not on the host".into())),
+    }
+}
+
+/// Per-update constants of the fused host update.
+#[derive(Clone, Copy)]
+struct Coeffs {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    bc1: f32,
+    bc2: f32,
+    lr: f32,
+    keep: f32,
+    scale: f32,
+}
+
+fn fused_update(c: Coeffs, w: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32], out: &mut [f32]) {
+    for i in 0..w.len() {
+        let gi = g[i] * c.scale;
+        m[i] = c.b1 * m[i] + (1.0 - c.b1) * gi;
+        v[i] = c.b2 * v[i] + (1.0 - c.b2) * gi * gi;
+        let update = (m[i] / c.bc1) / ((v[i] / c.bc2).sqrt() + c.eps);
+        out[i] = w[i] * c.keep - c.lr * update;
+    }
 }
 
 impl AdamW {
     /// Fresh optimizer state (zero moments) for `vars`, in the given order.
     pub fn new(vars: &[(String, Var)], params: AdamWParams) -> Result<Self> {
-        let m = vars
+        let moments = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|(_, v)| {
+                let t = v.as_tensor();
+                Ok(if t.device().is_cpu() {
+                    Moments::Host(vec![0.0; t.elem_count()], vec![0.0; t.elem_count()])
+                } else {
+                    Moments::Device(t.zeros_like()?, t.zeros_like()?)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
             params,
             vars: vars.to_vec(),
-            m,
-            v,
+            moments,
             t: 0,
         })
     }
@@ -93,6 +143,12 @@ impl AdamW {
 
     /// One update with gradients `grads` (same order as the variables).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update with gradients `grads * grad_scale` (the scale implements clipping without
+    /// another pass over the gradients).
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(Error::InvalidArgument(format!(
                 "{} gradients for {} variables",
@@ -104,34 +160,90 @@ impl AdamW {
         let p = self.params;
         let bc1 = 1.0 - p.beta1.powi(self.t as i32);
         let bc2 = 1.0 - p.beta2.powi(self.t as i32);
-        for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;
-            let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        for ((_, var), (g, moments)) in self.vars.iter().zip(grads.iter().zip(&mut self.moments)) {
             let w = var.as_tensor();
-            let decay = if w.rank() >= 2 { lr * p.weight_decay } else { 0.0 };
-            let next = ((w * (1.0 - decay))? - (update * lr)?)?;
-            var.set(&next)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            let decay = if w.rank() >= 2 {
+                lr * p.weight_decay
+            } else {
+                0.0
+            };
+            match moments {
+                Moments::Host(m, v) => {
+                    let c = Coeffs {
+                        b1: p.beta1 as f32,
+                        b2: p.beta2 as f32,
+                        eps: p.eps as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        lr: lr as f32,
+                        keep: (1.0 - decay) as f32,
+                        scale: grad_scale as f32,
+                    };
+                    let mut out = vec![0f32; w.elem_count()];
+                    with_host_slice(w, |ws| {
+                        with_host_slice(g, |gs| {
+                            if ws.len() != gs.len() {
+                                return Err(Error::InvalidArgument(
+                                    "gradient and weight sizes differ".into(),
+                                ));
+                            }
+                            let chunk = ws.len().div_ceil(threads).max(1 << 16);
+                            std::thread::scope(|scope| {
+                                for ((((w, g), m), v), o) in ws
+                                    .chunks(chunk)
+                                    .zip(gs.chunks(chunk))
+                                    .zip(m.chunks_mut(chunk))
+                                    .zip(v.chunks_mut(chunk))
+                                    .zip(out.chunks_mut(chunk))
+                                {
+                                    scope.spawn(move || fused_update(c, w, g, m, v, o));
+                                }
+                            });
+                            Ok(())
+                        })?
+                    })??;
+                    var.set(&Tensor::from_vec(out, w.shape(), w.device())?)?;
+                }
+                Moments::Device(m, v) => {
+                    let g = (g * grad_scale)?;
+                    let m_next = ((&*m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+                    let v_next = ((&*v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+                    let update = ((&m_next / bc1)? / ((&v_next / bc2)?.sqrt()? + p.eps)?)?;
+                    let next = ((w * (1.0 - decay))? - (update * lr)?)?;
+                    var.set(&next)?;
+                    *m = m_next;
+                    *v = v_next;
+                }
+            }
         }
         Ok(())
     }
 
     /// Moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("m.{name}"), self.m[i].clone());
-            out.insert(format!("v.{name}"), self.v[i].clone());
+        for ((name, var), moments) in self.vars.iter().zip(&self.moments) {
+            let shape = var.as_tensor().shape();
+            let (m, v) = match moments {
+                Moments::Host(m, v) => (
+                    Tensor::from_slice(m, shape, &candle_core::Device::Cpu)?,
+                    Tensor::from_slice(v, shape, &candle_core::Device::Cpu)?,
+                ),
+                Moments::Device(m, v) => (m.clone(), v.clone()),
+            };
+            out.insert(format!("m.{name}"), m);
+            out.insert(format!("v.{name}"), v);
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments and the step count from a checkpoint.
     pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, t: u64) -> Result<()> {
-        for (i, (name, var)) in self.vars.iter().enumerate() {
-            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+        for ((name, var), moments) in self.vars.iter().zip(&mut self.moments) {
+            let mut take = |prefix: &str| -> Result<Tensor> {
                 let key = format!("{prefix}.{name}");
                 let tensor = tensors.remove(&key).ok_or_else(|| {
                     Error::InvalidArgument(format!("optimizer state has no {key}"))
@@ -143,8 +255,19 @@ impl AdamW {
                         var.as_tensor().dims()
                     )));
                 }
-                *slot = tensor.to_device(var.as_tensor().device())?;
-            }
+                Ok(tensor.to_dtype(candle_core::DType::F32)?)
+            };
+            let (m, v) = (take("m")?, take("v")?);
+            *moments = match moments {
+                Moments::Host(..) => Moments::Host(
+                    m.flatten_all()?.to_vec1::<f32>()?,
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                ),
+                Moments::Device(..) => {
+                    let dev = var.as_tensor().device();
+                    Moments::Device(m.to_device(dev)?, v.to_device(dev)?)
+                }
+            };
         }
         self.t = t;
         Ok(())
@@ -155,9 +278,22 @@ impl AdamW {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
+}
+
+/// The factor that brings a gradient of global norm `norm` down to `max_norm` (1 if already
+/// within it).
+pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) if norm.is_finite() && norm > max => max / (norm + 1e-6),
+        _ => 1.0,
+    }
 }
 
 /// Scales `grads` so their global norm is at most `max_norm`; returns the norm before.
@@ -179,7 +315,12 @@ mod tests {
 
     #[test]
     fn schedule_shape() {
-        let s = Schedule { lr: 1.0, warmup: 4, total: 14, min_ratio: 0.1 };
+        let s = Schedule {
+            lr: 1.0,
+            warmup: 4,
+            total: 14,
+            min_ratio: 0.1,
+        };
         assert!((s.lr_at(0) - 0.25).abs() < 1e-12);
         assert!((s.lr_at(3) - 1.0).abs() < 1e-12);
         assert!((s.lr_at(4) - 1.0).abs() < 1e-12);
@@ -201,12 +342,47 @@ mod tests {
         let w = Var::from_tensor(&Tensor::new(&[[1f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
         let mut opt = AdamW::new(&[("w".into(), w.clone())], AdamWParams::default()).unwrap();
         for g in [[[0.5f32, 0.1]], [[-0.2, 0.3]]] {
-            opt.step(&[Tensor::new(&g, &Device::Cpu).unwrap()], 0.1).unwrap();
+            opt.step(&[Tensor::new(&g, &Device::Cpu).unwrap()], 0.1)
+                .unwrap();
         }
         let got = w.as_tensor().to_vec2::<f32>().unwrap();
         let want = [0.8635404181145108f32, -2.1876800978044098];
         for (g, e) in got[0].iter().zip(want) {
             assert!((g - e).abs() < 1e-5, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn host_and_tensor_paths_agree() {
+        // The fused host update (CPU) and the tensor update (accelerators) on the same data.
+        let init = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let grads: Vec<Tensor> = (0..3)
+            .map(|i| ((init.clone() * 0.1).unwrap().cos().unwrap() + i as f64).unwrap())
+            .collect();
+        let run = |tensor_path: bool| -> (Vec<f32>, Vec<f32>) {
+            let w = Var::from_tensor(&init).unwrap();
+            let mut opt = AdamW::new(&[("w".into(), w.clone())], AdamWParams::default()).unwrap();
+            if tensor_path {
+                opt.moments = vec![Moments::Device(
+                    init.zeros_like().unwrap(),
+                    init.zeros_like().unwrap(),
+                )];
+            }
+            for g in &grads {
+                opt.step_scaled(&[g.clone()], 0.05, 0.7).unwrap();
+            }
+            let state = opt.state_tensors().unwrap();
+            (
+                w.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                state["v.w"].flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        };
+        let (a, b) = (run(false), run(true));
+        for (x, y) in a.0.iter().zip(&b.0).chain(a.1.iter().zip(&b.1)) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
         }
     }
 

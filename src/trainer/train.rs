@@ -13,7 +13,7 @@ use super::data::{spawn_prefetch, Batch, BatchStream, DataOptions};
 use super::init::{initialise, Init};
 use super::loss::{loss_rows, student_rows, KdKind, LossKind, LossSpec};
 use super::model::Student;
-use super::optim::{clip_grad_norm, global_norm, AdamW, AdamWParams, Schedule};
+use super::optim::{clip_scale, global_norm, AdamW, AdamWParams, Schedule};
 use crate::error::{Error, Result};
 use crate::store::StoreReader;
 
@@ -189,13 +189,21 @@ pub fn batch_loss(
     let topk_ids = Tensor::from_slice(&batch.topk_ids, (n, k), dev)?;
     let topk_lps = Tensor::from_slice(&batch.topk_logprobs, (n, k), dev)?;
     let targets = Tensor::from_slice(&batch.targets, n, dev)?;
-    let stats = student_rows(&h, student.output_weight(), &topk_ids, &targets, spec, chunk_rows)?;
+    let stats = student_rows(
+        &h,
+        student.output_weight(),
+        &topk_ids,
+        &targets,
+        spec,
+        chunk_rows,
+    )?;
     let per_row = loss_rows(&stats, &topk_lps, spec)?;
     Ok((per_row.sum_all()?, n))
 }
 
 /// Mean loss per in-loss token over `split` (at most `max_batches` batches, 0 = all), in
 /// store order. None when the split has no in-loss positions.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     student: &Student,
     reader: &StoreReader,
@@ -268,7 +276,10 @@ fn check_tokenizer(
     let vocab = student.config().vocab_size;
     if vocab != tok.vocab_size as usize {
         return Err(Error::TokenizerMismatch {
-            store: format!("vocabulary of {} ids (tokenizer {})", tok.vocab_size, tok.sha256),
+            store: format!(
+                "vocabulary of {} ids (tokenizer {})",
+                tok.vocab_size, tok.sha256
+            ),
             model: format!("vocabulary of {vocab} ids"),
         });
     }
@@ -306,7 +317,10 @@ pub fn train(
     let reader = StoreReader::open(store)?;
     let manifest = reader.manifest();
     if manifest.parts.is_empty() || manifest.rows(crate::schema::Table::Labels) == 0 {
-        return Err(Error::NoTrainingData(format!("{} holds no labels", store.display())));
+        return Err(Error::NoTrainingData(format!(
+            "{} holds no labels",
+            store.display()
+        )));
     }
     if manifest.in_loss_rows() == 0 {
         return Err(Error::NoTrainingData(format!(
@@ -315,14 +329,20 @@ pub fn train(
         )));
     }
     if opts.steps == 0 || opts.grad_accum == 0 {
-        return Err(Error::InvalidArgument("steps and grad accumulation must be positive".into()));
+        return Err(Error::InvalidArgument(
+            "steps and grad accumulation must be positive".into(),
+        ));
     }
     let spec = resolve_spec(opts, &reader)?;
     let k = manifest.k;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
     // Model and state: newest checkpoint when resuming, else the initialiser.
-    let latest = if resume { checkpoint::list_checkpoints(out)?.pop() } else { None };
+    let latest = if resume {
+        checkpoint::list_checkpoints(out)?.pop()
+    } else {
+        None
+    };
     let (student, state) = match &latest {
         Some((_, dir)) => {
             let (state, moments) = checkpoint::load_state(dir)?;
@@ -427,7 +447,7 @@ pub fn train(
             fingerprint: opts.fingerprint(),
             losses: losses.to_vec(),
         };
-        checkpoint::save_checkpoint(&dir, &student, &optimizer.state_tensors(), &state)?;
+        checkpoint::save_checkpoint(&dir, &student, &optimizer.state_tensors()?, &state)?;
         checkpoint::prune_checkpoints(out, opts.keep_checkpoints)?;
         Ok(dir)
     };
@@ -449,21 +469,30 @@ pub fn train(
             break;
         }
         let n_total: usize = micro.iter().map(Batch::loss_positions).sum();
-        let mut grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<_>>()?;
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         for batch in &micro {
             let (sum, _) = batch_loss(&student, batch, &spec, k, opts.logits_chunk_rows)?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
             let store = (sum / n_total as f64)?.backward()?;
-            for (g, (_, var)) in grads.iter_mut().zip(&vars) {
+            for (slot, (_, var)) in acc.iter_mut().zip(&vars) {
                 if let Some(part) = store.get(var.as_tensor()) {
-                    *g = (&*g + part.detach())?;
+                    let part = part.detach();
+                    *slot = Some(match slot.take() {
+                        Some(g) => (g + part)?,
+                        None => part,
+                    });
                 }
             }
         }
+        let grads: Vec<Tensor> = acc
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (_, var))| match g {
+                Some(g) => Ok(g),
+                None => var.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
         let loss = loss_sum / n_total.max(1) as f64;
         let diverged = |what: &str, value: f64| Error::NonFiniteLoss {
             step: step + 1,
@@ -477,15 +506,12 @@ pub fn train(
         if !loss.is_finite() {
             return Err(diverged("loss", loss));
         }
-        let grad_norm = match opts.clip_grad_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => global_norm(&grads)?,
-        };
+        let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
             return Err(diverged("gradient norm", grad_norm));
         }
         let lr = schedule.lr_at(step);
-        optimizer.step(&grads, lr)?;
+        optimizer.step_scaled(&grads, lr, clip_scale(grad_norm, opts.clip_grad_norm))?;
         step += 1;
         consumed += micro.len() as u64;
         let tokens: u64 = micro.iter().map(|b| b.tokens() as u64).sum();
@@ -505,7 +531,10 @@ pub fn train(
             valid_loss: None,
         };
         let last = step == stop_at;
-        if opts.valid_every.is_some_and(|e| e > 0 && (step % e == 0 || last)) {
+        if opts
+            .valid_every
+            .is_some_and(|e| e > 0 && (step % e == 0 || last))
+        {
             report.valid_loss = evaluate(
                 &student,
                 &reader,
@@ -520,7 +549,11 @@ pub fn train(
         }
         append_json(&mut metrics, &metrics_path, &report)?;
         observer(&report);
-        if opts.checkpoint_every.is_some_and(|e| e > 0 && step % e == 0) && !last {
+        if opts
+            .checkpoint_every
+            .is_some_and(|e| e > 0 && step % e == 0)
+            && !last
+        {
             last_checkpoint = Some(save(step, consumed, tokens_seen, &losses, &optimizer)?);
         }
     }

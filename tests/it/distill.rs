@@ -66,7 +66,13 @@ fn opts(loss: LossKind, steps: u64) -> TrainOptions {
     }
 }
 
-fn run(store: &Path, init: &Init, out: &Path, o: &TrainOptions, resume: bool) -> firstkd::Result<TrainSummary> {
+fn run(
+    store: &Path,
+    init: &Init,
+    out: &Path,
+    o: &TrainOptions,
+    resume: bool,
+) -> firstkd::Result<TrainSummary> {
     train(store, init, out, o, resume, &Device::Cpu, &mut |_| {})
 }
 
@@ -74,17 +80,88 @@ fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
+/// A store whose teacher is a bigram model: the top-5 after token `c` are
+/// `(31 c + 17 j + 1) mod 512` with probabilities 0.5, 0.2, 0.1, 0.05, 0.05 (tail 0.1), and
+/// each next token is drawn from it. Every loss has something to learn here, unlike the
+/// synthetic store whose top-k ids are random.
+fn bigram_store(dir: &Path) -> PathBuf {
+    use rand::{Rng, SeedableRng};
+    let path = dir.join("bigram");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let probs = [0.5f64, 0.2, 0.1, 0.05, 0.05];
+    let lps: Vec<f32> = probs.iter().map(|p| p.ln() as f32).collect();
+    let tail_lp = (0.1f64 / 507.0).ln() as f32;
+    let mut w = StoreWriter::create(&path, tiny_meta(), WriterOptions::default()).unwrap();
+    for s in 0..120u64 {
+        let mut input_ids = vec![rng.random_range(0..512u32)];
+        let mut labels = SampleLabels::default();
+        for _ in 0..47 {
+            let c = *input_ids.last().unwrap();
+            let ids: Vec<u32> = (0..5).map(|j| (31 * c + 17 * j + 1) % 512).collect();
+            let u: f64 = rng.random();
+            let mut acc = 0.0;
+            let mut next = None;
+            for (j, p) in probs.iter().enumerate() {
+                acc += p;
+                if u < acc {
+                    next = Some((ids[j], lps[j]));
+                    break;
+                }
+            }
+            let (next, next_lp) = next.unwrap_or_else(|| loop {
+                let t = rng.random_range(0..512u32);
+                if !ids.contains(&t) {
+                    break (t, tail_lp);
+                }
+            });
+            labels.topk_ids.extend_from_slice(&ids);
+            labels.topk_logprobs.extend_from_slice(&lps);
+            labels.target_logprobs.push(next_lp);
+            labels.entropy.push(2.0);
+            input_ids.push(next);
+        }
+        let record = SampleRecord {
+            sample_id: s,
+            source: "bigram".into(),
+            split: if s % 10 == 0 { "valid" } else { "train" }.into(),
+            record_index: s,
+            window_index: 0,
+            input_ids,
+            prompt_len: 4,
+        };
+        w.push(&record, &labels).unwrap();
+        if s % 40 == 39 {
+            w.commit(serde_json::json!({ "done": s + 1 })).unwrap();
+        }
+    }
+    w.finish(serde_json::json!({})).unwrap();
+    path
+}
+
 #[test]
 fn loss_falls_for_every_loss_kind() {
     let tmp = tempdir();
-    let store = small_store(tmp.path());
-    let init = Init::Random { config: write_config(tmp.path(), true), seed: 1 };
-    for loss in [LossKind::First, LossKind::Kd, LossKind::KdTail, LossKind::Ce, LossKind::Mix] {
+    let store = bigram_store(tmp.path());
+    let init = Init::Random {
+        config: write_config(tmp.path(), true),
+        seed: 1,
+    };
+    for loss in [
+        LossKind::First,
+        LossKind::Kd,
+        LossKind::KdTail,
+        LossKind::Ce,
+        LossKind::Mix,
+    ] {
         let out = tmp.path().join(format!("run-{loss:?}"));
         let summary = run(&store, &init, &out, &opts(loss, 24), false).unwrap();
         assert_eq!(summary.losses.len(), 24);
         let (first, last) = (mean(&summary.losses[..4]), mean(&summary.losses[20..]));
-        assert!(last < first * 0.97, "{loss:?}: loss {first} -> {last}: {:?}", summary.losses);
+        assert!(
+            last < first * 0.97,
+            "{loss:?}: loss {first} -> {last}: {:?}",
+            summary.losses
+        );
         assert!(out.join("final").join("model.safetensors").exists());
     }
 }
@@ -98,13 +175,26 @@ fn checkpoint_reload_gives_identical_logits() {
         let dir = tmp.path().join(format!("model-{tied}"));
         write_model_files(&student, &dir).unwrap();
         // HF names on disk.
-        let names = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let names =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         assert!(names.contains_key("model.layers.1.self_attn.q_proj.weight"));
         assert_eq!(names.contains_key("lm_head.weight"), !tied);
         let reloaded = load_model(&dir, &Device::Cpu).unwrap();
         let ids = Tensor::new(&[[1u32, 2, 3, 400, 5]], &Device::Cpu).unwrap();
-        let a = student.logits(&ids, &[5]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = reloaded.logits(&ids, &[5]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = student
+            .logits(&ids, &[5])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = reloaded
+            .logits(&ids, &[5])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b);
     }
 }
@@ -123,7 +213,10 @@ fn weights_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
 fn resume_reproduces_an_uninterrupted_run() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random { config: write_config(tmp.path(), false), seed: 2 };
+    let init = Init::Random {
+        config: write_config(tmp.path(), false),
+        seed: 2,
+    };
     for loss in [LossKind::Kd, LossKind::Mix] {
         let mut o = opts(loss, 6);
         o.grad_accum = 2;
@@ -132,14 +225,27 @@ fn resume_reproduces_an_uninterrupted_run() {
         let full = run(&store, &init, &straight, &o, false).unwrap();
 
         let split = tmp.path().join(format!("split-{loss:?}"));
-        let first = run(&store, &init, &split, &TrainOptions { stop_after: Some(3), ..o.clone() }, false).unwrap();
+        let first = run(
+            &store,
+            &init,
+            &split,
+            &TrainOptions {
+                stop_after: Some(3),
+                ..o.clone()
+            },
+            false,
+        )
+        .unwrap();
         assert_eq!(first.steps_done, 3);
         assert!(!split.join("final").exists());
         let second = run(&store, &init, &split, &o, true).unwrap();
         assert_eq!(second.resumed_from, Some(3));
         assert_eq!(second.steps_done, 6);
         assert_eq!(second.losses, full.losses, "{loss:?}");
-        assert_eq!(weights_of(&split.join("final")), weights_of(&straight.join("final")));
+        assert_eq!(
+            weights_of(&split.join("final")),
+            weights_of(&straight.join("final"))
+        );
         let lines = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 6);
     }
@@ -149,10 +255,33 @@ fn resume_reproduces_an_uninterrupted_run() {
 fn resume_refuses_different_settings() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random { config: write_config(tmp.path(), true), seed: 2 };
+    let init = Init::Random {
+        config: write_config(tmp.path(), true),
+        seed: 2,
+    };
     let out = tmp.path().join("run");
-    run(&store, &init, &out, &TrainOptions { stop_after: Some(1), ..opts(LossKind::Kd, 4) }, false).unwrap();
-    let err = run(&store, &init, &out, &TrainOptions { lr: 1.0, ..opts(LossKind::Kd, 4) }, true).unwrap_err();
+    run(
+        &store,
+        &init,
+        &out,
+        &TrainOptions {
+            stop_after: Some(1),
+            ..opts(LossKind::Kd, 4)
+        },
+        false,
+    )
+    .unwrap();
+    let err = run(
+        &store,
+        &init,
+        &out,
+        &TrainOptions {
+            lr: 1.0,
+            ..opts(LossKind::Kd, 4)
+        },
+        true,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("different settings"), "{err}");
 }
 
@@ -164,18 +293,37 @@ fn refuses_mismatched_vocabulary() {
     cfg["vocab_size"] = 256.into();
     let path = tmp.path().join("small-vocab.json");
     std::fs::write(&path, cfg.to_string()).unwrap();
-    let init = Init::Random { config: path, seed: 0 };
-    let err = run(&store, &init, &tmp.path().join("o"), &opts(LossKind::Kd, 2), false).unwrap_err();
+    let init = Init::Random {
+        config: path,
+        seed: 0,
+    };
+    let err = run(
+        &store,
+        &init,
+        &tmp.path().join("o"),
+        &opts(LossKind::Kd, 2),
+        false,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::TokenizerMismatch { .. }), "{err}");
-    assert!(err.to_string().contains("512") && err.to_string().contains("256"), "{err}");
+    assert!(
+        err.to_string().contains("512") && err.to_string().contains("256"),
+        "{err}"
+    );
 }
 
 #[test]
 fn first_needs_a_temperature() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random { config: write_config(tmp.path(), true), seed: 0 };
-    let o = TrainOptions { temperature: None, ..opts(LossKind::First, 2) };
+    let init = Init::Random {
+        config: write_config(tmp.path(), true),
+        seed: 0,
+    };
+    let o = TrainOptions {
+        temperature: None,
+        ..opts(LossKind::First, 2)
+    };
     let err = run(&store, &init, &tmp.path().join("o"), &o, false).unwrap_err();
     assert!(err.to_string().contains("firstkd calibrate"), "{err}");
 }
@@ -184,7 +332,10 @@ fn first_needs_a_temperature() {
 fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random { config: write_config(tmp.path(), true), seed: 0 };
+    let init = Init::Random {
+        config: write_config(tmp.path(), true),
+        seed: 0,
+    };
     let out = tmp.path().join("o");
     let o = TrainOptions {
         lr: 1e36,
@@ -206,20 +357,33 @@ fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
 }
 
 fn tiny_meta() -> firstkd::store::StoreMeta {
-    synthetic_meta(&SyntheticConfig { vocab_size: 512, ..SyntheticConfig::default() })
+    synthetic_meta(&SyntheticConfig {
+        vocab_size: 512,
+        ..SyntheticConfig::default()
+    })
 }
 
 #[test]
 fn empty_store_and_store_without_loss_positions_are_refused() {
     let tmp = tempdir();
-    let init = Init::Random { config: write_config(tmp.path(), true), seed: 0 };
+    let init = Init::Random {
+        config: write_config(tmp.path(), true),
+        seed: 0,
+    };
     // No samples at all.
     let empty = tmp.path().join("empty");
     StoreWriter::create(&empty, tiny_meta(), WriterOptions::default())
         .unwrap()
         .finish(serde_json::json!({}))
         .unwrap();
-    let err = run(&empty, &init, &tmp.path().join("o1"), &opts(LossKind::Kd, 2), false).unwrap_err();
+    let err = run(
+        &empty,
+        &init,
+        &tmp.path().join("o1"),
+        &opts(LossKind::Kd, 2),
+        false,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::NoTrainingData(_)), "{err}");
     // Samples that are all prompt.
     let prompt_only = tmp.path().join("prompt-only");
@@ -230,7 +394,9 @@ fn empty_store_and_store_without_loss_positions_are_refused() {
         let mut labels = SampleLabels::default();
         for _ in 0..n {
             labels.topk_ids.extend_from_slice(&[1, 2, 3, 4, 5]);
-            labels.topk_logprobs.extend_from_slice(&[-0.5, -1.5, -2.5, -3.5, -4.5]);
+            labels
+                .topk_logprobs
+                .extend_from_slice(&[-0.5, -1.5, -2.5, -3.5, -4.5]);
             labels.target_logprobs.push(-6.0);
             labels.entropy.push(1.0);
         }
@@ -246,7 +412,14 @@ fn empty_store_and_store_without_loss_positions_are_refused() {
         w.push(&record, &labels).unwrap();
     }
     w.finish(serde_json::json!({})).unwrap();
-    let err = run(&prompt_only, &init, &tmp.path().join("o2"), &opts(LossKind::Kd, 2), false).unwrap_err();
+    let err = run(
+        &prompt_only,
+        &init,
+        &tmp.path().join("o2"),
+        &opts(LossKind::Kd, 2),
+        false,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::NoTrainingData(_)), "{err}");
     assert!(err.to_string().contains("in-loss"), "{err}");
 }
@@ -256,15 +429,37 @@ fn cli_distill_trains_validates_and_resumes() {
     let tmp = tempdir();
     let store = tmp.path().join("store");
     let s = store.to_str().unwrap();
-    let o = firstkd(&["synth", s, "--rows", "3000", "--vocab", "512", "--seed", "4"]);
+    let o = firstkd(&[
+        "synth", s, "--rows", "30000", "--vocab", "512", "--seed", "4",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let cfg = write_config(tmp.path(), true);
     let init = format!("random:{}", cfg.display());
     let out = tmp.path().join("run");
     let base = [
-        "distill", "--store", s, "--init", &init, "--loss", "kd-tail", "--steps", "4",
-        "--batch-tokens", "256", "--max-seq-len", "128", "--lr", "2e-3", "--valid-every", "2",
-        "--valid-batches", "2", "--checkpoint-every", "2", "--quiet", "--out",
+        "distill",
+        "--store",
+        s,
+        "--init",
+        &init,
+        "--loss",
+        "kd-tail",
+        "--steps",
+        "4",
+        "--batch-tokens",
+        "256",
+        "--max-seq-len",
+        "128",
+        "--lr",
+        "2e-3",
+        "--valid-every",
+        "2",
+        "--valid-batches",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--out",
         out.to_str().unwrap(),
     ];
     let mut first = base.to_vec();
@@ -277,18 +472,35 @@ fn cli_distill_trains_validates_and_resumes() {
     let o = firstkd(&again);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("resumed from step 2") && t.contains("trained 4 step(s)"), "{t}");
+    assert!(
+        t.contains("resumed from step 2") && t.contains("trained 4 step(s)"),
+        "{t}"
+    );
     assert!(t.contains("validation loss"), "{t}");
     assert!(out.join("final").join("config.json").exists());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
         assert!(lines[3].get(key).is_some(), "{key} missing: {}", lines[3]);
     }
     assert!(lines[1].get("valid_loss").is_some());
     // Bad input: first without temperature on an uncalibrated store.
-    let o = firstkd(&["distill", "--store", s, "--init", &init, "--steps", "1", "--quiet", "--out", tmp.path().join("x").to_str().unwrap()]);
+    let o = firstkd(&[
+        "distill",
+        "--store",
+        s,
+        "--init",
+        &init,
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(text(&o).contains("--temperature"), "{}", text(&o));
 }
@@ -310,10 +522,187 @@ fn a_multi_part_store_streams_across_parts() {
     };
     let m = generate(&path, &cfg, WriterOptions::default()).unwrap();
     assert!(m.parts.len() >= 5);
-    let init = Init::Random { config: write_config(tmp.path(), false), seed: 0 };
-    let o = TrainOptions { grad_accum: 3, epochs: Some(2), steps: 1000, ..opts(LossKind::Kd, 1000) };
+    let init = Init::Random {
+        config: write_config(tmp.path(), false),
+        seed: 0,
+    };
+    let o = TrainOptions {
+        grad_accum: 3,
+        epochs: Some(2),
+        steps: 1000,
+        ..opts(LossKind::Kd, 1000)
+    };
     let summary = run(&path, &init, &tmp.path().join("o"), &o, false).unwrap();
     assert!(summary.data_exhausted);
     assert!(summary.steps_done > 5 && summary.steps_done < 1000);
     assert!(tmp.path().join("o").join("final").exists());
+}
+
+/// A student initialised from the real teacher GGUF computes the teacher's logits, has
+/// (near-)zero kd-tail loss on labels the teacher wrote itself, and `teacher-layers` keeps
+/// exactly the chosen blocks.
+#[test]
+fn student_copy_of_the_real_teacher() {
+    use firstkd::store::{StoreMeta, StoreReader, TeacherInfo, TokenizerInfo};
+    use firstkd::teacher::{LabelInput, LabelOptions, Teacher};
+    use firstkd::trainer::init::{initialise, load_pretrained};
+    use firstkd::trainer::{evaluate, KdKind, LossSpec};
+
+    let Some(gguf) = crate::label::teacher() else {
+        return;
+    };
+    let tmp = tempdir();
+    let teacher = Teacher::load(&gguf, &Device::Cpu).unwrap();
+    let made = initialise(&Init::Gguf(gguf.clone()), &Device::Cpu).unwrap();
+    let student = made.student;
+    assert_eq!(
+        made.tokenizer_sha256.as_deref(),
+        Some(teacher.tokenizer().identity().sha256.as_str())
+    );
+    assert_eq!(student.config().vocab_size, 49152);
+    assert!(student.config().tie_word_embeddings);
+
+    // Same logits as the inference teacher.
+    let texts = [
+        "The capital of France is Paris. It is known for",
+        "1, 2, 3, 4, 5, 6,",
+    ];
+    let seqs: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| teacher.tokenizer().encode(t, true).unwrap())
+        .collect();
+    let ids = Tensor::new(seqs[0].as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let t = teacher.model().forward_logits(&ids).unwrap();
+    let s = student.logits(&ids, &[seqs[0].len()]).unwrap();
+    let diff = (t - s)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 2e-3, "student vs teacher logits differ by {diff}");
+
+    // A float32 store labelled by the teacher; the copy's kd-tail and kd losses are ~0.
+    let tok = teacher.tokenizer().identity();
+    let meta = StoreMeta {
+        k: 5,
+        logprob_dtype: LogprobDtype::Float32,
+        teacher: TeacherInfo {
+            file_name: "teacher".into(),
+            ..TeacherInfo::default()
+        },
+        tokenizer: TokenizerInfo {
+            sha256: tok.sha256.clone(),
+            vocab_size: tok.vocab_size,
+            special_tokens: Default::default(),
+        },
+        labeling: serde_json::json!({"kind": "test"}),
+    };
+    let store = tmp.path().join("teacher-store");
+    let mut w = StoreWriter::create(&store, meta, WriterOptions::default()).unwrap();
+    let inputs: Vec<LabelInput> = seqs
+        .iter()
+        .map(|s| LabelInput {
+            input_ids: s,
+            prompt_len: 2,
+        })
+        .collect();
+    let labels = teacher
+        .label_batch(&inputs, &LabelOptions::default())
+        .unwrap();
+    for (i, (seq, l)) in seqs.iter().zip(labels).enumerate() {
+        let record = SampleRecord {
+            sample_id: i as u64,
+            source: "t".into(),
+            split: "train".into(),
+            record_index: i as u64,
+            window_index: 0,
+            input_ids: seq.clone(),
+            prompt_len: 2,
+        };
+        let sl = SampleLabels {
+            topk_ids: l.topk_ids,
+            topk_logprobs: l.topk_logprobs,
+            target_logprobs: l.target_logprobs,
+            entropy: l.entropy,
+        };
+        w.push(&record, &sl).unwrap();
+    }
+    w.finish(serde_json::json!({})).unwrap();
+    let reader = StoreReader::open(&store).unwrap();
+    for kind in [LossKind::KdTail, LossKind::Kd] {
+        let spec = LossSpec {
+            kind,
+            temperature: 1.0,
+            alpha: 1.0,
+            mix_kd: KdKind::Kd,
+            label_smoothing: 0.0,
+        };
+        let loss = evaluate(&student, &reader, "train", &spec, 512, 512, 0, 64)
+            .unwrap()
+            .unwrap();
+        assert!(loss.abs() < 1e-4, "{kind:?} of the teacher's copy: {loss}");
+    }
+    // Training starts from that point: the tokenizer hash matches, one step runs.
+    let o = TrainOptions {
+        loss: LossKind::KdTail,
+        steps: 1,
+        batch_tokens: 64,
+        lr: 1e-5,
+        ..TrainOptions::default()
+    };
+    let summary = run(
+        &store,
+        &Init::Gguf(gguf.clone()),
+        &tmp.path().join("run"),
+        &o,
+        false,
+    )
+    .unwrap();
+    assert!(summary.losses[0] < 1e-3, "{:?}", summary.losses);
+
+    // teacher-layers keeps blocks 0 and 29 (renumbered 0, 1) and everything outside blocks.
+    let (full_cfg, full, _) = load_pretrained(&gguf, None).unwrap();
+    let (cfg, part, _) = load_pretrained(&gguf, Some(&[0, 29])).unwrap();
+    assert_eq!((full_cfg.num_hidden_layers, cfg.num_hidden_layers), (30, 2));
+    let same = |a: &str, b: &str| {
+        let x = full[a].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = part[b].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(x, y, "{a} vs {b}");
+    };
+    same(
+        "model.layers.29.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+    );
+    same(
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    );
+    same("model.embed_tokens.weight", "model.embed_tokens.weight");
+    assert!(!part.contains_key("model.layers.2.input_layernorm.weight"));
+    let small = Student::from_weights(cfg, part, &Device::Cpu).unwrap();
+    assert_eq!(small.vars().len(), 2 * 9 + 2);
+    // A synthetic store's tokenizer hash differs from the teacher's: refused unless told.
+    let synth = small_store(tmp.path());
+    let mut m = firstkd::store::Manifest::load(&synth).unwrap();
+    m.tokenizer.vocab_size = 49152;
+    m.save(&synth).unwrap();
+    let init = Init::TeacherLayers {
+        path: gguf.clone(),
+        layers: vec![0, 29],
+    };
+    let err = run(
+        &synth,
+        &init,
+        &tmp.path().join("r2"),
+        &opts(LossKind::Kd, 1),
+        false,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::TokenizerMismatch { .. }), "{err}");
 }

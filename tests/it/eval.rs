@@ -68,14 +68,25 @@ fn tiny_fixture_parses_every_generic_shape() {
     assert_eq!(items[0].mc.answer, 1);
     assert_eq!(items[1].mc.choices.len(), 4);
     assert_eq!(items[1].mc.answer, 1);
-    assert_eq!(items[2].context.as_deref(), Some("Tom planted tomatoes in May. By August the plants were taller than him."));
+    assert_eq!(
+        items[2].context.as_deref(),
+        Some("Tom planted tomatoes in May. By August the plants were taller than him.")
+    );
     assert_eq!(items[2].mc.choices, vec!["no", "yes"]);
     assert_eq!(items[3].mc.question, "What colour is fresh snow?");
     assert_eq!(items[3].mc.answer, 0);
     // The lettered prompt is labelling's prompt (one implementation); a passage goes first.
-    assert_eq!(letter_prompt(&items[0]), multiple_choice_prompt(&items[0].mc.question, &items[0].mc.choices));
+    assert_eq!(
+        letter_prompt(&items[0]),
+        multiple_choice_prompt(&items[0].mc.question, &items[0].mc.choices)
+    );
     assert!(letter_prompt(&items[2]).starts_with("Passage: Tom planted"));
-    let limited = read_task(&data("tests/data/eval_tiny.jsonl"), TaskFormat::Generic, Some(2)).unwrap();
+    let limited = read_task(
+        &data("tests/data/eval_tiny.jsonl"),
+        TaskFormat::Generic,
+        Some(2),
+    )
+    .unwrap();
     assert_eq!(limited.len(), 2);
 }
 
@@ -93,12 +104,37 @@ fn bad_records_name_file_and_line() {
     let tmp = tempdir();
     let good = r#"{"question": "q", "choices": ["a", "b"], "answer": "A"}"#;
     let cases: [(&str, &str, TaskFormat, &str); 6] = [
-        ("gold.jsonl", r#"{"question": "q", "choices": ["a", "b"], "answer": "E"}"#, TaskFormat::Auto, "out of range"),
-        ("index.jsonl", r#"{"question": "q", "choices": ["a", "b"], "answer": 2}"#, TaskFormat::Generic, "out of range"),
-        ("nochoices.jsonl", r#"{"question": "q", "answer": 0}"#, TaskFormat::Auto, "choices"),
+        (
+            "gold.jsonl",
+            r#"{"question": "q", "choices": ["a", "b"], "answer": "E"}"#,
+            TaskFormat::Auto,
+            "out of range",
+        ),
+        (
+            "index.jsonl",
+            r#"{"question": "q", "choices": ["a", "b"], "answer": 2}"#,
+            TaskFormat::Generic,
+            "out of range",
+        ),
+        (
+            "nochoices.jsonl",
+            r#"{"question": "q", "answer": 0}"#,
+            TaskFormat::Auto,
+            "choices",
+        ),
         ("shape.jsonl", r#"{"foo": 1}"#, TaskFormat::Auto, "question"),
-        ("json.jsonl", r#"{"question": "#, TaskFormat::Auto, "malformed JSON"),
-        ("csqa.jsonl", good, TaskFormat::CommonsenseQa, "CommonsenseQA"),
+        (
+            "json.jsonl",
+            r#"{"question": "#,
+            TaskFormat::Auto,
+            "malformed JSON",
+        ),
+        (
+            "csqa.jsonl",
+            good,
+            TaskFormat::CommonsenseQa,
+            "CommonsenseQA",
+        ),
     ];
     for (name, bad, format, want) in cases {
         let first = if format == TaskFormat::CommonsenseQa {
@@ -125,11 +161,24 @@ fn bad_records_name_file_and_line() {
 fn cli_rejects_bad_task_before_loading_the_model() {
     let tmp = tempdir();
     let task = tmp.path().join("bad.jsonl");
-    std::fs::write(&task, "{\"question\": \"q\", \"choices\": [\"a\"], \"answer\": 0}\n").unwrap();
-    let out = firstkd(&["eval", "--model", "/nonexistent.gguf", "--task", task.to_str().unwrap()]);
+    std::fs::write(
+        &task,
+        "{\"question\": \"q\", \"choices\": [\"a\"], \"answer\": 0}\n",
+    )
+    .unwrap();
+    let out = firstkd(&[
+        "eval",
+        "--model",
+        "/nonexistent.gguf",
+        "--task",
+        task.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains(&format!("{}:1:", task.display())) && t.contains("need at least 2"), "{t}");
+    assert!(
+        t.contains(&format!("{}:1:", task.display())) && t.contains("need at least 2"),
+        "{t}"
+    );
     let out = firstkd(&["eval", "--model", "m", "--task", "t", "--mode", "sideways"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("unknown mode"), "{}", text(&out));
@@ -142,10 +191,11 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
 }
 
-/// Letter log-prob of " B" after the reference's multiple-choice prompt: the third sequence of
+/// Letter log-probs after the reference's multiple-choice prompt: the third sequence of
 /// ../shared/reference/smollm2_reference.json (HF transformers, fp32) has top-5 ids
 /// [2, 330, 216, 378, 198] with log-probs [-0.66261, -2.53756, -2.99675, -3.07619, -3.39404]
-/// at the last position, 330 being " B". " A" and " C" are not in that top 5.
+/// at the last position, 330 being " A". " B" and " C" are not in that top 5, so the teacher
+/// picks A (oxygen, wrong).
 #[test]
 fn letter_scores_match_hf_reference_prompt() {
     let Some(teacher) = teacher() else { return };
@@ -162,13 +212,21 @@ fn letter_scores_match_hf_reference_prompt() {
         letter_prompt(&item),
         "Question: Which gas do plants take in from the air?\nA. oxygen\nB. carbon dioxide\nC. helium\nAnswer:"
     );
-    let opts = EvalOptions { mode: Mode::Letter, ..EvalOptions::default() };
+    let opts = EvalOptions {
+        mode: Mode::Letter,
+        ..EvalOptions::default()
+    };
     let r = evaluate(teacher, Path::new("inline"), &[item], &opts, &mut |_, _| {}).unwrap();
     let lp = r.items[0].letter_logprobs.as_ref().unwrap();
-    assert!(close(lp[1], -2.53756, 2e-4), "{lp:?}");
-    assert!(lp[0] < -3.39404 && lp[2] < -3.39404, "{lp:?}");
-    assert_eq!(r.reports[0].accuracy, 1.0);
-    assert!(close(r.reports[0].mean_letter_mass.unwrap(), (-2.53756f64).exp(), 1e-4));
+    assert!(close(lp[0], -2.53756, 2e-4), "{lp:?}");
+    assert!(lp[1] < -3.39404 && lp[2] < -3.39404, "{lp:?}");
+    assert_eq!(teacher.tokenizer().encode(" A", false).unwrap(), vec![330]);
+    assert_eq!(r.reports[0].accuracy, 0.0);
+    assert!(close(
+        r.reports[0].mean_letter_mass.unwrap(),
+        (-2.53756f64).exp(),
+        1e-4
+    ));
 }
 
 /// First 20 ARC-Easy test questions, both modes, against tests/data/eval_reference_arc20.json,
@@ -189,37 +247,82 @@ fn letter_scores_match_hf_reference_prompt() {
 #[test]
 fn arc_easy_20_matches_numpy_reference() {
     let Some(teacher) = teacher() else { return };
-    let Some(task) = shared_file("arc_easy/test.json") else { return };
+    let Some(task) = shared_file("arc_easy/test.json") else {
+        return;
+    };
     let items = read_task(&task, TaskFormat::Arc, Some(20)).unwrap();
-    let opts = EvalOptions { mode: Mode::Both, ..EvalOptions::default() };
+    let opts = EvalOptions {
+        mode: Mode::Both,
+        ..EvalOptions::default()
+    };
     let r = evaluate(teacher, &task, &items, &opts, &mut |_, _| {}).unwrap();
     let reference: serde_json::Value = serde_json::from_slice(
         &std::fs::read(data("tests/data/eval_reference_arc20.json")).unwrap(),
     )
     .unwrap();
-    let f64s = |v: &serde_json::Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let f64s = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
     for (i, item) in r.items.iter().enumerate() {
         assert_eq!(item.gold as u64, reference["golds"][i].as_u64().unwrap());
-        for (got, want) in item.letter_logprobs.as_ref().unwrap().iter().zip(f64s(&reference["letter_logprobs"][i])) {
+        for (got, want) in item
+            .letter_logprobs
+            .as_ref()
+            .unwrap()
+            .iter()
+            .zip(f64s(&reference["letter_logprobs"][i]))
+        {
             assert!(close(*got, want, 5e-4), "item {i} letter {got} vs {want}");
         }
-        for (got, want) in item.cloze_logprobs.as_ref().unwrap().iter().zip(f64s(&reference["cloze_logprobs"][i])) {
+        for (got, want) in item
+            .cloze_logprobs
+            .as_ref()
+            .unwrap()
+            .iter()
+            .zip(f64s(&reference["cloze_logprobs"][i]))
+        {
             assert!(close(*got, want, 5e-4), "item {i} cloze {got} vs {want}");
         }
-        let bytes: Vec<u64> = item.cloze_bytes.as_ref().unwrap().iter().map(|&b| b as u64).collect();
-        let want: Vec<u64> = reference["cloze_bytes"][i].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+        let bytes: Vec<u64> = item
+            .cloze_bytes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|&b| b as u64)
+            .collect();
+        let want: Vec<u64> = reference["cloze_bytes"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .collect();
         assert_eq!(bytes, want);
     }
     let (letter, cloze) = (&r.reports[0], &r.reports[1]);
-    assert_eq!((letter.mode.as_str(), cloze.mode.as_str()), ("letter", "cloze"));
+    assert_eq!(
+        (letter.mode.as_str(), cloze.mode.as_str()),
+        ("letter", "cloze")
+    );
     assert_eq!(letter.accuracy, 0.2);
-    assert!(close(letter.calibration.ece, 0.577195, 1e-4), "{}", letter.calibration.ece);
+    assert!(
+        close(letter.calibration.ece, 0.577195, 1e-4),
+        "{}",
+        letter.calibration.ece
+    );
     assert!(close(letter.brier_multiclass, 1.242918, 1e-4));
     assert!(close(letter.calibration.nll.unwrap(), 2.791958, 1e-4));
     assert!(close(letter.calibration.mean_confidence, 0.727103, 1e-4));
     assert_eq!(cloze.accuracy, 0.6);
     assert_eq!(cloze.acc_norm, Some(0.4));
-    assert!(close(cloze.calibration.ece, 0.333873, 1e-4), "{}", cloze.calibration.ece);
+    assert!(
+        close(cloze.calibration.ece, 0.333873, 1e-4),
+        "{}",
+        cloze.calibration.ece
+    );
     assert!(close(cloze.brier_multiclass, 0.568138, 1e-4));
     assert!(close(cloze.calibration.nll.unwrap(), 1.407072, 1e-4));
     assert!(close(cloze.calibration.mean_confidence, 0.779642, 1e-4));
@@ -234,24 +337,85 @@ fn cli_eval_json_plot_and_compare() {
     let task = task.to_str().unwrap();
     let svg = tmp.path().join("rel.svg");
     let out = firstkd(&[
-        "eval", "--model", model, "--task", task, "--mode", "both", "--json", "--plot",
+        "eval",
+        "--model",
+        model,
+        "--task",
+        task,
+        "--mode",
+        "both",
+        "--json",
+        "--plot",
         svg.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval --json is JSON");
     assert_eq!(v["n_items"], 4);
     assert_eq!(v["reports"].as_array().unwrap().len(), 2);
-    assert_eq!(v["reports"][0]["calibration"]["bins"].as_array().unwrap().len(), 15);
+    assert_eq!(
+        v["reports"][0]["calibration"]["bins"]
+            .as_array()
+            .unwrap()
+            .len(),
+        15
+    );
     assert_eq!(v["items"][2]["cloze_logprobs"].as_array().unwrap().len(), 2);
     let drawing = std::fs::read_to_string(&svg).unwrap();
-    assert!(drawing.starts_with("<svg") && drawing.contains("cloze (n=4)"), "{drawing}");
+    assert!(
+        drawing.starts_with("<svg") && drawing.contains("cloze (n=4)"),
+        "{drawing}"
+    );
 
     let out = firstkd(&[
-        "compare", "--model", &format!("teacher={model}"), "--task", &format!("tiny={task}"),
-        "--task", &format!("tiny2={task}"), "--limit", "2", "--mode", "letter", "--markdown",
+        "compare",
+        "--model",
+        &format!("teacher={model}"),
+        "--task",
+        &format!("tiny={task}"),
+        "--task",
+        &format!("tiny2={task}"),
+        "--limit",
+        "2",
+        "--mode",
+        "letter",
+        "--markdown",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let t = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(t.starts_with("| model | tiny acc | tiny ECE | tiny2 acc | tiny2 ECE |"), "{t}");
+    assert!(
+        t.starts_with("| model | tiny acc | tiny ECE | tiny2 acc | tiny2 ECE |"),
+        "{t}"
+    );
     assert!(t.contains("| teacher |"), "{t}");
+}
+
+#[test]
+fn temperature_keeps_rankings_and_chat_template_runs() {
+    let Some(teacher) = teacher() else { return };
+    let task = data("tests/data/eval_tiny.jsonl");
+    let items = read_task(&task, TaskFormat::Auto, None).unwrap();
+    let run = |temperature: f64, chat_template: bool| {
+        let opts = EvalOptions {
+            mode: Mode::Both,
+            temperature,
+            prompt: firstkd::eval::PromptOptions { chat_template },
+            ..EvalOptions::default()
+        };
+        evaluate(teacher, &task, &items, &opts, &mut |_, _| {}).unwrap()
+    };
+    let (cold, hot) = (run(1.0, false), run(3.0, false));
+    for (c, h) in cold.reports.iter().zip(&hot.reports) {
+        assert_eq!(c.accuracy, h.accuracy, "{}", c.mode);
+        assert!(
+            h.calibration.mean_confidence < c.calibration.mean_confidence,
+            "{}",
+            c.mode
+        );
+    }
+    // Cloze scores are summed log-probs at temperature 1 either way; the temperature only
+    // enters the softmax over options.
+    assert_eq!(cold.items[0].cloze_logprobs, hot.items[0].cloze_logprobs);
+    let chat = run(1.0, true);
+    assert_eq!(chat.reports.len(), 2);
+    assert!(chat.tokens > cold.tokens, "the template adds a system turn");
 }

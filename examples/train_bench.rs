@@ -1,0 +1,125 @@
+//! Training-step benchmark: a 2-layer SmolLM2-shaped student (hidden 576, 9 heads, 3 KV heads,
+//! ffn 1536, vocab 49152, tied embeddings), batches of 4 x 256 tokens from a synthetic store,
+//! loss + backward + clipping + AdamW per step, f32 on the CPU.
+//!
+//! ```text
+//! cargo run --release --example train_bench -- [STEPS] [LOSS...]
+//! ```
+//! Prints one table row per loss (default: kd, kd-tail, ce): median step time split into
+//! forward / backward / clip + AdamW, tokens/s and the process's peak RSS after that loss's
+//! steps (VmHWM; it only grows).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use firstkd::store::synthetic::{generate, SyntheticConfig};
+use firstkd::store::{StoreReader, WriterOptions};
+use firstkd::trainer::optim::{clip_scale, global_norm};
+use firstkd::trainer::{
+    batch_loss, AdamW, AdamWParams, BatchStream, DataOptions, KdKind, LossKind, LossSpec, Student,
+    StudentConfig,
+};
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let steps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let losses: Vec<String> = if args.len() > 1 {
+        args[1..].to_vec()
+    } else {
+        vec!["kd".into(), "kd-tail".into(), "ce".into()]
+    };
+    let tmp = std::env::temp_dir().join(format!("firstkd-train-bench-{}", std::process::id()));
+    let store = tmp.join("store");
+    let cfg = SyntheticConfig {
+        label_rows: 256 * 4 * (steps as u64 + 2) * 2,
+        min_len: 257,
+        max_len: 257,
+        vocab_size: 49152,
+        valid_fraction: 0.0,
+        ..SyntheticConfig::default()
+    };
+    generate(&store, &cfg, WriterOptions::default())?;
+    let reader = StoreReader::open(&store)?;
+    let student_cfg: StudentConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "vocab_size": 49152, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "tie_word_embeddings": true
+    }))?;
+    println!(
+        "student: 2 layers, {} parameters; batch 4 x 256; threads: {}",
+        student_cfg.num_parameters(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("| loss | steps | median step s | forward s | backward s | clip+AdamW s | tokens/s | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for name in &losses {
+        let student = Student::random(student_cfg.clone(), 0, &Device::Cpu)?;
+        let mut opt = AdamW::new(student.vars(), AdamWParams::default())?;
+        let spec = LossSpec {
+            kind: LossKind::parse(name)?,
+            temperature: 1.0,
+            alpha: 0.5,
+            mix_kd: KdKind::Kd,
+            label_smoothing: 0.0,
+        };
+        let data = DataOptions {
+            split: "train".into(),
+            batch_tokens: 1024,
+            max_positions: 256,
+            shuffle_buffer: 1,
+            seed: 0,
+            epochs: None,
+        };
+        let mut stream = BatchStream::new(reader.clone(), data)?;
+        let vars = student.vars().to_vec();
+        let mut times = Vec::new();
+        for step in 0..=steps {
+            let batch = stream.next().ok_or("store exhausted")??;
+            let started = Instant::now();
+            let (sum, n) = batch_loss(&student, &batch, &spec, 5, 256)?;
+            let _ = sum.to_scalar::<f32>()?;
+            let t_fwd = started.elapsed().as_secs_f64();
+            let grads_store = (sum / n as f64)?.backward()?;
+            let t_bwd = started.elapsed().as_secs_f64();
+            let grads: Vec<Tensor> = vars
+                .iter()
+                .map(|(_, v)| match grads_store.get(v.as_tensor()) {
+                    Some(g) => Ok(g.detach()),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let norm = global_norm(&grads)?;
+            opt.step_scaled(&grads, 1e-4, clip_scale(norm, Some(1.0)))?;
+            let secs = started.elapsed().as_secs_f64();
+            if step > 0 {
+                times.push((secs, t_fwd, t_bwd - t_fwd, secs - t_bwd)); // step 0 is warm-up
+            }
+        }
+        times.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (median, fwd, bwd, opt_s) = times[times.len() / 2];
+        println!(
+            "| {name} | {steps} | {median:.3} | {fwd:.3} | {bwd:.3} | {opt_s:.3} | {:.0} | {:.0} |",
+            1024.0 / median,
+            peak_rss_mib()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
