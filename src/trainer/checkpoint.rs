@@ -83,6 +83,37 @@ pub fn write_model_files(student: &Student, dir: &Path) -> Result<()> {
     })
 }
 
+/// Folder of a run directory holding the tokenizer files copied into every checkpoint.
+pub const TOKENIZER_DIR: &str = "tokenizer";
+
+/// Writes the init source's tokenizer files into `<out>/tokenizer/` (once per run).
+pub fn stash_tokenizer_files(out: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let dir = out.join(TOKENIZER_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    for (name, bytes) in files {
+        write_file(&dir.join(name), bytes)?;
+    }
+    Ok(())
+}
+
+/// Copies `<out>/tokenizer/*` (if any) into a model directory, so a checkpoint is a complete
+/// Hugging Face model (weights, config and tokenizer) that `firstkd eval` can load.
+pub fn copy_tokenizer_files(out: &Path, dir: &Path) -> Result<()> {
+    let src = out.join(TOKENIZER_DIR);
+    let Ok(entries) = std::fs::read_dir(&src) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(&src, e))?;
+        let to = dir.join(entry.file_name());
+        std::fs::copy(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
+    }
+    Ok(())
+}
+
 /// Atomically replaces `dir` with the output of `fill` (written into `dir.tmp` first).
 pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = PathBuf::from(format!("{}.tmp", dir.display()));
@@ -96,8 +127,10 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
-/// Saves a full checkpoint (model, optimizer moments, state) to `dir`.
+/// Saves a full checkpoint (model, tokenizer files of the run `out`, optimizer moments, state)
+/// to `dir`.
 pub fn save_checkpoint(
+    out: &Path,
     dir: &Path,
     student: &Student,
     optimizer: &HashMap<String, Tensor>,
@@ -105,6 +138,7 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     write_atomically(dir, |tmp| {
         write_model_files(student, tmp)?;
+        copy_tokenizer_files(out, tmp)?;
         let opt_path = tmp.join(OPTIMIZER_FILE);
         let cpu: HashMap<String, Tensor> = optimizer
             .iter()

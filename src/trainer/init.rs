@@ -83,6 +83,16 @@ impl Init {
     }
 }
 
+/// The tokenizer that came with a pretrained source: its hash (same canonical form as the
+/// store manifest's `tokenizer.sha256`) and the files a Hugging Face checkpoint needs to
+/// carry it (`tokenizer.json`, `tokenizer_config.json` with the chat template).
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerSource {
+    pub sha256: String,
+    /// (file name, contents), copied into every checkpoint.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
 /// A student plus the sha256 of its tokenizer when the source carries one.
 #[derive(Debug)]
 pub struct Initialised {
@@ -90,6 +100,8 @@ pub struct Initialised {
     pub student: Student,
     /// Tokenizer hash (same canonical form as the store manifest's `tokenizer.sha256`).
     pub tokenizer_sha256: Option<String>,
+    /// Tokenizer files to write next to the model in checkpoints.
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
 }
 
 /// Builds the student described by `init` on `device`.
@@ -100,20 +112,23 @@ pub fn initialise(init: &Init, device: &Device) -> Result<Initialised> {
             Ok(Initialised {
                 student: Student::random(cfg, *seed, device)?,
                 tokenizer_sha256: None,
+                tokenizer_files: Vec::new(),
             })
         }
         Init::Gguf(path) | Init::Hf(path) => {
-            let (cfg, weights, sha) = load_pretrained(path, None)?;
+            let (cfg, weights, tok) = load_pretrained(path, None)?;
             Ok(Initialised {
                 student: Student::from_weights(cfg, weights, device)?,
-                tokenizer_sha256: sha,
+                tokenizer_sha256: tok.as_ref().map(|t| t.sha256.clone()),
+                tokenizer_files: tok.map(|t| t.files).unwrap_or_default(),
             })
         }
         Init::TeacherLayers { path, layers } => {
-            let (cfg, weights, sha) = load_pretrained(path, Some(layers))?;
+            let (cfg, weights, tok) = load_pretrained(path, Some(layers))?;
             Ok(Initialised {
                 student: Student::from_weights(cfg, weights, device)?,
-                tokenizer_sha256: sha,
+                tokenizer_sha256: tok.as_ref().map(|t| t.sha256.clone()),
+                tokenizer_files: tok.map(|t| t.files).unwrap_or_default(),
             })
         }
     }
@@ -136,7 +151,7 @@ pub fn read_config(path: &Path) -> Result<StudentConfig> {
 pub fn load_pretrained(
     path: &Path,
     layers: Option<&[usize]>,
-) -> Result<(StudentConfig, BTreeMap<String, Tensor>, Option<String>)> {
+) -> Result<Pretrained> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let (mut cfg, mut weights, sha) = if meta.is_dir() {
         load_hf(path)?
@@ -184,7 +199,8 @@ fn model_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-type Pretrained = (StudentConfig, BTreeMap<String, Tensor>, Option<String>);
+/// Config, f32 weights by HF name, and the source's tokenizer when it has one.
+pub type Pretrained = (StudentConfig, BTreeMap<String, Tensor>, Option<TokenizerSource>);
 
 fn load_hf(dir: &Path) -> Result<Pretrained> {
     let cfg = read_config(&dir.join("config.json"))?;
@@ -207,9 +223,23 @@ fn load_hf(dir: &Path) -> Result<Pretrained> {
     }
     let tokenizer = dir.join("tokenizer.json");
     let sha = if tokenizer.exists() {
-        TeacherTokenizer::from_tokenizer_json(&tokenizer, [None, None, None])
+        let id = |v: &Option<serde_json::Value>| match v {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32),
+            Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
+            _ => None,
+        };
+        let specials = [id(&cfg.bos_token_id), id(&cfg.eos_token_id), id(&cfg.pad_token_id)];
+        let hash = TeacherTokenizer::from_tokenizer_json(&tokenizer, specials)
             .ok()
-            .map(|t| t.identity().sha256.clone())
+            .map(|t| t.identity().sha256.clone());
+        let mut files = Vec::new();
+        for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+            let path = dir.join(name);
+            if path.exists() {
+                files.push((name.to_string(), std::fs::read(&path).map_err(|e| Error::io(&path, e))?));
+            }
+        }
+        hash.map(|sha256| TokenizerSource { sha256, files })
     } else {
         None
     };
@@ -219,12 +249,36 @@ fn load_hf(dir: &Path) -> Result<Pretrained> {
 fn load_gguf(path: &Path) -> Result<Pretrained> {
     // The teacher loader parses the metadata (shapes, RoPE, tokenizer) once; its f32 copy of
     // the weights is dropped before the student's own copy is read.
-    let (mcfg, tied, sha) = {
+    let (mcfg, tied, sha, ids) = {
         let teacher = Teacher::load(path, &Device::Cpu)?;
+        let tok = teacher.tokenizer();
+        let identity = tok.identity();
+        let json = tok.inner().to_string(false).map_err(|e| {
+            model_err(path, format!("serialising the tokenizer: {e}"))
+        })?;
+        let text = |t: &Option<crate::teacher::SpecialToken>| t.as_ref().map(|t| t.text.clone());
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": text(&identity.bos),
+            "eos_token": text(&identity.eos),
+            "pad_token": text(&identity.pad),
+            "add_bos_token": tok.adds_bos(),
+            "chat_template": teacher.chat_template().map(|t| t.source().to_string()),
+        });
+        let files = vec![
+            ("tokenizer.json".to_string(), json.into_bytes()),
+            ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&config)?),
+        ];
+        let ids = (
+            identity.bos.as_ref().map(|t| t.id),
+            identity.eos.as_ref().map(|t| t.id),
+            identity.pad.as_ref().map(|t| t.id),
+        );
         (
             teacher.model().config().clone(),
             teacher.identity().tied_embeddings,
-            teacher.tokenizer().identity().sha256.clone(),
+            TokenizerSource { sha256: identity.sha256.clone(), files },
+            ids,
         )
     };
     if mcfg.rope_freq_divisors.is_some() {
@@ -252,8 +306,9 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         tie_word_embeddings: tied,
         attention_bias: Some(mcfg.architecture == Architecture::Qwen2),
         rope_scaling: None,
-        bos_token_id: None,
-        eos_token_id: None,
+        bos_token_id: ids.0.map(serde_json::Value::from),
+        eos_token_id: ids.1.map(serde_json::Value::from),
+        pad_token_id: ids.2.map(serde_json::Value::from),
         torch_dtype: "float32".into(),
     };
     let file = File::open(path).map_err(|e| Error::io(path, e))?;

@@ -72,6 +72,9 @@ pub struct StudentConfig {
     /// End-of-sequence id (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
+    /// Padding token id(s), as in HF configs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<serde_json::Value>,
     /// Storage dtype of the weights; checkpoints written here are `float32`.
     #[serde(default = "default_dtype")]
     pub torch_dtype: String,

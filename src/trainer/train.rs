@@ -367,6 +367,7 @@ pub fn train(
                 &reader,
                 opts.ignore_tokenizer_hash,
             )?;
+            checkpoint::stash_tokenizer_files(out, &made.tokenizer_files)?;
             (made.student, None)
         }
     };
@@ -447,7 +448,7 @@ pub fn train(
             fingerprint: opts.fingerprint(),
             losses: losses.to_vec(),
         };
-        checkpoint::save_checkpoint(&dir, &student, &optimizer.state_tensors()?, &state)?;
+        checkpoint::save_checkpoint(out, &dir, &student, &optimizer.state_tensors()?, &state)?;
         checkpoint::prune_checkpoints(out, opts.keep_checkpoints)?;
         Ok(dir)
     };
@@ -562,7 +563,8 @@ pub fn train(
     let final_dir = out.join("final");
     if step >= opts.steps || data_exhausted {
         checkpoint::write_atomically(&final_dir, |tmp| {
-            checkpoint::write_model_files(&student, tmp)
+            checkpoint::write_model_files(&student, tmp)?;
+            checkpoint::copy_tokenizer_files(out, tmp)
         })?;
     }
     Ok(TrainSummary {
