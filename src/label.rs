@@ -56,6 +56,8 @@ pub struct LabelConfig {
     pub shard: (u64, u64),
     /// Skip (and count) invalid records instead of stopping at the first one.
     pub skip_invalid: bool,
+    /// Read at most this many records of each input (for quick runs).
+    pub limit_records: Option<u64>,
 }
 
 impl Default for LabelConfig {
@@ -69,6 +71,7 @@ impl Default for LabelConfig {
             part_sequences: 256,
             shard: (0, 1),
             skip_invalid: false,
+            limit_records: None,
         }
     }
 }
@@ -148,6 +151,7 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
             "mc_response": mc,
             "shard": format!("{}/{}", cfg.shard.0, cfg.shard.1),
             "skip_invalid": cfg.skip_invalid,
+            "limit_records": cfg.limit_records,
             "part_sequences": cfg.part_sequences,
             "chat_template_sha256": teacher.chat_template().map(|t| {
                 use sha2::Digest;
@@ -169,6 +173,11 @@ fn plan(teacher: &Teacher, cfg: &LabelConfig, start: u64) -> Result<(Vec<Planned
     for (input, spec) in cfg.inputs.iter().enumerate() {
         let reader = SampleReader::open(&spec.path, encoder, cfg.input.clone())?;
         for sample in reader {
+            if let (Some(limit), Ok(s)) = (cfg.limit_records, &sample) {
+                if s.record >= limit {
+                    break;
+                }
+            }
             let sample = match sample {
                 Ok(s) => s,
                 Err(e @ Error::InvalidRecord { .. }) if cfg.skip_invalid => {

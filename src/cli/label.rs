@@ -57,6 +57,9 @@ pub struct Args {
     /// Skip invalid records (counted and reported) instead of stopping at the first.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Read at most N records of each input (quick runs).
+    #[arg(long)]
+    pub limit: Option<u64>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -97,6 +100,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         part_sequences: args.part_sequences,
         shard: parse_shard(&args.shard)?,
         skip_invalid: args.skip_invalid,
+        limit_records: args.limit,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
