@@ -17,15 +17,27 @@ use firstkd::store::{StoreReader, WriterOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let rows: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
+    let rows: u64 = args
+        .get(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     let tmp = tempfile::tempdir()?;
-    let base = args.get(2).map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
+    let base = args
+        .get(2)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
     println!("| dtype | label rows | labels bytes | bytes/token | write s | read s |");
     println!("|---|---:|---:|---:|---:|---:|");
     let mut stores = Vec::new();
     for dtype in [LogprobDtype::Float32, LogprobDtype::Float16] {
         let dir = base.join(format!("store-{}", dtype.name()));
-        let cfg = SyntheticConfig { label_rows: rows, seed: 42, logprob_dtype: dtype, ..SyntheticConfig::default() };
+        let cfg = SyntheticConfig {
+            label_rows: rows,
+            seed: 42,
+            logprob_dtype: dtype,
+            ..SyntheticConfig::default()
+        };
         let start = Instant::now();
         let m = generate(&dir, &cfg, WriterOptions::default())?;
         let write_s = start.elapsed().as_secs_f64();
@@ -39,27 +51,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let bytes = m.bytes(Table::Labels);
         println!(
             "| {} | {} | {} | {:.3} | {:.2} | {:.2} |",
-            dtype.name(), n, bytes, bytes as f64 / n as f64, write_s, read_s
+            dtype.name(),
+            n,
+            bytes,
+            bytes as f64 / n as f64,
+            write_s,
+            read_s
         );
         stores.push(dir);
     }
     // Max probability error of float16: compare the two stores id by id.
-    let read = |dir: &PathBuf| -> Result<Vec<(Vec<u32>, Vec<f32>, f32)>, Box<dyn std::error::Error>> {
-        let reader = StoreReader::open(dir)?;
-        let mut out = Vec::new();
-        for b in reader.batches(Table::Labels, Some(&["topk_ids", "topk_logprobs", "target_logprob"]), 65536)? {
-            let b = b?;
-            let ids = b.column(0).as_fixed_size_list().values().as_primitive::<UInt32Type>().values().to_vec();
-            let lps = cast(b.column(1).as_fixed_size_list().values(), &DataType::Float32)?;
-            let lps = lps.as_primitive::<Float32Type>().values().to_vec();
-            let t = cast(b.column(2), &DataType::Float32)?;
-            let t = t.as_primitive::<Float32Type>();
-            for i in 0..b.num_rows() {
-                out.push((ids[i * 5..i * 5 + 5].to_vec(), lps[i * 5..i * 5 + 5].to_vec(), t.value(i)));
+    let read =
+        |dir: &PathBuf| -> Result<Vec<(Vec<u32>, Vec<f32>, f32)>, Box<dyn std::error::Error>> {
+            let reader = StoreReader::open(dir)?;
+            let mut out = Vec::new();
+            for b in reader.batches(
+                Table::Labels,
+                Some(&["topk_ids", "topk_logprobs", "target_logprob"]),
+                65536,
+            )? {
+                let b = b?;
+                let ids = b
+                    .column(0)
+                    .as_fixed_size_list()
+                    .values()
+                    .as_primitive::<UInt32Type>()
+                    .values()
+                    .to_vec();
+                let lps = cast(
+                    b.column(1).as_fixed_size_list().values(),
+                    &DataType::Float32,
+                )?;
+                let lps = lps.as_primitive::<Float32Type>().values().to_vec();
+                let t = cast(b.column(2), &DataType::Float32)?;
+                let t = t.as_primitive::<Float32Type>();
+                for i in 0..b.num_rows() {
+                    out.push((
+                        ids[i * 5..i * 5 + 5].to_vec(),
+                        lps[i * 5..i * 5 + 5].to_vec(),
+                        t.value(i),
+                    ));
+                }
             }
-        }
-        Ok(out)
-    };
+            Ok(out)
+        };
     let (a, b) = (read(&stores[0])?, read(&stores[1])?);
     let (mut max_err, mut max_target_err, mut max_mass_err) = (0f64, 0f64, 0f64);
     for (x, y) in a.iter().zip(&b) {

@@ -17,7 +17,9 @@ use crate::input::{Encoder, InputOptions, SampleReader};
 use crate::schema::LogprobDtype;
 use crate::store::manifest::{SpecialToken, TokenizerInfo};
 use crate::store::writer::Opened;
-use crate::store::{Manifest, SampleLabels, SampleRecord, StoreMeta, StoreWriter, TeacherInfo, WriterOptions};
+use crate::store::{
+    Manifest, SampleLabels, SampleRecord, StoreMeta, StoreWriter, TeacherInfo, WriterOptions,
+};
 use crate::teacher::{plan_batches, LabelInput, LabelOptions, Teacher};
 
 /// One input file and how its samples are tagged in the store.
@@ -37,7 +39,11 @@ impl InputSpec {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "input".into());
-        InputSpec { path: path.to_path_buf(), source, split: split.to_string() }
+        InputSpec {
+            path: path.to_path_buf(),
+            source,
+            split: split.to_string(),
+        }
     }
 }
 
@@ -117,7 +123,13 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
     let mut special_tokens = std::collections::BTreeMap::new();
     for (role, t) in [("bos", &tok.bos), ("eos", &tok.eos), ("pad", &tok.pad)] {
         if let Some(t) = t {
-            special_tokens.insert(role.to_string(), SpecialToken { id: t.id, text: t.text.clone() });
+            special_tokens.insert(
+                role.to_string(),
+                SpecialToken {
+                    id: t.id,
+                    text: t.text.clone(),
+                },
+            );
         }
     }
     let mut inputs = Vec::new();
@@ -142,7 +154,11 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
             compute_dtype: "f32".into(),
             compute_mode: id.compute.clone(),
         },
-        tokenizer: TokenizerInfo { sha256: tok.sha256.clone(), vocab_size: tok.vocab_size, special_tokens },
+        tokenizer: TokenizerInfo {
+            sha256: tok.sha256.clone(),
+            vocab_size: tok.vocab_size,
+            special_tokens,
+        },
         labeling: serde_json::json!({
             "inputs": inputs,
             "format": fmt,
@@ -163,7 +179,11 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
 
 /// Reads every input once: validates every record, returns the sequences of this shard with
 /// `seq_no >= start` (tokens only), the totals, and the skipped records.
-fn plan(teacher: &Teacher, cfg: &LabelConfig, start: u64) -> Result<(Vec<Planned>, LabelProgress, Vec<String>, u64)> {
+fn plan(
+    teacher: &Teacher,
+    cfg: &LabelConfig,
+    start: u64,
+) -> Result<(Vec<Planned>, LabelProgress, Vec<String>, u64)> {
     let encoder = Encoder::from_teacher(teacher);
     let (index, count) = cfg.shard;
     let mut planned = Vec::new();
@@ -229,10 +249,14 @@ pub fn label(
     }
     let (index, count) = cfg.shard;
     if count == 0 || index >= count {
-        return Err(Error::InvalidArgument(format!("shard {index}/{count}: need 0 <= i < n")));
+        return Err(Error::InvalidArgument(format!(
+            "shard {index}/{count}: need 0 <= i < n"
+        )));
     }
     if cfg.part_sequences == 0 || cfg.batch_tokens == 0 {
-        return Err(Error::InvalidArgument("part_sequences and batch_tokens must be > 0".into()));
+        return Err(Error::InvalidArgument(
+            "part_sequences and batch_tokens must be > 0".into(),
+        ));
     }
     let meta = store_meta(teacher, cfg)?;
     let existing = StoreWriter::existing(out, &meta)?;
@@ -247,9 +271,12 @@ pub fn label(
             already_complete: true,
         });
     }
-    let resume_from = existing.and_then(|m| m.cursor["next_seq"].as_u64()).unwrap_or(0);
+    let resume_from = existing
+        .and_then(|m| m.cursor["next_seq"].as_u64())
+        .unwrap_or(0);
     // Every input is read and validated before anything is written.
-    let (planned, mut progress, skipped_examples, records_skipped) = plan(teacher, cfg, resume_from)?;
+    let (planned, mut progress, skipped_examples, records_skipped) =
+        plan(teacher, cfg, resume_from)?;
     let mut writer = match StoreWriter::open(out, meta, WriterOptions::default())? {
         Opened::Complete(manifest) => {
             return Ok(LabelSummary {
@@ -266,7 +293,10 @@ pub fn label(
         Opened::Resumed { writer, .. } => writer,
     };
     on_progress(&progress);
-    let opts = LabelOptions { k: cfg.k, ..LabelOptions::default() };
+    let opts = LabelOptions {
+        k: cfg.k,
+        ..LabelOptions::default()
+    };
     let (mut labelled, mut tokens) = (0u64, 0u64);
     for chunk in planned.chunks(cfg.part_sequences) {
         let lengths: Vec<usize> = chunk.iter().map(|p| p.input_ids.len()).collect();
@@ -274,7 +304,10 @@ pub fn label(
         for batch in plan_batches(&lengths, cfg.batch_tokens) {
             let inputs: Vec<LabelInput<'_>> = batch
                 .iter()
-                .map(|&i| LabelInput { input_ids: &chunk[i].input_ids, prompt_len: chunk[i].prompt_len })
+                .map(|&i| LabelInput {
+                    input_ids: &chunk[i].input_ids,
+                    prompt_len: chunk[i].prompt_len,
+                })
                 .collect();
             let labels = teacher.label_batch(&inputs, &opts)?;
             for (&i, l) in batch.iter().zip(labels) {
@@ -290,7 +323,8 @@ pub fn label(
             on_progress(&progress);
         }
         for (p, labels) in chunk.iter().zip(results) {
-            let labels = labels.ok_or_else(|| Error::InvalidArgument("sequence left unlabelled".into()))?;
+            let labels =
+                labels.ok_or_else(|| Error::InvalidArgument("sequence left unlabelled".into()))?;
             let spec = &cfg.inputs[p.input];
             let record = SampleRecord {
                 sample_id: p.seq_no,
@@ -308,7 +342,8 @@ pub fn label(
         let next = chunk.last().map_or(resume_from, |p| p.seq_no + 1);
         writer.commit(serde_json::json!({ "next_seq": next }))?;
     }
-    let manifest = writer.finish(serde_json::json!({ "next_seq": u64::MAX, "records_skipped": records_skipped }))?;
+    let manifest = writer
+        .finish(serde_json::json!({ "next_seq": u64::MAX, "records_skipped": records_skipped }))?;
     Ok(LabelSummary {
         manifest,
         sequences_labelled: labelled,

@@ -232,7 +232,13 @@ pub fn describe(schema: &Schema, k: usize) -> Vec<(String, String, bool)> {
     schema
         .fields()
         .iter()
-        .map(|f| (f.name().clone(), type_name(f.data_type(), k), f.is_nullable()))
+        .map(|f| {
+            (
+                f.name().clone(),
+                type_name(f.data_type(), k),
+                f.is_nullable(),
+            )
+        })
         .collect()
 }
 
@@ -305,7 +311,10 @@ mod tests {
         assert_eq!(check_version("1.7", p).unwrap(), (1, 7));
         for bad in ["2.0", "0.9", "1", "", "one.zero", "1.x"] {
             let err = check_version(bad, p).unwrap_err().to_string();
-            assert!(err.contains("unsupported store schema version"), "{bad}: {err}");
+            assert!(
+                err.contains("unsupported store schema version"),
+                "{bad}: {err}"
+            );
         }
     }
 }

@@ -34,7 +34,12 @@ pub struct HeldOut {
 
 impl Default for HeldOut {
     fn default() -> Self {
-        HeldOut { split: "valid".into(), fraction: 0.1, in_loss_only: true, max_positions: 2_000_000 }
+        HeldOut {
+            split: "valid".into(),
+            fraction: 0.1,
+            in_loss_only: true,
+            max_positions: 2_000_000,
+        }
     }
 }
 
@@ -56,9 +61,17 @@ pub fn hash_held_out(sample_id: u64, fraction: f64) -> bool {
 }
 
 /// Fits the temperature of the store at `dir` on its held-out positions.
-pub fn fit_store(dir: &Path, held_out: &HeldOut, objective: FitObjective, options: &FitOptions) -> Result<StoreFit> {
+pub fn fit_store(
+    dir: &Path,
+    held_out: &HeldOut,
+    objective: FitObjective,
+    options: &FitOptions,
+) -> Result<StoreFit> {
     if !(held_out.fraction > 0.0 && held_out.fraction <= 1.0) {
-        return Err(Error::InvalidArgument(format!("held-out fraction {} must be in (0, 1]", held_out.fraction)));
+        return Err(Error::InvalidArgument(format!(
+            "held-out fraction {} must be in (0, 1]",
+            held_out.fraction
+        )));
     }
     let reader = StoreReader::open(dir)?;
     let vocab = reader.manifest().tokenizer.vocab_size as usize;
@@ -74,18 +87,39 @@ pub fn fit_store(dir: &Path, held_out: &HeldOut, objective: FitObjective, option
         }
     }
     let use_split = split_of.values().any(|&v| v);
-    let chosen = |id: u64| if use_split { split_of.get(&id).copied().unwrap_or(false) } else { hash_held_out(id, held_out.fraction) };
+    let chosen = |id: u64| {
+        if use_split {
+            split_of.get(&id).copied().unwrap_or(false)
+        } else {
+            hash_held_out(id, held_out.fraction)
+        }
+    };
     let held_samples = split_of.keys().filter(|&&id| chosen(id)).count();
 
     let (mut logprobs, mut ranks, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-    let columns = [lcol::SAMPLE_ID, lcol::TARGET_ID, lcol::IN_LOSS, lcol::TOPK_IDS, lcol::TOPK_LOGPROBS, lcol::TARGET_LOGPROB];
+    let columns = [
+        lcol::SAMPLE_ID,
+        lcol::TARGET_ID,
+        lcol::IN_LOSS,
+        lcol::TOPK_IDS,
+        lcol::TOPK_LOGPROBS,
+        lcol::TARGET_LOGPROB,
+    ];
     'outer: for batch in reader.batches(Table::Labels, Some(&columns), 65536)? {
         let batch = batch?;
         let sid = batch.column(0).as_primitive::<UInt64Type>();
         let target = batch.column(1).as_primitive::<UInt32Type>();
         let in_loss = batch.column(2).as_boolean();
-        let ids = batch.column(3).as_fixed_size_list().values().as_primitive::<UInt32Type>().clone();
-        let lps = cast(batch.column(4).as_fixed_size_list().values(), &DataType::Float32)?;
+        let ids = batch
+            .column(3)
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<UInt32Type>()
+            .clone();
+        let lps = cast(
+            batch.column(4).as_fixed_size_list().values(),
+            &DataType::Float32,
+        )?;
         let lps = lps.as_primitive::<Float32Type>();
         let tlp = cast(batch.column(5), &DataType::Float32)?;
         let tlp = tlp.as_primitive::<Float32Type>();

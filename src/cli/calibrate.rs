@@ -67,11 +67,15 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         in_loss_only: !args.all_positions,
         max_positions: args.max_positions,
     };
-    let options = FitOptions { mode, ..FitOptions::default() };
+    let options = FitOptions {
+        mode,
+        ..FitOptions::default()
+    };
     let fit = fit_store(&args.store, &held_out, objective, &options)
         .with_context(|| format!("fitting the temperature of {}", args.store.display()))?;
     if !args.dry_run {
-        record_fit(&args.store, &fit).with_context(|| format!("writing {}/manifest.json", args.store.display()))?;
+        record_fit(&args.store, &fit)
+            .with_context(|| format!("writing {}/manifest.json", args.store.display()))?;
     }
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &fit)?;
@@ -88,7 +92,12 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     if args.dry_run {
         writeln!(out, "dry run: manifest not changed")?;
     } else {
-        writeln!(out, "temperature {:.4} written to {}/manifest.json", f.temperature, args.store.display())?;
+        writeln!(
+            out,
+            "temperature {:.4} written to {}/manifest.json",
+            f.temperature,
+            args.store.display()
+        )?;
     }
     Ok(0)
 }

@@ -66,7 +66,9 @@ pub struct Args {
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
-    let (i, n) = s.split_once('/').context("--shard must look like i/n, e.g. 0/4")?;
+    let (i, n) = s
+        .split_once('/')
+        .context("--shard must look like i/n, e.g. 0/4")?;
     let (i, n): (u64, u64) = (i.trim().parse()?, n.trim().parse()?);
     anyhow::ensure!(n > 0 && i < n, "--shard {s}: need 0 <= i < n");
     Ok((i, n))
@@ -83,12 +85,18 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         other => anyhow::bail!("--mc-response {other:?}: expected letter or text"),
     };
     let cfg = LabelConfig {
-        inputs: args.inputs.iter().map(|p| InputSpec::new(p, &args.split)).collect(),
+        inputs: args
+            .inputs
+            .iter()
+            .map(|p| InputSpec::new(p, &args.split))
+            .collect(),
         input: InputOptions {
             format: args.format.parse::<InputFormat>()?,
             seq_len: args.seq_len,
             max_len: match args.max_len {
-                Some(n) if n > context => anyhow::bail!("--max-len {n} exceeds the model's context of {context}"),
+                Some(n) if n > context => {
+                    anyhow::bail!("--max-len {n} exceeds the model's context of {context}")
+                }
                 Some(n) => n,
                 None => context.max(2),
             },
@@ -113,7 +121,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let summary = label(&teacher, &cfg, &args.out, &mut |p| {
         bar.set_length(p.tokens_total);
         bar.set_position(p.tokens_done);
-        bar.set_message(format!("{}/{} sequences", p.sequences_done, p.sequences_total));
+        bar.set_message(format!(
+            "{}/{} sequences",
+            p.sequences_done, p.sequences_total
+        ));
     })
     .with_context(|| format!("labelling into {}", args.out.display()))?;
     bar.finish_and_clear();
@@ -126,7 +137,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         return Ok(0);
     }
     if summary.already_complete {
-        writeln!(out, "{} is already complete; nothing to do", args.out.display())?;
+        writeln!(
+            out,
+            "{} is already complete; nothing to do",
+            args.out.display()
+        )?;
         return Ok(0);
     }
     let m = &summary.manifest;
@@ -138,13 +153,20 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         seconds,
         summary.tokens_labelled as f64 / seconds.max(1e-9),
         if summary.sequences_resumed > 0 {
-            format!("; {} sequences were already labelled (resumed)", summary.sequences_resumed)
+            format!(
+                "; {} sequences were already labelled (resumed)",
+                summary.sequences_resumed
+            )
         } else {
             String::new()
         }
     )?;
     if summary.records_skipped > 0 {
-        writeln!(out, "skipped {} invalid records, e.g.:", summary.records_skipped)?;
+        writeln!(
+            out,
+            "skipped {} invalid records, e.g.:",
+            summary.records_skipped
+        )?;
         for e in &summary.skipped_examples {
             writeln!(out, "  {e}")?;
         }

@@ -4,10 +4,10 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
-mod distill;
-mod compare;
-mod eval;
 mod calibrate;
+mod compare;
+mod distill;
+mod eval;
 mod inspect;
 mod label;
 mod sql;

@@ -182,14 +182,25 @@ pub fn check_part_schema(path: &Path, found: &SchemaRef, expected: &SchemaRef) -
     let describe = |s: &SchemaRef| -> Vec<String> {
         s.fields()
             .iter()
-            .map(|f| format!("{}: {} (nullable {})", f.name(), f.data_type(), f.is_nullable()))
+            .map(|f| {
+                format!(
+                    "{}: {} (nullable {})",
+                    f.name(),
+                    f.data_type(),
+                    f.is_nullable()
+                )
+            })
             .collect()
     };
     let (found, expected) = (describe(found), describe(expected));
     if found != expected {
         return Err(Error::SchemaMismatch {
             path: path.to_path_buf(),
-            reason: format!("columns are [{}], expected [{}]", found.join(", "), expected.join(", ")),
+            reason: format!(
+                "columns are [{}], expected [{}]",
+                found.join(", "),
+                expected.join(", ")
+            ),
         });
     }
     Ok(())

@@ -125,8 +125,8 @@ fn draw_position(rng: &mut StdRng, cfg: &SyntheticConfig) -> Position {
     sharp.push(per_tail_token * s + tail_tokens.ln());
     let stored = log_softmax(&sharp);
     let tail_token_lp = stored[k] - tail_tokens.ln();
-    let entropy = -stored[..k].iter().map(|lp| lp.exp() * lp).sum::<f64>()
-        - stored[k].exp() * tail_token_lp;
+    let entropy =
+        -stored[..k].iter().map(|lp| lp.exp() * lp).sum::<f64>() - stored[k].exp() * tail_token_lp;
     // Distinct ids, skewed towards frequent (small) ids.
     let mut ids = Vec::with_capacity(k);
     while ids.len() < k {
@@ -194,7 +194,11 @@ pub fn generate(dir: &Path, cfg: &SyntheticConfig, opts: WriterOptions) -> Resul
         let len = rng.random_range(cfg.min_len..=cfg.max_len);
         let prompt_len = (len as f64 * rng.random_range(0.2..0.6)) as u32;
         let source = SOURCES[rng.random_range(0..SOURCES.len())];
-        let split = if rng.random::<f64>() < cfg.valid_fraction { "valid" } else { "train" };
+        let split = if rng.random::<f64>() < cfg.valid_fraction {
+            "valid"
+        } else {
+            "train"
+        };
         let mut input_ids = Vec::with_capacity(len);
         input_ids.push(rng.random_range(0..cfg.vocab_size));
         let mut labels = SampleLabels::default();

@@ -108,7 +108,11 @@ fn check_listing(dir: &Path, manifest: &Manifest, report: &mut VerifyReport) -> 
     let mut indices = HashSet::new();
     for part in &manifest.parts {
         if !indices.insert(part.index) {
-            report.push(MANIFEST_FILE, None, format!("part index {} listed twice", part.index));
+            report.push(
+                MANIFEST_FILE,
+                None,
+                format!("part index {} listed twice", part.index),
+            );
         }
         for table in Table::ALL {
             let file = &part.file(table).file;
@@ -116,7 +120,11 @@ fn check_listing(dir: &Path, manifest: &Manifest, report: &mut VerifyReport) -> 
                 report.push(MANIFEST_FILE, None, format!("{file} listed twice"));
             }
             if !file.starts_with(&format!("{}/", table.name())) || file.contains("..") {
-                report.push(MANIFEST_FILE, None, format!("{file} is not inside {}/", table.name()));
+                report.push(
+                    MANIFEST_FILE,
+                    None,
+                    format!("{file} is not inside {}/", table.name()),
+                );
             }
         }
     }
@@ -145,24 +153,45 @@ fn check_listing(dir: &Path, manifest: &Manifest, report: &mut VerifyReport) -> 
 }
 
 /// Existence, size, checksum, row count, metadata and schema of one part file.
-fn check_file(dir: &Path, manifest: &Manifest, part: &PartEntry, table: Table, report: &mut VerifyReport) {
+fn check_file(
+    dir: &Path,
+    manifest: &Manifest,
+    part: &PartEntry,
+    table: Table,
+    report: &mut VerifyReport,
+) {
     let entry = part.file(table);
     let path = dir.join(&entry.file);
     let name = entry.file.as_str();
     let size = match std::fs::metadata(&path) {
         Ok(m) => m.len(),
         Err(_) => {
-            report.push(name, None, "missing: listed in the manifest but not on disk");
+            report.push(
+                name,
+                None,
+                "missing: listed in the manifest but not on disk",
+            );
             return;
         }
     };
     if size != entry.bytes {
-        report.push(name, None, format!("size is {size} bytes, manifest says {} (truncated or replaced?)", entry.bytes));
+        report.push(
+            name,
+            None,
+            format!(
+                "size is {size} bytes, manifest says {} (truncated or replaced?)",
+                entry.bytes
+            ),
+        );
     }
     match sha256_file(&path) {
         Ok(sum) if sum == entry.sha256 => {}
         Ok(sum) => {
-            report.push(name, None, format!("sha256 is {sum}, manifest says {}", entry.sha256));
+            report.push(
+                name,
+                None,
+                format!("sha256 is {sum}, manifest says {}", entry.sha256),
+            );
             return;
         }
         Err(e) => {
@@ -172,7 +201,9 @@ fn check_file(dir: &Path, manifest: &Manifest, part: &PartEntry, table: Table, r
     }
     let opened = File::open(&path)
         .map_err(|e| Error::io(&path, e))
-        .and_then(|f| ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::parquet(&path, e)));
+        .and_then(|f| {
+            ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::parquet(&path, e))
+        });
     let builder = match opened {
         Ok(b) => b,
         Err(e) => {
@@ -189,7 +220,11 @@ fn check_file(dir: &Path, manifest: &Manifest, part: &PartEntry, table: Table, r
     }
     let rows = builder.metadata().file_metadata().num_rows();
     if u64::try_from(rows).ok() != Some(entry.rows) {
-        report.push(name, None, format!("has {rows} rows, manifest says {}", entry.rows));
+        report.push(
+            name,
+            None,
+            format!("has {rows} rows, manifest says {}", entry.rows),
+        );
     }
 }
 
@@ -200,11 +235,17 @@ fn check_rows_guarded(
     seen: &mut HashSet<u64>,
     report: &mut VerifyReport,
 ) {
-    let result = catch_unwind(AssertUnwindSafe(|| check_rows(dir, manifest, part, seen, report)));
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        check_rows(dir, manifest, part, seen, report)
+    }));
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => report.push(&part.labels.file, None, e.to_string()),
-        Err(_) => report.push(&part.labels.file, None, "reading the part failed (decoder panic)"),
+        Err(_) => report.push(
+            &part.labels.file,
+            None,
+            "reading the part failed (decoder panic)",
+        ),
     }
 }
 
@@ -216,7 +257,8 @@ struct SampleInfo {
 
 fn read_all(path: &Path, batch_size: usize) -> Result<Vec<RecordBatch>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
     let mask = ProjectionMask::all();
     let reader = builder
         .with_projection(mask)
@@ -224,7 +266,12 @@ fn read_all(path: &Path, batch_size: usize) -> Result<Vec<RecordBatch>> {
         .build()
         .map_err(|e| Error::parquet(path, e))?;
     reader
-        .map(|b| b.map_err(|e| Error::Corrupt { path: path.to_path_buf(), reason: e.to_string() }))
+        .map(|b| {
+            b.map_err(|e| Error::Corrupt {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        })
         .collect()
 }
 
@@ -250,14 +297,21 @@ fn check_rows(
         let npos = batch.column(7).as_primitive::<UInt32Type>();
         for i in 0..batch.num_rows() {
             let id = ids.value(i);
-            let input_ids = inputs.value(i).as_primitive::<UInt32Type>().values().to_vec();
+            let input_ids = inputs
+                .value(i)
+                .as_primitive::<UInt32Type>()
+                .values()
+                .to_vec();
             let (p, n) = (prompt.value(i), npos.value(i));
             let mut bad = Vec::new();
             if !seen.insert(id) {
                 bad.push(format!("sample_id {id} appears twice in the store"));
             }
             if input_ids.len() < 2 || n as usize != input_ids.len() - 1 {
-                bad.push(format!("num_positions {n} but {} input ids", input_ids.len()));
+                bad.push(format!(
+                    "num_positions {n} but {} input ids",
+                    input_ids.len()
+                ));
             }
             if p as usize > input_ids.len() {
                 bad.push(format!("prompt_len {p} > {} input ids", input_ids.len()));
@@ -269,7 +323,14 @@ fn check_rows(
             for message in bad {
                 report.push(samples_name, Some(row), message);
             }
-            samples.insert(id, SampleInfo { input_ids, prompt_len: p, num_positions: n });
+            samples.insert(
+                id,
+                SampleInfo {
+                    input_ids,
+                    prompt_len: p,
+                    num_positions: n,
+                },
+            );
             row += 1;
         }
         report.sample_rows_checked += batch.num_rows() as u64;
@@ -438,7 +499,11 @@ impl<'a> LabelChecker<'a> {
             self.problem(report, row, m);
         }
         if self.suppressed > 0 {
-            report.push(self.file, None, format!("... and {} more row problems", self.suppressed));
+            report.push(
+                self.file,
+                None,
+                format!("... and {} more row problems", self.suppressed),
+            );
         }
     }
 }

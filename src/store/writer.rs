@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, ListArray,
-    StringArray, UInt32Array, UInt64Array,
+    ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, ListArray, StringArray,
+    UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{Field, SchemaRef};
@@ -14,8 +14,8 @@ use arrow::record_batch::RecordBatch;
 use half::f16;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 
 use super::manifest::{sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo};
 use super::sha256_file;
@@ -266,7 +266,12 @@ impl StoreWriter {
 
     /// Adds one sample and its labels to the open part.
     pub fn push(&mut self, sample: &SampleRecord, labels: &SampleLabels) -> Result<()> {
-        validate(sample, labels, self.manifest.k, self.manifest.tokenizer.vocab_size)?;
+        validate(
+            sample,
+            labels,
+            self.manifest.k,
+            self.manifest.tokenizer.vocab_size,
+        )?;
         let k = self.manifest.k;
         let n = sample.input_ids.len() - 1;
         let b = &mut self.buffers;
@@ -278,14 +283,16 @@ impl StoreWriter {
         }
         let start = b.topk_ids.len();
         b.topk_ids.extend_from_slice(&labels.topk_ids[..n * k]);
-        b.topk_logprobs.extend_from_slice(&labels.topk_logprobs[..n * k]);
+        b.topk_logprobs
+            .extend_from_slice(&labels.topk_logprobs[..n * k]);
         canonicalize(
             &mut b.topk_ids[start..],
             &mut b.topk_logprobs[start..],
             k,
             self.manifest.logprob_dtype,
         );
-        b.target_logprob.extend_from_slice(&labels.target_logprobs[..n]);
+        b.target_logprob
+            .extend_from_slice(&labels.target_logprobs[..n]);
         b.entropy.extend_from_slice(&labels.entropy[..n]);
         b.s_sample_id.push(sample.sample_id);
         b.s_source.push(sample.source.clone());
@@ -341,10 +348,14 @@ impl StoreWriter {
             kv(meta_keys::LOGPROB_DTYPE, m.logprob_dtype.name().to_string()),
             kv(meta_keys::TEACHER, serde_json::to_string(&m.teacher)?),
             kv(meta_keys::TOKENIZER, serde_json::to_string(&m.tokenizer)?),
-            kv(meta_keys::WRITER_VERSION, format!("firstkd {}", crate::VERSION)),
+            kv(
+                meta_keys::WRITER_VERSION,
+                format!("firstkd {}", crate::VERSION),
+            ),
             kv(meta_keys::PART_INDEX, index.to_string()),
         ];
-        let level = ZstdLevel::try_new(self.opts.zstd_level).map_err(|e| Error::parquet(path, e))?;
+        let level =
+            ZstdLevel::try_new(self.opts.zstd_level).map_err(|e| Error::parquet(path, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(self.opts.row_group_rows.max(1)))
@@ -520,12 +531,19 @@ fn validate(sample: &SampleRecord, labels: &SampleLabels, k: usize, vocab: u32) 
         ));
     }
     if vocab > 0 {
-        if let Some(id) = sample.input_ids.iter().chain(&labels.topk_ids).find(|&&id| id >= vocab) {
+        if let Some(id) = sample
+            .input_ids
+            .iter()
+            .chain(&labels.topk_ids)
+            .find(|&&id| id >= vocab)
+        {
             return bad(format!("token id {id} outside vocabulary of {vocab}"));
         }
     }
     let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-    if !finite(&labels.topk_logprobs) || !finite(&labels.target_logprobs) || !finite(&labels.entropy)
+    if !finite(&labels.topk_logprobs)
+        || !finite(&labels.target_logprobs)
+        || !finite(&labels.entropy)
     {
         return bad("non-finite (NaN or infinite) log-prob or entropy".into());
     }
@@ -535,7 +553,9 @@ fn validate(sample: &SampleRecord, labels: &SampleLabels, k: usize, vocab: u32) 
 fn fixed_list(values: ArrayRef, k: usize) -> Result<ArrayRef> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), false));
     let size = i32::try_from(k).map_err(|_| Error::InvalidArgument(format!("k {k} too large")))?;
-    Ok(Arc::new(FixedSizeListArray::try_new(field, size, values, None)?))
+    Ok(Arc::new(FixedSizeListArray::try_new(
+        field, size, values, None,
+    )?))
 }
 
 fn logprob_array(values: &[f32], dtype: LogprobDtype) -> ArrayRef {
@@ -553,7 +573,10 @@ fn labels_batch(b: &mut Buffers, schema: &SchemaRef, m: &Manifest) -> Result<Rec
         Arc::new(UInt32Array::from(std::mem::take(&mut b.position))),
         Arc::new(UInt32Array::from(std::mem::take(&mut b.target_id))),
         Arc::new(BooleanArray::from(std::mem::take(&mut b.in_loss))),
-        fixed_list(Arc::new(UInt32Array::from(std::mem::take(&mut b.topk_ids))), m.k)?,
+        fixed_list(
+            Arc::new(UInt32Array::from(std::mem::take(&mut b.topk_ids))),
+            m.k,
+        )?,
         fixed_list(logprob_array(&b.topk_logprobs, m.logprob_dtype), m.k)?,
         logprob_array(&b.target_logprob, m.logprob_dtype),
         Arc::new(Float32Array::from(std::mem::take(&mut b.entropy))),
@@ -562,9 +585,18 @@ fn labels_batch(b: &mut Buffers, schema: &SchemaRef, m: &Manifest) -> Result<Rec
 }
 
 fn samples_batch(b: Buffers, schema: &SchemaRef) -> Result<RecordBatch> {
-    let item = Arc::new(Field::new("item", arrow::datatypes::DataType::UInt32, false));
+    let item = Arc::new(Field::new(
+        "item",
+        arrow::datatypes::DataType::UInt32,
+        false,
+    ));
     let offsets = OffsetBuffer::new(b.s_offsets.into());
-    let input_ids = ListArray::try_new(item, offsets, Arc::new(UInt32Array::from(b.s_input_ids)), None)?;
+    let input_ids = ListArray::try_new(
+        item,
+        offsets,
+        Arc::new(UInt32Array::from(b.s_input_ids)),
+        None,
+    )?;
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from(b.s_sample_id)),
         Arc::new(StringArray::from(b.s_source)),

@@ -148,10 +148,7 @@ pub fn read_config(path: &Path) -> Result<StudentConfig> {
 /// Loads a GGUF file or an HF directory as (config, f32 weights under HF names on the CPU,
 /// tokenizer sha256). With `layers`, only those source layers are kept, renumbered 0.. in the
 /// given order.
-pub fn load_pretrained(
-    path: &Path,
-    layers: Option<&[usize]>,
-) -> Result<Pretrained> {
+pub fn load_pretrained(path: &Path, layers: Option<&[usize]>) -> Result<Pretrained> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let (mut cfg, mut weights, sha) = if meta.is_dir() {
         load_hf(path)?
@@ -200,7 +197,11 @@ fn model_err(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 /// Config, f32 weights by HF name, and the source's tokenizer when it has one.
-pub type Pretrained = (StudentConfig, BTreeMap<String, Tensor>, Option<TokenizerSource>);
+pub type Pretrained = (
+    StudentConfig,
+    BTreeMap<String, Tensor>,
+    Option<TokenizerSource>,
+);
 
 fn load_hf(dir: &Path) -> Result<Pretrained> {
     let cfg = read_config(&dir.join("config.json"))?;
@@ -225,18 +226,32 @@ fn load_hf(dir: &Path) -> Result<Pretrained> {
     let sha = if tokenizer.exists() {
         let id = |v: &Option<serde_json::Value>| match v {
             Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32),
-            Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
+            Some(serde_json::Value::Array(a)) => {
+                a.first().and_then(|x| x.as_u64()).map(|x| x as u32)
+            }
             _ => None,
         };
-        let specials = [id(&cfg.bos_token_id), id(&cfg.eos_token_id), id(&cfg.pad_token_id)];
+        let specials = [
+            id(&cfg.bos_token_id),
+            id(&cfg.eos_token_id),
+            id(&cfg.pad_token_id),
+        ];
         let hash = TeacherTokenizer::from_tokenizer_json(&tokenizer, specials)
             .ok()
             .map(|t| t.identity().sha256.clone());
         let mut files = Vec::new();
-        for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ] {
             let path = dir.join(name);
             if path.exists() {
-                files.push((name.to_string(), std::fs::read(&path).map_err(|e| Error::io(&path, e))?));
+                files.push((
+                    name.to_string(),
+                    std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
+                ));
             }
         }
         hash.map(|sha256| TokenizerSource { sha256, files })
@@ -253,9 +268,10 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         let teacher = Teacher::load(path, &Device::Cpu)?;
         let tok = teacher.tokenizer();
         let identity = tok.identity();
-        let json = tok.inner().to_string(false).map_err(|e| {
-            model_err(path, format!("serialising the tokenizer: {e}"))
-        })?;
+        let json = tok
+            .inner()
+            .to_string(false)
+            .map_err(|e| model_err(path, format!("serialising the tokenizer: {e}")))?;
         let text = |t: &Option<crate::teacher::SpecialToken>| t.as_ref().map(|t| t.text.clone());
         let config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -267,7 +283,10 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         });
         let files = vec![
             ("tokenizer.json".to_string(), json.into_bytes()),
-            ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&config)?),
+            (
+                "tokenizer_config.json".to_string(),
+                serde_json::to_vec_pretty(&config)?,
+            ),
         ];
         let ids = (
             identity.bos.as_ref().map(|t| t.id),
@@ -277,7 +296,10 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         (
             teacher.model().config().clone(),
             teacher.identity().tied_embeddings,
-            TokenizerSource { sha256: identity.sha256.clone(), files },
+            TokenizerSource {
+                sha256: identity.sha256.clone(),
+                files,
+            },
             ids,
         )
     };

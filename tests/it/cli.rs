@@ -11,7 +11,16 @@ fn synth_verify_inspect() {
     let tmp = tempdir();
     let dir = tmp.path().join("store");
     let d = dir.to_str().unwrap();
-    let out = firstkd(&["synth", d, "--rows", "3000", "--part-rows", "1000", "--seed", "3"]);
+    let out = firstkd(&[
+        "synth",
+        d,
+        "--rows",
+        "3000",
+        "--part-rows",
+        "1000",
+        "--seed",
+        "3",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let out = firstkd(&["verify", d]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -19,9 +28,13 @@ fn synth_verify_inspect() {
     let out = firstkd(&["inspect", d]);
     assert!(out.status.success());
     let t = text(&out);
-    assert!(t.contains("bytes/token") && t.contains("label rows") && t.contains("not fitted"), "{t}");
+    assert!(
+        t.contains("bytes/token") && t.contains("label rows") && t.contains("not fitted"),
+        "{t}"
+    );
     let out = firstkd(&["inspect", "--json", d]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
     assert_eq!(json["manifest"]["k"], 5);
     assert_eq!(json["manifest"]["logprob_dtype"], "float16");
     assert!(json["label_rows"].as_u64().unwrap() >= 3000);
@@ -50,7 +63,10 @@ fn bad_paths_fail_cleanly() {
     let out = firstkd(&["inspect", "/nonexistent/store"]);
     assert_eq!(out.status.code(), Some(2));
     let t = text(&out);
-    assert!(t.contains("/nonexistent/store") && t.contains("not a firstkd store"), "{t}");
+    assert!(
+        t.contains("/nonexistent/store") && t.contains("not a firstkd store"),
+        "{t}"
+    );
     assert!(!t.contains("panicked"), "{t}");
     let out = firstkd(&["verify", "/nonexistent/store"]);
     assert_eq!(out.status.code(), Some(1));
@@ -59,7 +75,12 @@ fn bad_paths_fail_cleanly() {
     let out = firstkd(&["synth", tmp.path().to_str().unwrap(), "--rows", "10"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("not empty"));
-    let out = firstkd(&["synth", tmp.path().join("y").to_str().unwrap(), "--dtype", "int8"]);
+    let out = firstkd(&[
+        "synth",
+        tmp.path().join("y").to_str().unwrap(),
+        "--dtype",
+        "int8",
+    ]);
     assert!(text(&out).contains("unknown log-prob dtype"));
 }
 
@@ -73,7 +94,10 @@ fn parts_open_in_pyarrow() {
             .is_ok_and(|s| s.success())
     };
     if !have("pyarrow") {
-        assert!(!in_ci(), "pyarrow is required under CI (.ci/run installs it)");
+        assert!(
+            !in_ci(),
+            "pyarrow is required under CI (.ci/run installs it)"
+        );
         eprintln!("skipping: python3 pyarrow not installed (pip install pyarrow)");
         return;
     }
@@ -107,15 +131,58 @@ except ImportError:
     pass
 print(json.dumps(out))
 "#;
-    let out = Command::new("python3").args(["-c", script, dir.to_str().unwrap()]).output().unwrap();
+    let out = Command::new("python3")
+        .args(["-c", script, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let cols: Vec<&str> = v["labels_columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    assert_eq!(cols, ["sample_id", "position", "target_id", "in_loss", "topk_ids", "topk_logprobs", "target_logprob", "entropy"]);
-    let cols: Vec<&str> = v["samples_columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    assert_eq!(cols, ["sample_id", "source", "split", "record_index", "window_index", "input_ids", "prompt_len", "num_positions"]);
-    assert_eq!(v["topk_ids_type"], "fixed_size_list<item: uint32 not null>[5]");
-    assert_eq!(v["topk_logprobs_type"], "fixed_size_list<item: halffloat not null>[5]");
+    let cols: Vec<&str> = v["labels_columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            "sample_id",
+            "position",
+            "target_id",
+            "in_loss",
+            "topk_ids",
+            "topk_logprobs",
+            "target_logprob",
+            "entropy"
+        ]
+    );
+    let cols: Vec<&str> = v["samples_columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            "sample_id",
+            "source",
+            "split",
+            "record_index",
+            "window_index",
+            "input_ids",
+            "prompt_len",
+            "num_positions"
+        ]
+    );
+    assert_eq!(
+        v["topk_ids_type"],
+        "fixed_size_list<item: uint32 not null>[5]"
+    );
+    assert_eq!(
+        v["topk_logprobs_type"],
+        "fixed_size_list<item: halffloat not null>[5]"
+    );
     assert_eq!(v["rows"].as_u64().unwrap(), m.parts[0].labels.rows);
     assert_eq!(v["first_ids"].as_array().unwrap().len(), 5);
     assert_eq!(v["compression"], "ZSTD");
@@ -127,7 +194,10 @@ print(json.dumps(out))
         assert!(v["meta"].get(key).is_some(), "missing {key}");
     }
     if let Some(rows) = v.get("duckdb_rows") {
-        assert_eq!(rows.as_u64().unwrap(), m.rows(firstkd::schema::Table::Labels));
+        assert_eq!(
+            rows.as_u64().unwrap(),
+            m.rows(firstkd::schema::Table::Labels)
+        );
         // DuckDB decodes the float16 log-probs: the sum of top-1 log-probs is negative.
         assert!(v["duckdb_top1_sum"].as_f64().unwrap() < 0.0, "{v}");
     }
@@ -140,7 +210,16 @@ fn calibrate_fits_and_records_temperature() {
     let tmp = tempdir();
     let dir = tmp.path().join("over");
     let d = dir.to_str().unwrap();
-    let out = firstkd(&["synth", d, "--rows", "40000", "--overconfidence", "2.0", "--seed", "5"]);
+    let out = firstkd(&[
+        "synth",
+        d,
+        "--rows",
+        "40000",
+        "--overconfidence",
+        "2.0",
+        "--seed",
+        "5",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let before = firstkd::store::Manifest::load(&dir).unwrap();
     assert!(before.temperature.is_none());
@@ -149,7 +228,10 @@ fn calibrate_fits_and_records_temperature() {
     let fit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = fit["fit"]["temperature"].as_f64().unwrap();
     assert!(t > 1.3, "over-confident teacher fitted T = {t}");
-    let (ece0, ece1) = (fit["fit"]["before"]["ece"].as_f64().unwrap(), fit["fit"]["after"]["ece"].as_f64().unwrap());
+    let (ece0, ece1) = (
+        fit["fit"]["before"]["ece"].as_f64().unwrap(),
+        fit["fit"]["after"]["ece"].as_f64().unwrap(),
+    );
     assert!(ece1 < ece0 / 2.0, "ECE {ece0} -> {ece1}");
     assert_eq!(fit["fitted_on"]["rule"], "split = \"valid\"");
     let after = firstkd::store::Manifest::load(&dir).unwrap();
@@ -159,13 +241,35 @@ fn calibrate_fits_and_records_temperature() {
     assert_eq!(after.parts, before.parts, "parts are not rewritten");
     assert_eq!(firstkd(&["verify", d]).status.code(), Some(0));
     let shown = text(&firstkd(&["inspect", d]));
-    assert!(shown.contains(&format!("temperature      {t:.4}")), "{shown}");
+    assert!(
+        shown.contains(&format!("temperature      {t:.4}")),
+        "{shown}"
+    );
 
     // Held-out ECE on data the fit did not see: a second store from another seed.
     let other = tmp.path().join("other");
-    firstkd(&["synth", other.to_str().unwrap(), "--rows", "40000", "--overconfidence", "2.0", "--seed", "6"]);
+    firstkd(&[
+        "synth",
+        other.to_str().unwrap(),
+        "--rows",
+        "40000",
+        "--overconfidence",
+        "2.0",
+        "--seed",
+        "6",
+    ]);
     let report = |temp: f64| -> f64 {
-        let o = firstkd(&["stats", other.to_str().unwrap(), "--report", "calibration", "--mode", "renormalized", "--temperature", &temp.to_string(), "--json"]);
+        let o = firstkd(&[
+            "stats",
+            other.to_str().unwrap(),
+            "--report",
+            "calibration",
+            "--mode",
+            "renormalized",
+            "--temperature",
+            &temp.to_string(),
+            "--json",
+        ]);
         assert!(o.status.success(), "{}", text(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         find_ece(&v).expect("ece in stats json")
@@ -175,17 +279,52 @@ fn calibrate_fits_and_records_temperature() {
 
     // A calibrated teacher (sharpening 1) fits close to T = 1 under uniform-tail, which keeps the tail.
     let cal = tmp.path().join("cal");
-    firstkd(&["synth", cal.to_str().unwrap(), "--rows", "40000", "--overconfidence", "1.0", "--seed", "5"]);
-    let out = firstkd(&["calibrate", cal.to_str().unwrap(), "--mode", "uniform-tail", "--objective", "nll", "--dry-run", "--json"]);
+    firstkd(&[
+        "synth",
+        cal.to_str().unwrap(),
+        "--rows",
+        "40000",
+        "--overconfidence",
+        "1.0",
+        "--seed",
+        "5",
+    ]);
+    let out = firstkd(&[
+        "calibrate",
+        cal.to_str().unwrap(),
+        "--mode",
+        "uniform-tail",
+        "--objective",
+        "nll",
+        "--dry-run",
+        "--json",
+    ]);
     let fit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = fit["fit"]["temperature"].as_f64().unwrap();
     assert!((0.8..1.2).contains(&t), "calibrated teacher fitted T = {t}");
-    assert!(firstkd::store::Manifest::load(&cal).unwrap().temperature.is_none(), "dry run writes nothing");
+    assert!(
+        firstkd::store::Manifest::load(&cal)
+            .unwrap()
+            .temperature
+            .is_none(),
+        "dry run writes nothing"
+    );
 
     // No held-out data at all is a clear error.
-    let out = firstkd(&["calibrate", d, "--split", "none", "--held-out-fraction", "0.0000001"]);
+    let out = firstkd(&[
+        "calibrate",
+        d,
+        "--split",
+        "none",
+        "--held-out-fraction",
+        "0.0000001",
+    ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("no held-out positions"), "{}", text(&out));
+    assert!(
+        text(&out).contains("no held-out positions"),
+        "{}",
+        text(&out)
+    );
 }
 
 fn find_ece(v: &serde_json::Value) -> Option<f64> {

