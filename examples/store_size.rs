@@ -15,6 +15,9 @@ use firstkd::schema::{LogprobDtype, Table};
 use firstkd::store::synthetic::{generate, SyntheticConfig};
 use firstkd::store::{StoreReader, WriterOptions};
 
+/// One label row: top-k ids, top-k log-probs, target log-prob.
+type Row = (Vec<u32>, Vec<f32>, f32);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let rows: u64 = args
@@ -61,40 +64,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stores.push(dir);
     }
     // Max probability error of float16: compare the two stores id by id.
-    let read =
-        |dir: &PathBuf| -> Result<Vec<(Vec<u32>, Vec<f32>, f32)>, Box<dyn std::error::Error>> {
-            let reader = StoreReader::open(dir)?;
-            let mut out = Vec::new();
-            for b in reader.batches(
-                Table::Labels,
-                Some(&["topk_ids", "topk_logprobs", "target_logprob"]),
-                65536,
-            )? {
-                let b = b?;
-                let ids = b
-                    .column(0)
-                    .as_fixed_size_list()
-                    .values()
-                    .as_primitive::<UInt32Type>()
-                    .values()
-                    .to_vec();
-                let lps = cast(
-                    b.column(1).as_fixed_size_list().values(),
-                    &DataType::Float32,
-                )?;
-                let lps = lps.as_primitive::<Float32Type>().values().to_vec();
-                let t = cast(b.column(2), &DataType::Float32)?;
-                let t = t.as_primitive::<Float32Type>();
-                for i in 0..b.num_rows() {
-                    out.push((
-                        ids[i * 5..i * 5 + 5].to_vec(),
-                        lps[i * 5..i * 5 + 5].to_vec(),
-                        t.value(i),
-                    ));
-                }
+    let read = |dir: &PathBuf| -> Result<Vec<Row>, Box<dyn std::error::Error>> {
+        let reader = StoreReader::open(dir)?;
+        let mut out = Vec::new();
+        for b in reader.batches(
+            Table::Labels,
+            Some(&["topk_ids", "topk_logprobs", "target_logprob"]),
+            65536,
+        )? {
+            let b = b?;
+            let ids = b
+                .column(0)
+                .as_fixed_size_list()
+                .values()
+                .as_primitive::<UInt32Type>()
+                .values()
+                .to_vec();
+            let lps = cast(
+                b.column(1).as_fixed_size_list().values(),
+                &DataType::Float32,
+            )?;
+            let lps = lps.as_primitive::<Float32Type>().values().to_vec();
+            let t = cast(b.column(2), &DataType::Float32)?;
+            let t = t.as_primitive::<Float32Type>();
+            for i in 0..b.num_rows() {
+                out.push((
+                    ids[i * 5..i * 5 + 5].to_vec(),
+                    lps[i * 5..i * 5 + 5].to_vec(),
+                    t.value(i),
+                ));
             }
-            Ok(out)
-        };
+        }
+        Ok(out)
+    };
     let (a, b) = (read(&stores[0])?, read(&stores[1])?);
     let (mut max_err, mut max_target_err, mut max_mass_err) = (0f64, 0f64, 0f64);
     for (x, y) in a.iter().zip(&b) {

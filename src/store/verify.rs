@@ -518,7 +518,7 @@ pub fn check_topk(ids: &[u32], lps: &[f32], vocab: u32, messages: &mut Vec<Strin
             messages.push(format!("top-k id {id} repeated"));
         }
     }
-    if let Some(lp) = lps.iter().find(|lp| !(**lp <= 0.0)) {
+    if let Some(lp) = lps.iter().find(|lp| lp.is_nan() || **lp > 0.0) {
         messages.push(format!("top-k log-prob {lp} is not <= 0"));
         return;
     }
@@ -540,7 +540,7 @@ pub fn check_topk(ids: &[u32], lps: &[f32], vocab: u32, messages: &mut Vec<Strin
 }
 
 fn check_target(target: u32, lp: f32, ids: &[u32], lps: &[f32], messages: &mut Vec<String>) {
-    if !(lp <= 0.0) {
+    if lp.is_nan() || lp > 0.0 {
         messages.push(format!("target_logprob {lp} is not <= 0"));
         return;
     }

@@ -30,7 +30,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n from the integer held in j's mantissa: n in [-126, 127] keeps the exponent normal.
     let n_bits = (j.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);

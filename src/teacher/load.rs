@@ -477,10 +477,7 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let output = if cfg.tie_word_embeddings {
         None
     } else {
-        match take("lm_head.weight") {
-            Ok(t) => Some(t),
-            Err(_) => None,
-        }
+        take("lm_head.weight").ok()
     };
     let tied = output.is_none();
     let norm = take("model.norm.weight")?;

@@ -127,13 +127,16 @@ impl TeacherModel {
         output: Option<Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+        if cfg.num_heads == 0
+            || cfg.num_kv_heads == 0
+            || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
+        {
             return Err(Error::InvalidArgument(format!(
                 "{} query heads cannot be grouped over {} key/value heads",
                 cfg.num_heads, cfg.num_kv_heads
             )));
         }
-        if cfg.head_dim % 2 != 0 {
+        if !cfg.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidArgument(format!(
                 "odd head width {}",
                 cfg.head_dim

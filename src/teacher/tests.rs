@@ -284,8 +284,8 @@ fn first_positions_match_literal_reference() {
     assert_eq!(l.len(), ids.len() - 1);
     for p in 0..3 {
         assert_eq!(&l.topk_ids[p * 5..p * 5 + 5], &top_ids[p]);
-        for j in 0..5 {
-            assert!((l.topk_logprobs[p * 5 + j] - top_lps[p][j]).abs() < TOL);
+        for (j, want) in top_lps[p].iter().enumerate() {
+            assert!((l.topk_logprobs[p * 5 + j] - want).abs() < TOL);
         }
         assert!((l.entropy[p] - entropy[p]).abs() < TOL);
         assert!((l.target_logprobs[p] - target[p]).abs() < TOL);

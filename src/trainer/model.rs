@@ -131,7 +131,7 @@ impl StudentConfig {
                 "{nq} query heads cannot be grouped over {nkv} key/value heads"
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head width {} must be even and positive",
                 self.head_dim()

@@ -346,7 +346,7 @@ mod tests {
                 .unwrap();
         }
         let got = w.as_tensor().to_vec2::<f32>().unwrap();
-        let want = [0.8635404181145108f32, -2.1876800978044098];
+        let want = [0.863_540_4_f32, -2.187_68];
         for (g, e) in got[0].iter().zip(want) {
             assert!((g - e).abs() < 1e-5, "{got:?}");
         }
@@ -372,7 +372,7 @@ mod tests {
                 )];
             }
             for g in &grads {
-                opt.step_scaled(&[g.clone()], 0.05, 0.7).unwrap();
+                opt.step_scaled(std::slice::from_ref(g), 0.05, 0.7).unwrap();
             }
             let state = opt.state_tensors().unwrap();
             (
