@@ -102,34 +102,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             writeln!(out, "| {} |", row.join(" | "))?;
         }
     } else {
-        let widths: Vec<usize> = (0..header.len())
-            .map(|i| {
-                rows.iter()
-                    .map(|r| r[i].len())
-                    .chain([header[i].len()])
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        let line = |cells: &[String]| -> String {
-            cells
-                .iter()
-                .zip(&widths)
-                .enumerate()
-                .map(|(i, (c, w))| {
-                    if i == 0 {
-                        format!("{c:<w$}")
-                    } else {
-                        format!("{c:>w$}")
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("  ")
-        };
-        writeln!(out, "{}", line(&header))?;
-        for row in &rows {
-            writeln!(out, "{}", line(row))?;
-        }
+        super::print_table(&header, &rows, 1, out)?;
     }
     writeln!(
         out,

@@ -64,3 +64,40 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
         Command::Distill(args) => distill::run(args, out),
     }
 }
+
+/// Left-aligned first columns, right-aligned numbers.
+pub(crate) fn print_table(
+    header: &[String],
+    rows: &[Vec<String>],
+    text_cols: usize,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].len())
+                .chain([header[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                if c < text_cols {
+                    format!("{cell:<w$}", w = widths[c])
+                } else {
+                    format!("{cell:>w$}", w = widths[c])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    writeln!(out, "{}", line(header))?;
+    for row in rows {
+        writeln!(out, "{}", line(row))?;
+    }
+    Ok(())
+}

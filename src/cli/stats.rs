@@ -99,43 +99,6 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// Left-aligned first columns, right-aligned numbers.
-fn print_table(
-    header: &[String],
-    rows: &[Vec<String>],
-    text_cols: usize,
-    out: &mut dyn Write,
-) -> anyhow::Result<()> {
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|r| r[c].len())
-                .chain([header[c].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| -> String {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| {
-                if c < text_cols {
-                    format!("{cell:<w$}", w = widths[c])
-                } else {
-                    format!("{cell:>w$}", w = widths[c])
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    writeln!(out, "{}", line(header))?;
-    for row in rows {
-        writeln!(out, "{}", line(row))?;
-    }
-    Ok(())
-}
-
 fn group_name(value: &Option<String>) -> String {
     value.clone().unwrap_or_else(|| "(all)".into())
 }
@@ -183,7 +146,7 @@ fn print_coverage(
             row
         })
         .collect();
-    print_table(&header, &rows, 3, out)
+    super::print_table(&header, &rows, 3, out)
 }
 
 fn print_calibration(
@@ -241,7 +204,7 @@ fn print_calibration(
             ]
         })
         .collect();
-    print_table(&header, &rows, 3, out)?;
+    super::print_table(&header, &rows, 3, out)?;
     // Reliability table of the in-loss total (the last group), or the last group there is.
     if let Some(g) = report.groups.last() {
         writeln!(
@@ -268,7 +231,7 @@ fn print_calibration(
                 ]
             })
             .collect();
-        print_table(&header, &rows, 1, out)?;
+        super::print_table(&header, &rows, 1, out)?;
     }
     Ok(())
 }

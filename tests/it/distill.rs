@@ -548,7 +548,7 @@ fn student_copy_of_the_real_teacher() {
     use firstkd::trainer::init::{initialise, load_pretrained};
     use firstkd::trainer::{evaluate, KdKind, LossSpec};
 
-    let Some(gguf) = crate::label::teacher() else {
+    let Some(gguf) = crate::util::teacher_path() else {
         return;
     };
     let tmp = tempdir();

