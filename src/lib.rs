@@ -7,6 +7,7 @@ pub mod error;
 pub mod eval;
 pub mod input;
 pub mod label;
+pub mod plot;
 pub mod query;
 pub mod schema;
 pub mod store;

@@ -30,6 +30,10 @@ pub struct Args {
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write reliability.svg (teacher next-token calibration, all and in-loss positions) and
+    /// coverage.svg (histogram of the top-k probability mass of in-loss positions) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
     /// Query the committed parts of a store whose writer has not finished.
     #[arg(long)]
     pub allow_incomplete: bool,
@@ -70,6 +74,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         .transpose()
         .map_err(super::sql::query_error)
         .context("calibration report")?;
+    if let Some(dir) = &args.plot {
+        write_plots(dir, &session, calibration.as_ref(), &opts)?;
+    }
     if args.json {
         let mut value = serde_json::json!({
             "store": args.store.display().to_string(),
@@ -233,5 +240,81 @@ fn print_calibration(
             .collect();
         super::print_table(&header, &rows, 1, out)?;
     }
+    Ok(())
+}
+
+/// Writes the reliability diagram and the coverage histogram into `dir`.
+fn write_plots(
+    dir: &std::path::Path,
+    session: &QuerySession,
+    calibration: Option<&stats::CalibrationStats>,
+    opts: &StatsOptions,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    use firstkd::plot::{histogram_svg, reliability_svg, Panel};
+
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let computed;
+    let calibration = match calibration {
+        Some(c) => c,
+        None => {
+            computed = stats::calibration(session, opts)
+                .map_err(super::sql::query_error)
+                .context("calibration report")?;
+            &computed
+        }
+    };
+    let panels: Vec<Panel<'_>> = calibration
+        .groups
+        .iter()
+        .filter(|g| g.source.is_none() && g.split.is_none())
+        .map(|g| Panel {
+            label: if g.positions == "in_loss" {
+                "in-loss positions"
+            } else {
+                "all positions"
+            },
+            report: &g.report,
+        })
+        .collect();
+    let title = format!(
+        "teacher next-token reliability (T = {}, {} bins)",
+        calibration.temperature, calibration.n_bins
+    );
+    let path = dir.join("reliability.svg");
+    std::fs::write(&path, reliability_svg(&title, &panels))
+        .with_context(|| format!("writing {}", path.display()))?;
+
+    const BINS: i64 = 20;
+    let k = session.manifest().k;
+    let sql = format!(
+        "SELECT CAST(floor(topk_mass(topk_logprobs) * {BINS}) AS BIGINT) AS bin, count(*) AS n \
+         FROM labels WHERE in_loss GROUP BY 1"
+    );
+    let result = session
+        .sql(&sql)
+        .map_err(super::sql::query_error)
+        .context("coverage histogram")?;
+    let mut counts = vec![0u64; BINS as usize];
+    for batch in &result.batches {
+        let bins = batch.column(0).as_primitive::<Int64Type>();
+        let n = batch.column(1).as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            // float16 rounding can put the mass a hair above 1: it belongs in the last bin.
+            let b = bins.value(i).clamp(0, BINS - 1) as usize;
+            counts[b] += n.value(i) as u64;
+        }
+    }
+    let path = dir.join("coverage.svg");
+    let svg = histogram_svg(
+        &format!("top-{k} probability mass, in-loss positions"),
+        &format!("sum of the top-{k} probabilities"),
+        0.0,
+        1.0,
+        &counts,
+    );
+    std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

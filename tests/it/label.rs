@@ -353,3 +353,63 @@ fn bad_input_fails_cleanly_without_a_store() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("junk.gguf"), "{}", text(&o));
 }
+
+/// Every report works on a store labelled by the real teacher: sql, stats (with plots),
+/// calibrate.
+#[test]
+fn reports_work_on_a_real_teacher_store() {
+    let Some(model) = teacher_path() else { return };
+    let tmp = tempdir();
+    let out = tmp.path().join("store");
+    let o = label(
+        &model,
+        &out,
+        &["--input", &data("chat.jsonl"), "--input", &data("mc.jsonl")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let m = Manifest::load(&out).unwrap();
+    let store = out.to_str().unwrap();
+
+    let o = firstkd(&[
+        "sql",
+        store,
+        "SELECT count(*) AS n, sum(CAST(in_loss AS INT)) AS l FROM labels",
+        "--format",
+        "csv",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(
+        csv.lines().nth(1),
+        Some(format!("{},{}", m.rows(Table::Labels), m.in_loss_rows()).as_str()),
+        "{csv}"
+    );
+
+    let plots = tmp.path().join("plots");
+    let o = firstkd(&["stats", store, "--json", "--plot", plots.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["coverage"].is_object() && v["calibration"].is_object(),
+        "{v}"
+    );
+    for f in ["reliability.svg", "coverage.svg"] {
+        let svg = std::fs::read_to_string(plots.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<title>"), "{f}");
+    }
+    let coverage = std::fs::read_to_string(plots.join("coverage.svg")).unwrap();
+    assert!(
+        coverage.contains(&format!("(n = {})", m.in_loss_rows())),
+        "histogram counts every in-loss position"
+    );
+
+    let o = firstkd(&["calibrate", store, "--held-out-fraction", "0.5", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = Manifest::load(&out)
+        .unwrap()
+        .temperature
+        .expect("temperature written")
+        .value;
+    assert!(t.is_finite() && t > 0.0);
+    assert!(verify(&out).unwrap().is_clean());
+}
