@@ -21,18 +21,7 @@ const TOP: f64 = 50.0;
 pub fn reliability_svg(title: &str, panels: &[Panel<'_>]) -> String {
     let width = MARGIN + panels.len().max(1) as f64 * (PANEL + MARGIN);
     let height = TOP + PANEL + 60.0;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="20" font-size="14" text-anchor="middle">{}</text>"#,
-        width / 2.0,
-        escape(title)
-    );
+    let mut s = svg_open(width, height, title);
     for (i, r) in panels.iter().enumerate() {
         panel(&mut s, MARGIN + i as f64 * (PANEL + MARGIN), r);
     }
@@ -111,16 +100,8 @@ fn panel(s: &mut String, x0: f64, r: &Panel<'_>) {
     );
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// An SVG bar chart of `counts` over equal-width bins spanning `[lower, upper]`.
-pub fn histogram_svg(title: &str, x_label: &str, lower: f64, upper: f64, counts: &[u64]) -> String {
-    let (width, height) = (MARGIN * 2.0 + PANEL * 1.5, TOP + PANEL + 60.0);
-    let plot_w = PANEL * 1.5;
+/// Opens an SVG document of the given size: white background and a centred title.
+fn svg_open(width: f64, height: f64, title: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -133,6 +114,20 @@ pub fn histogram_svg(title: &str, x_label: &str, lower: f64, upper: f64, counts:
         width / 2.0,
         escape(title)
     );
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// An SVG bar chart of `counts` over equal-width bins spanning `[lower, upper]`.
+pub fn histogram_svg(title: &str, x_label: &str, lower: f64, upper: f64, counts: &[u64]) -> String {
+    let (width, height) = (MARGIN * 2.0 + PANEL * 1.5, TOP + PANEL + 60.0);
+    let plot_w = PANEL * 1.5;
+    let mut s = svg_open(width, height, title);
     let total: u64 = counts.iter().sum();
     let max = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
     let n = counts.len().max(1) as f64;
