@@ -26,6 +26,7 @@ use std::path::Path;
 use candle_core::{Device, Storage, Tensor};
 
 pub use chat::{ChatTemplate, Message};
+pub(crate) use load::safetensors_shards;
 pub use load::sha256_file;
 pub use model::{Architecture, ModelConfig, TeacherModel};
 pub use select::{select_row, RowSelection};

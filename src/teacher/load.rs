@@ -23,6 +23,23 @@ pub(crate) struct Loaded {
     pub identity: TeacherIdentity,
 }
 
+/// The `*.safetensors` files of a checkpoint directory, in name order; an error when none.
+pub(crate) fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(model_err(
+            dir,
+            "no *.safetensors files in the checkpoint directory",
+        ));
+    }
+    Ok(shards)
+}
+
 fn model_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::Model {
         path: path.to_path_buf(),
@@ -440,18 +457,7 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         }
     };
 
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    shards.sort();
-    if shards.is_empty() {
-        return Err(model_err(
-            dir,
-            "no *.safetensors files in the checkpoint directory",
-        ));
-    }
+    let shards = safetensors_shards(dir)?;
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     let mut hasher = Sha256::new();
     let mut source_dtype = cfg.torch_dtype.clone();

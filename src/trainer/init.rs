@@ -205,15 +205,7 @@ pub type Pretrained = (
 
 fn load_hf(dir: &Path) -> Result<Pretrained> {
     let cfg = read_config(&dir.join("config.json"))?;
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    shards.sort();
-    if shards.is_empty() {
-        return Err(model_err(dir, "no *.safetensors files"));
-    }
+    let shards = crate::teacher::safetensors_shards(dir)?;
     let mut weights = BTreeMap::new();
     for shard in &shards {
         let tensors = candle_core::safetensors::load(shard, &Device::Cpu)
