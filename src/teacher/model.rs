@@ -285,6 +285,30 @@ fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (s, s), device)?)
 }
 
+/// Row-major cos/sin of `p * f` for positions `p < positions` and frequencies `f`, each row
+/// holding the frequencies `repeat` times (1 for half-split tables, 2 for full-width ones).
+/// Angles in f64, like HF's fp32 `inv_freq @ positions` but without its rounding at large
+/// positions; identical within f32 precision for short contexts.
+pub(crate) fn rope_cos_sin(
+    inv_freq: &[f64],
+    positions: usize,
+    repeat: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let width = inv_freq.len() * repeat;
+    let mut cos = Vec::with_capacity(positions * width);
+    let mut sin = Vec::with_capacity(positions * width);
+    for p in 0..positions {
+        for _ in 0..repeat {
+            for f in inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+    }
+    (cos, sin)
+}
+
 /// Cos/sin tables `[context, head_dim / 2]` for half-split RoPE.
 fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
@@ -298,17 +322,7 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
         })
         .collect();
     let n = cfg.context_length.max(1);
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
-        for f in &inv_freq {
-            // f64 angles, like HF's fp32 `inv_freq @ positions` but without its rounding at
-            // large positions; identical within f32 precision for short contexts.
-            let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
+    let (cos, sin) = rope_cos_sin(&inv_freq, n, 1);
     Ok((
         Tensor::from_vec(cos, (n, half), device)?,
         Tensor::from_vec(sin, (n, half), device)?,

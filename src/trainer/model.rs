@@ -487,17 +487,7 @@ fn rope_tables(cfg: &StudentConfig, s: usize, device: &Device) -> Result<(Tensor
     let inv_freq: Vec<f64> = (0..half)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
         .collect();
-    let mut cos = Vec::with_capacity(s * hd);
-    let mut sin = Vec::with_capacity(s * hd);
-    for p in 0..s {
-        for _ in 0..2 {
-            for f in &inv_freq {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-    }
+    let (cos, sin) = crate::teacher::model::rope_cos_sin(&inv_freq, s, 2);
     Ok((
         Tensor::from_vec(cos, (s, hd), device)?,
         Tensor::from_vec(sin, (s, hd), device)?,

@@ -413,3 +413,30 @@ fn reports_work_on_a_real_teacher_store() {
     assert!(t.is_finite() && t > 0.0);
     assert!(verify(&out).unwrap().is_clean());
 }
+
+/// `--limit N` labels only the first N records of each input, and the setting is part of the
+/// store's labelling provenance.
+#[test]
+fn limit_reads_only_the_first_records() {
+    let Some(model) = teacher_path() else { return };
+    let tmp = tempdir();
+    let out = tmp.path().join("store");
+    let o = label(
+        &model,
+        &out,
+        &["--input", &data("chat.jsonl"), "--limit", "2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let reader = StoreReader::open(&out).unwrap();
+    let batches: Vec<_> = reader
+        .batches(Table::Samples, Some(&["record_index"]), 100)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let records: Vec<u64> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<UInt64Type>().values().to_vec())
+        .collect();
+    assert_eq!(records, vec![0, 1]);
+    assert_eq!(reader.manifest().labeling["limit_records"], 2);
+}
