@@ -1,7 +1,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use firstkd::eval::{read_task, EvalOptions, Mode, PromptOptions, TaskFormat};
+use anyhow::Context;
+use firstkd::eval::{read_task, reliability_svg, EvalOptions, Mode, PromptOptions, TaskFormat};
 
 use super::eval::{evaluate_task, load_model};
 
@@ -35,6 +36,13 @@ pub struct Args {
     /// Print CSV.
     #[arg(long)]
     pub csv: bool,
+    /// Write one reliability diagram per model and task (MODEL-TASK.svg) and every report with
+    /// its wall time (reports.json) into this directory.
+    #[arg(long)]
+    pub plot_dir: Option<PathBuf>,
+    /// cpu, or cuda[:N] (needs the `cuda` cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
@@ -70,12 +78,28 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     for (_, file) in &args.tasks {
         task_items.push(read_task(file, format, args.limit)?);
     }
+    if let Some(dir) = &args.plot_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut details = Vec::new();
     let mut rows = Vec::new();
+    let device = super::device(&args.device)?;
     for (name, path) in &args.models {
-        let model = load_model(path)?;
+        let model = load_model(path, &device)?;
         let mut row = vec![name.clone()];
         for ((task, file), items) in args.tasks.iter().zip(&task_items) {
-            let (result, _) = evaluate_task(&model, file, items, &opts, &format!("{name} {task}"))?;
+            let (result, seconds) =
+                evaluate_task(&model, file, items, &opts, &format!("{name} {task}"))?;
+            if let Some(dir) = &args.plot_dir {
+                let svg = reliability_svg(&format!("{name} on {task}"), &result.reports);
+                let path = dir.join(format!("{name}-{task}.svg"));
+                std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+                details.push(serde_json::json!({
+                    "model": name, "path": path.display().to_string(), "task": task,
+                    "file": file.display().to_string(), "n_items": result.items.len(),
+                    "seconds": seconds, "reports": result.reports,
+                }));
+            }
             let r = result
                 .reports
                 .first()
@@ -84,6 +108,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             row.push(format!("{:.4}", r.calibration.ece));
         }
         rows.push(row);
+    }
+    if let Some(dir) = &args.plot_dir {
+        let path = dir.join("reports.json");
+        let text = serde_json::to_string_pretty(&details)?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     if args.csv {
         writeln!(out, "{}", header.join(","))?;
@@ -111,3 +140,4 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     )?;
     Ok(0)
 }
+

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::Device;
 use firstkd::trainer::{train, AdamWParams, Init, KdKind, LossKind, StepReport, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -116,25 +115,6 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-fn device(spec: &str) -> anyhow::Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = s
-                .strip_prefix("cuda:")
-                .unwrap_or("0")
-                .parse()
-                .context("cuda ordinal")?;
-            if cfg!(feature = "cuda") {
-                Device::new_cuda(ordinal).context("opening the CUDA device")
-            } else {
-                anyhow::bail!("--device {s}: this firstkd was built without the `cuda` feature")
-            }
-        }
-        other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
-    }
-}
-
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let opts = TrainOptions {
         loss: LossKind::parse(&args.loss)?,
@@ -171,7 +151,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         stop_after: args.stop_after,
     };
     let init = Init::parse(&args.init, args.seed)?;
-    let device = device(&args.device)?;
+    let device = super::device(&args.device)?;
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {

@@ -45,6 +45,9 @@ pub struct Args {
     /// Write a reliability diagram (SVG) to this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// cpu, or cuda[:N] (needs the `cuda` cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Shared by `eval` and `compare`: evaluates the items of one task with a progress bar;
@@ -74,8 +77,8 @@ pub(crate) fn evaluate_task(
     Ok((result, started.elapsed().as_secs_f64()))
 }
 
-pub(crate) fn load_model(path: &Path) -> anyhow::Result<Teacher> {
-    Teacher::load(path, &Device::Cpu).with_context(|| format!("loading model {}", path.display()))
+pub(crate) fn load_model(path: &Path, device: &Device) -> anyhow::Result<Teacher> {
+    Teacher::load(path, device).with_context(|| format!("loading model {}", path.display()))
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
@@ -98,7 +101,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     }
     // Read the task first so that bad input fails before the (slow) model load.
     let items = read_task(&args.task, format, args.limit)?;
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &super::device(&args.device)?)?;
     let (result, seconds) = evaluate_task(&model, &args.task, &items, &opts, "evaluating")?;
     let model_name = model.identity().file_name.clone();
     let task_name = args.task.display().to_string();

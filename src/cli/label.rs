@@ -2,7 +2,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::Device;
 use firstkd::input::{InputFormat, InputOptions, McResponse};
 use firstkd::label::{label, InputSpec, LabelConfig};
 use firstkd::schema::LogprobDtype;
@@ -63,6 +62,9 @@ pub struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// cpu, or cuda[:N] (needs the `cuda` cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
@@ -75,7 +77,7 @@ fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let device = Device::Cpu;
+    let device = super::device(&args.device)?;
     let teacher = Teacher::load_with_tokenizer(&args.model, args.tokenizer.as_deref(), &device)
         .with_context(|| format!("loading teacher {}", args.model.display()))?;
     let context = teacher.identity().context_length as usize;

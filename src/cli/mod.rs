@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod calibrate;
@@ -100,4 +101,24 @@ pub(crate) fn print_table(
         writeln!(out, "{}", line(row))?;
     }
     Ok(())
+}
+
+/// Parses `--device`: `cpu`, or `cuda[:N]` (needs the `cuda` cargo feature).
+pub(crate) fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .context("cuda ordinal")?;
+            if cfg!(feature = "cuda") {
+                candle_core::Device::new_cuda(ordinal).context("opening the CUDA device")
+            } else {
+                anyhow::bail!("--device {s}: this firstkd was built without the `cuda` feature")
+            }
+        }
+        other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
+    }
 }

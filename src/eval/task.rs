@@ -259,57 +259,12 @@ fn parse_boolq(v: &Value) -> std::result::Result<EvalItem, String> {
     Ok(item)
 }
 
-/// LLM-Adapters' ARC / OpenBookQA shape: `"Please choose the correct answer to the question:
-/// {q}\n\nAnswer1: {a} Answer2: {b} ...\n\nAnswer format: answer1/answer2/..."`, gold
-/// `"answerN"` (1-based).
+/// LLM-Adapters' ARC / OpenBookQA shape (see [`MultipleChoice::from_adapters_instruction`]).
 fn parse_adapters_choice(v: &Value) -> std::result::Result<EvalItem, String> {
-    let instruction = v["instruction"]
-        .as_str()
-        .ok_or("field \"instruction\" is not a string")?;
-    let body = instruction
-        .split_once("question:")
-        .map(|(_, rest)| rest)
-        .unwrap_or(instruction);
-    let (body, format) = body
-        .rsplit_once("\n\nAnswer format:")
-        .ok_or("instruction has no \"Answer format:\" line")?;
-    let n = format.split('/').filter(|s| !s.trim().is_empty()).count();
-    let (question, options) = body
-        .split_once("\n\nAnswer1: ")
-        .ok_or("instruction has no \"Answer1:\" option")?;
-    let mut choices = Vec::with_capacity(n);
-    let mut rest = options;
-    for k in 2..=n {
-        let marker = format!(" Answer{k}: ");
-        let (choice, tail) = rest
-            .split_once(&marker)
-            .ok_or(format!("instruction has no \"Answer{k}:\" option"))?;
-        choices.push(choice.trim().to_string());
-        rest = tail;
-    }
-    choices.push(rest.trim().to_string());
-    let gold = v["answer"]
-        .as_str()
-        .and_then(|a| a.trim().strip_prefix("answer"))
-        .and_then(|n| n.parse::<usize>().ok())
-        .ok_or(format!("answer {} is not \"answerN\"", v["answer"]))?;
-    if gold == 0 || gold > choices.len() {
-        return Err(format!(
-            "answer{gold} out of range for {} choices",
-            choices.len()
-        ));
-    }
-    if question.trim().is_empty() {
-        return Err("empty question".to_string());
-    }
     Ok(EvalItem {
         line: 0,
         context: None,
-        mc: MultipleChoice {
-            question: question.trim().to_string(),
-            choices,
-            answer: gold - 1,
-        },
+        mc: MultipleChoice::from_adapters_instruction(v)?,
     })
 }
 

@@ -35,7 +35,18 @@ impl MultipleChoice {
     ///   `text` (and optional `label`);
     /// * answer: `answer`, `answerKey`, `gold` or `label`: a letter (`"B"`), a choice label,
     ///   or a 0-based integer index.
+    ///
+    /// A record with none of the question fields but an LLM-Adapters `instruction` (ARC,
+    /// OpenBookQA training files) is read with [`Self::from_adapters_instruction`].
     pub fn from_json(v: &Value) -> Result<Self, String> {
+        let no_question = ["question", "query", "stem"].iter().all(|k| v[*k].is_null());
+        if no_question
+            && v["instruction"]
+                .as_str()
+                .is_some_and(|i| i.contains("\n\nAnswer1: "))
+        {
+            return Self::from_adapters_instruction(v);
+        }
         let question = match (&v["question"], &v["query"], &v["stem"]) {
             (Value::String(q), _, _) => q.clone(),
             (Value::Object(o), _, _) => o
@@ -113,6 +124,58 @@ impl MultipleChoice {
             question,
             choices,
             answer,
+        })
+    }
+}
+
+impl MultipleChoice {
+    /// LLM-Adapters' ARC / OpenBookQA shape: `instruction` = `"Please choose the correct answer
+    /// to the question: {q}\n\nAnswer1: {a} Answer2: {b} ...\n\nAnswer format:
+    /// answer1/answer2/..."`, `answer` = `"answerN"` (1-based).
+    pub fn from_adapters_instruction(v: &Value) -> Result<Self, String> {
+        let instruction = v["instruction"]
+            .as_str()
+            .ok_or("field \"instruction\" is not a string")?;
+        let body = instruction
+            .split_once("question:")
+            .map(|(_, rest)| rest)
+            .unwrap_or(instruction);
+        let (body, format) = body
+            .rsplit_once("\n\nAnswer format:")
+            .ok_or("instruction has no \"Answer format:\" line")?;
+        let n = format.split('/').filter(|s| !s.trim().is_empty()).count();
+        let (question, options) = body
+            .split_once("\n\nAnswer1: ")
+            .ok_or("instruction has no \"Answer1:\" option")?;
+        let mut choices = Vec::with_capacity(n);
+        let mut rest = options;
+        for k in 2..=n {
+            let marker = format!(" Answer{k}: ");
+            let (choice, tail) = rest
+                .split_once(&marker)
+                .ok_or(format!("instruction has no \"Answer{k}:\" option"))?;
+            choices.push(choice.trim().to_string());
+            rest = tail;
+        }
+        choices.push(rest.trim().to_string());
+        let gold = v["answer"]
+            .as_str()
+            .and_then(|a| a.trim().strip_prefix("answer"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or(format!("answer {} is not \"answerN\"", v["answer"]))?;
+        if gold == 0 || gold > choices.len() {
+            return Err(format!(
+                "answer{gold} out of range for {} choices",
+                choices.len()
+            ));
+        }
+        if question.trim().is_empty() {
+            return Err("empty question".to_string());
+        }
+        Ok(Self {
+            question: question.trim().to_string(),
+            choices,
+            answer: gold - 1,
         })
     }
 }
@@ -320,6 +383,25 @@ mod tests {
         assert!(MultipleChoice::from_json(&bad)
             .unwrap_err()
             .contains("answer"));
+    }
+
+    #[test]
+    fn multiple_choice_from_adapters_instruction() {
+        // The ARC-Easy / OpenBookQA training files of ../shared/data.
+        let v = json!({"instruction": "Please choose the correct answer to the question: Which is a metal?\n\nAnswer1: wood Answer2: iron Answer3: glass\n\nAnswer format: answer1/answer2/answer3", "input": "", "output": "the correct answer is answer2", "answer": "answer2"});
+        let Record::MultipleChoice(mc) = parse(&v, InputFormat::MultipleChoice).unwrap() else {
+            panic!("not multiple choice");
+        };
+        assert_eq!(mc.question, "Which is a metal?");
+        assert_eq!(mc.choices, ["wood", "iron", "glass"]);
+        assert_eq!(mc.answer, 1);
+        let mut bad = v.clone();
+        bad["answer"] = json!("answer4");
+        assert!(parse(&bad, InputFormat::MultipleChoice)
+            .unwrap_err()
+            .contains("answer4 out of range"));
+        // Auto-detection still reads an `instruction` record as Alpaca.
+        assert_eq!(detect(&v).unwrap(), InputFormat::Alpaca);
     }
 
     #[test]
