@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example train_bench -- [STEPS] [LOSS...]
+//! FIRSTKD_DEVICE=cuda FIRSTKD_PRECISION=bf16 train_bench ...   # a `cuda` build on a GPU
 //! ```
 //! Prints one table row per loss (default: kd, kd-tail, ce): median step time split into
 //! forward / backward / clip + AdamW, tokens/s and the process's peak RSS after that loss's
@@ -11,7 +12,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use firstkd::store::synthetic::{generate, SyntheticConfig};
 use firstkd::store::{StoreReader, WriterOptions};
 use firstkd::trainer::optim::{clip_scale, global_norm};
@@ -60,8 +61,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "vocab_size": 49152, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
         "rope_theta": 100000.0, "tie_word_embeddings": true
     }))?;
+    let device = match std::env::var("FIRSTKD_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0)?,
+        _ => Device::Cpu,
+    };
+    let dtype = match std::env::var("FIRSTKD_PRECISION").as_deref() {
+        Ok("bf16") => DType::BF16,
+        _ => DType::F32,
+    };
     println!(
-        "student: 2 layers, {} parameters; batch 4 x 256; threads: {}",
+        "student: 2 layers, {} parameters; batch 4 x 256; device {device:?}, matmuls {dtype:?}; threads: {}",
         student_cfg.num_parameters(),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -70,7 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| loss | steps | median step s | forward s | backward s | clip+AdamW s | tokens/s | peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in &losses {
-        let student = Student::random(student_cfg.clone(), 0, &Device::Cpu)?;
+        let mut student = Student::random(student_cfg.clone(), 0, &device)?;
+        student.set_compute_dtype(dtype)?;
         let mut opt = AdamW::new(student.vars(), AdamWParams::default())?;
         let spec = LossSpec {
             kind: LossKind::parse(name)?,
@@ -97,6 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = sum.to_scalar::<f32>()?;
             let t_fwd = started.elapsed().as_secs_f64();
             let grads_store = (sum / n as f64)?.backward()?;
+            device.synchronize()?;
             let t_bwd = started.elapsed().as_secs_f64();
             let grads: Vec<Tensor> = vars
                 .iter()
@@ -107,6 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect::<candle_core::Result<_>>()?;
             let norm = global_norm(&grads)?;
             opt.step_scaled(&grads, 1e-4, clip_scale(norm, Some(1.0)))?;
+            device.synchronize()?;
             let secs = started.elapsed().as_secs_f64();
             if step > 0 {
                 times.push((secs, t_fwd, t_bwd - t_fwd, secs - t_bwd)); // step 0 is warm-up

@@ -30,4 +30,4 @@ pub use init::{initialise, Init, Initialised};
 pub use loss::{KdKind, LossKind, LossSpec};
 pub use model::{Student, StudentConfig};
 pub use optim::{AdamW, AdamWParams, Schedule};
-pub use train::{batch_loss, evaluate, train, StepReport, TrainOptions, TrainSummary};
+pub use train::{batch_loss, evaluate, train, Precision, StepReport, TrainOptions, TrainSummary};

@@ -93,7 +93,8 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             if let Some(dir) = &args.plot_dir {
                 let svg = reliability_svg(&format!("{name} on {task}"), &result.reports);
                 let path = dir.join(format!("{name}-{task}.svg"));
-                std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, svg)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 details.push(serde_json::json!({
                     "model": name, "path": path.display().to_string(), "task": task,
                     "file": file.display().to_string(), "n_items": result.items.len(),
@@ -140,4 +141,3 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     )?;
     Ok(0)
 }
-

@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use firstkd::trainer::{train, AdamWParams, Init, KdKind, LossKind, StepReport, TrainOptions};
+use firstkd::trainer::{
+    train, AdamWParams, Init, KdKind, LossKind, Precision, StepReport, TrainOptions,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `firstkd distill`.
@@ -107,6 +109,10 @@ pub struct Args {
     /// cpu, or cuda[:N] (needs the `cuda` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Matrix products of the transformer blocks: auto (bf16 on a GPU, f32 on the CPU), f32 or
+    /// bf16. Weights, gradients and optimizer state are f32 either way.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -116,7 +122,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let opts = TrainOptions {
+    let mut opts = TrainOptions {
         loss: LossKind::parse(&args.loss)?,
         temperature: args.temperature,
         alpha: args.alpha,
@@ -149,9 +155,15 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         prefetch: 4,
         ignore_tokenizer_hash: args.ignore_tokenizer_hash,
         stop_after: args.stop_after,
+        precision: Precision::F32,
     };
     let init = Init::parse(&args.init, args.seed)?;
     let device = super::device(&args.device)?;
+    opts.precision = match (args.precision.as_str(), device.is_cuda()) {
+        ("auto", true) | ("bf16", _) => Precision::Bf16,
+        ("auto", false) | ("f32", _) => Precision::F32,
+        (other, _) => anyhow::bail!("--precision {other:?}: expected auto, f32 or bf16"),
+    };
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {

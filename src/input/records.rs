@@ -39,7 +39,9 @@ impl MultipleChoice {
     /// A record with none of the question fields but an LLM-Adapters `instruction` (ARC,
     /// OpenBookQA training files) is read with [`Self::from_adapters_instruction`].
     pub fn from_json(v: &Value) -> Result<Self, String> {
-        let no_question = ["question", "query", "stem"].iter().all(|k| v[*k].is_null());
+        let no_question = ["question", "query", "stem"]
+            .iter()
+            .all(|k| v[*k].is_null());
         if no_question
             && v["instruction"]
                 .as_str()

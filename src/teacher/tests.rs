@@ -479,6 +479,11 @@ fn process_cpu_seconds() -> f64 {
 /// A tiny random model (GQA, Qwen2 biases, untied output) exercises the batching and masks
 /// without the real teacher.
 fn tiny_model(arch: Architecture) -> TeacherModel {
+    tiny_models(arch, &[Device::Cpu]).remove(0)
+}
+
+/// The same tiny random model on each of `devices`.
+fn tiny_models(arch: Architecture, devices: &[Device]) -> Vec<TeacherModel> {
     let dev = Device::Cpu;
     let cfg = ModelConfig {
         architecture: arch,
@@ -496,7 +501,7 @@ fn tiny_model(arch: Architecture) -> TeacherModel {
     };
     let r = |shape: &[usize]| Tensor::randn(0f32, 0.3, shape, &dev).unwrap();
     let ones = |n: usize| Tensor::ones(n, DType::F32, &dev).unwrap();
-    let layers = (0..cfg.num_layers)
+    let layers: Vec<LayerWeights> = (0..cfg.num_layers)
         .map(|_| LayerWeights {
             attn_norm: ones(32),
             q: r(&[32, 32]),
@@ -510,15 +515,71 @@ fn tiny_model(arch: Architecture) -> TeacherModel {
             down: r(&[32, 48]),
         })
         .collect();
-    TeacherModel::new(
-        cfg,
-        r(&[50, 32]),
-        layers,
-        ones(32),
-        Some(r(&[50, 32])),
-        &dev,
-    )
-    .unwrap()
+    let (embed, norm, output) = (r(&[50, 32]), ones(32), r(&[50, 32]));
+    let on = |t: &Tensor, d: &Device| t.to_device(d).unwrap();
+    devices
+        .iter()
+        .map(|d| {
+            let layers = layers
+                .iter()
+                .map(|l: &LayerWeights| LayerWeights {
+                    attn_norm: on(&l.attn_norm, d),
+                    q: on(&l.q, d),
+                    k: on(&l.k, d),
+                    v: on(&l.v, d),
+                    qkv_bias: l
+                        .qkv_bias
+                        .as_ref()
+                        .map(|(a, b, c)| (on(a, d), on(b, d), on(c, d))),
+                    o: on(&l.o, d),
+                    ffn_norm: on(&l.ffn_norm, d),
+                    gate: on(&l.gate, d),
+                    up: on(&l.up, d),
+                    down: on(&l.down, d),
+                })
+                .collect();
+            TeacherModel::new(
+                cfg.clone(),
+                on(&embed, d),
+                layers,
+                on(&norm, d),
+                Some(on(&output, d)),
+                d,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// With `--features cuda` on a GPU machine (`scripts/cuda-check.sh`): the teacher's forward
+/// pass on the GPU equals the CPU's, padding included.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_tiny_teacher_matches_cpu() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device (this test needs a GPU)");
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let models = tiny_models(arch, &[Device::Cpu, gpu.clone()]);
+        let ids: Vec<u32> = vec![1, 7, 3, 9, 11, 2, 40, 5, 4, 4, 8, 0, 0, 0, 0, 0];
+        let mut logits = Vec::new();
+        for (m, d) in models.iter().zip([Device::Cpu, gpu.clone()]) {
+            let batch = Tensor::from_slice(&ids, (2, 8), &d).unwrap();
+            let l = m
+                .forward_logits(&batch)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            logits.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let d = logits[0]
+            .iter()
+            .zip(&logits[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            d < 1e-4,
+            "{arch:?}: GPU logits differ from the CPU's by {d}"
+        );
+    }
 }
 
 #[test]

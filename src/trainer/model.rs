@@ -214,6 +214,9 @@ pub struct Student {
     norm: Tensor,
     lm_head: Option<Tensor>,
     device: Device,
+    /// Type of the transformer blocks' matrix products (weights stay f32; see
+    /// [`Student::set_compute_dtype`]).
+    compute: DType,
 }
 
 impl std::fmt::Debug for Student {
@@ -339,7 +342,29 @@ impl Student {
             norm,
             lm_head,
             device: device.clone(),
+            compute: DType::F32,
         })
+    }
+
+    /// Mixed precision: the blocks' matrix products (projections, attention scores and
+    /// values) run in `dtype` (bf16 on a GPU), on bf16 copies of the f32 weights, so gradients
+    /// and the optimizer state stay f32 (master weights). Norms, softmax, the output layer and
+    /// the losses stay f32. `F32` (the default) turns it off.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        match dtype {
+            DType::F32 | DType::BF16 | DType::F16 => {
+                self.compute = dtype;
+                Ok(())
+            }
+            other => Err(Error::InvalidArgument(format!(
+                "compute dtype {other:?}: expected f32, bf16 or f16"
+            ))),
+        }
+    }
+
+    /// See [`Student::set_compute_dtype`].
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
     }
 
     /// The model's hyper-parameters.
@@ -426,9 +451,10 @@ impl Student {
         let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let group = nq / nkv;
         let h = rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-        let mut q = linear(&h, &l.q)?;
-        let mut k = linear(&h, &l.k)?;
-        let mut v = linear(&h, &l.v)?;
+        let dt = self.compute;
+        let mut q = linear(&h, &l.q, dt)?;
+        let mut k = linear(&h, &l.k, dt)?;
+        let mut v = linear(&h, &l.v, dt)?;
         if let Some((bq, bk, bv)) = &l.qkv_bias {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
@@ -443,25 +469,35 @@ impl Student {
         let v = heads(v, nkv)?;
         // Query heads sharing a K/V head are consecutive: fold them into the rows.
         let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?; // [b, nkv, group*s, s]
+        let scores = matmul(&q, &k.t()?, dt)?.broadcast_add(mask)?; // [b, nkv, group*s, s]
         let max = scores.max_keepdim(D::Minus1)?.detach();
         let e = scores.broadcast_sub(&max)?.exp()?;
         let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let attn = probs
-            .matmul(&v)?
+        let attn = matmul(&probs, &v, dt)?
             .reshape((b, nq, s, hd))?
             .transpose(1, 2)?
             .reshape((b * s, nq * hd))?;
-        let x = (x + linear(&attn, &l.o)?)?;
+        let x = (x + linear(&attn, &l.o, dt)?)?;
         let h = rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-        let act = (linear(&h, &l.gate)?.silu()? * linear(&h, &l.up)?)?;
-        Ok((x + linear(&act, &l.down)?)?)
+        let act = (linear(&h, &l.gate, dt)?.silu()? * linear(&h, &l.up, dt)?)?;
+        Ok((x + linear(&act, &l.down, dt)?)?)
     }
 }
 
-/// `x @ w^T` for `x: [n, in]`, `w: [out, in]`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
+/// `x @ w^T` for `x: [n, in]`, `w: [out, in]`, computed in `dt` (result f32).
+fn linear(x: &Tensor, w: &Tensor, dt: DType) -> Result<Tensor> {
+    matmul(x, &w.t()?, dt)
+}
+
+/// `a @ b` computed in `dt`: both sides are cast (differentiably) and the product cast back to
+/// f32, so the gradients of f32 inputs are f32.
+fn matmul(a: &Tensor, b: &Tensor, dt: DType) -> Result<Tensor> {
+    if dt == DType::F32 {
+        return Ok(a.matmul(b)?);
+    }
+    Ok(a.to_dtype(dt)?
+        .matmul(&b.to_dtype(dt)?)?
+        .to_dtype(DType::F32)?)
 }
 
 /// Differentiable RMSNorm over the last dimension.

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, TrainerState};
@@ -74,6 +74,31 @@ pub struct TrainOptions {
     pub ignore_tokenizer_hash: bool,
     /// Stop (with a checkpoint) after this many total steps, as if interrupted.
     pub stop_after: Option<u64>,
+    /// Type of the blocks' matrix products (f32, or bf16 on a GPU); weights, gradients and
+    /// the optimizer state are f32 either way. See `Student::set_compute_dtype`.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Type of the student's matrix products during training (mixed precision).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything f32 (the CPU default).
+    #[default]
+    F32,
+    /// bf16 products on f32 master weights (the GPU default of `firstkd distill`).
+    Bf16,
+}
+
+impl Precision {
+    /// The candle type of the products.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -106,6 +131,7 @@ impl Default for TrainOptions {
             prefetch: 4,
             ignore_tokenizer_hash: false,
             stop_after: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -122,6 +148,7 @@ impl TrainOptions {
             "clip_grad_norm": self.clip_grad_norm, "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer, "epochs": self.epochs,
             "train_split": self.train_split, "logits_chunk_rows": self.logits_chunk_rows,
+            "precision": self.precision,
         })
     }
 }
@@ -343,7 +370,7 @@ pub fn train(
     } else {
         None
     };
-    let (student, state) = match &latest {
+    let (mut student, state) = match &latest {
         Some((_, dir)) => {
             let (state, moments) = checkpoint::load_state(dir)?;
             if state.fingerprint != opts.fingerprint() {
@@ -371,6 +398,7 @@ pub fn train(
             (made.student, None)
         }
     };
+    student.set_compute_dtype(opts.precision.dtype())?;
     let mut optimizer = AdamW::new(student.vars(), opts.adamw)?;
     let (mut step, mut consumed, mut tokens_seen, mut losses) = (0u64, 0u64, 0u64, Vec::new());
     let resumed_from = match state {

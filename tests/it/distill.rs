@@ -706,3 +706,215 @@ fn student_copy_of_the_real_teacher() {
     .unwrap_err();
     assert!(matches!(err, Error::TokenizerMismatch { .. }), "{err}");
 }
+
+/// Mixed precision (bf16 matrix products on f32 master weights) on the CPU: the loss stays
+/// close to the f32 run's and still falls; weights and optimizer state stay f32.
+#[test]
+fn bf16_compute_tracks_f32_and_learns() {
+    let tmp = tempdir();
+    let store = bigram_store(tmp.path());
+    let init = Init::Random {
+        config: write_config(tmp.path(), true),
+        seed: 1,
+    };
+    let f32_run = run(
+        &store,
+        &init,
+        &tmp.path().join("f32"),
+        &opts(LossKind::Kd, 24),
+        false,
+    )
+    .unwrap();
+    let o = TrainOptions {
+        precision: firstkd::trainer::Precision::Bf16,
+        ..opts(LossKind::Kd, 24)
+    };
+    let bf16_run = run(&store, &init, &tmp.path().join("bf16"), &o, false).unwrap();
+    // Same data and init: the first loss differs only by bf16 rounding of the products.
+    let rel = (bf16_run.losses[0] - f32_run.losses[0]).abs() / f32_run.losses[0];
+    assert!(
+        rel < 0.02,
+        "first loss f32 {} bf16 {}",
+        f32_run.losses[0],
+        bf16_run.losses[0]
+    );
+    let (first, last) = (mean(&bf16_run.losses[..4]), mean(&bf16_run.losses[20..]));
+    assert!(last < first * 0.97, "bf16 loss {first} -> {last}");
+    let model = load_model(&tmp.path().join("bf16").join("final"), &Device::Cpu).unwrap();
+    for (name, var) in model.vars() {
+        assert_eq!(var.dtype(), candle_core::DType::F32, "{name}");
+    }
+    // A different compute type is a different run (resuming across it is refused).
+    assert_ne!(o.fingerprint(), opts(LossKind::Kd, 24).fingerprint());
+}
+
+/// GPU checks, built only with `--features cuda` and run on a machine with a GPU
+/// (`scripts/cuda-check.sh`): the CUDA trainer reproduces the CPU one.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)")
+    }
+
+    fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / x.abs().max(1e-6))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn cuda_student_logits_and_gradients_match_cpu() {
+        let cfg: StudentConfig = serde_json::from_value(tiny_config_json(false)).unwrap();
+        let ids = [[1u32, 5, 9, 300, 7, 2], [2, 8, 4, 0, 0, 0]];
+        let mut outs = Vec::new();
+        for dev in [Device::Cpu, gpu()] {
+            let student = Student::random(cfg.clone(), 3, &dev).unwrap();
+            let t = Tensor::new(&ids, &dev).unwrap();
+            let logits = student.logits(&t, &[6, 3]).unwrap();
+            let lsm = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+            let loss = lsm.mean_all().unwrap().neg().unwrap();
+            let grads = loss.backward().unwrap();
+            let flat = |t: &Tensor| -> Vec<f32> {
+                t.to_device(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let g: Vec<(String, Vec<f32>)> = student
+                .vars()
+                .iter()
+                .map(|(n, v)| (n.clone(), flat(grads.get(v.as_tensor()).unwrap())))
+                .collect();
+            outs.push((flat(&logits), g));
+        }
+        let (cpu, gpu) = (&outs[0], &outs[1]);
+        let d = cpu
+            .0
+            .iter()
+            .zip(&gpu.0)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "logits differ by {d}");
+        for ((name, a), (_, b)) in cpu.1.iter().zip(&gpu.1) {
+            let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-8);
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                d / scale < 1e-3,
+                "{name}: gradient differs by {d} (scale {scale})"
+            );
+            assert!(
+                b.iter().any(|x| *x != 0.0),
+                "{name}: zero gradient on the GPU"
+            );
+        }
+    }
+
+    #[test]
+    fn cuda_training_matches_cpu_for_every_loss() {
+        let tmp = tempdir();
+        let store = bigram_store(tmp.path());
+        let init = Init::Random {
+            config: write_config(tmp.path(), false),
+            seed: 1,
+        };
+        for loss in [
+            LossKind::First,
+            LossKind::Kd,
+            LossKind::KdTail,
+            LossKind::Ce,
+        ] {
+            let o = opts(loss, 12);
+            let cpu = run(
+                &store,
+                &init,
+                &tmp.path().join(format!("cpu-{loss:?}")),
+                &o,
+                false,
+            )
+            .unwrap();
+            let out = tmp.path().join(format!("gpu-{loss:?}"));
+            let gpu = train(&store, &init, &out, &o, false, &gpu(), &mut |_| {}).unwrap();
+            let rel = max_rel(&cpu.losses, &gpu.losses);
+            assert!(
+                rel < 2e-3,
+                "{loss:?}: cpu {:?} gpu {:?}",
+                cpu.losses,
+                gpu.losses
+            );
+            // The GPU checkpoint loads on the CPU.
+            load_model(&out.join("final"), &Device::Cpu).unwrap();
+        }
+        // bf16 products on the GPU: close to f32 at the start, and learning.
+        let o = TrainOptions {
+            precision: firstkd::trainer::Precision::Bf16,
+            ..opts(LossKind::Kd, 24)
+        };
+        let f32_run = run(
+            &store,
+            &init,
+            &tmp.path().join("cpu-24"),
+            &opts(LossKind::Kd, 24),
+            false,
+        )
+        .unwrap();
+        let bf16 = train(
+            &store,
+            &init,
+            &tmp.path().join("gpu-bf16"),
+            &o,
+            false,
+            &gpu(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let rel = (bf16.losses[0] - f32_run.losses[0]).abs() / f32_run.losses[0];
+        assert!(
+            rel < 0.02,
+            "first loss f32 {} bf16 {}",
+            f32_run.losses[0],
+            bf16.losses[0]
+        );
+        assert!(
+            mean(&bf16.losses[20..]) < mean(&bf16.losses[..4]) * 0.97,
+            "{:?}",
+            bf16.losses
+        );
+    }
+
+    #[test]
+    fn cuda_cli_distill_runs() {
+        let tmp = tempdir();
+        let store = bigram_store(tmp.path());
+        let cfg = write_config(tmp.path(), true);
+        let out = tmp.path().join("cli");
+        let o = firstkd(&[
+            "distill",
+            "--store",
+            store.to_str().unwrap(),
+            "--init",
+            &format!("random:{}", cfg.display()),
+            "--loss",
+            "kd",
+            "--steps",
+            "6",
+            "--batch-tokens",
+            "256",
+            "--device",
+            "cuda",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(out.join("final").join("model.safetensors").exists());
+    }
+}
