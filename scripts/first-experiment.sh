@@ -18,10 +18,13 @@
 #           24-layer student (the teacher without layers 14,16,18,20,22,24), 80 steps of 2048
 #           padded tokens at lr 5e-5, 300 eval items per task.
 #   --device cuda: teacher labelling, training and evaluation on the GPU (`cuda` feature).
+# Overrides (environment): FIRSTKD_TRAIN_LIMIT (questions per training file), FIRSTKD_STEPS, FIRSTKD_EVAL_LIMIT,
+# FIRSTKD_STUDENTS (losses, default "ce kd first"; e.g. "ce kd first kd-tail").
 # Output: ${FIRSTKD_OUT:-out/experiment-MODE}/ (results.md there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/firstkd-target}"
+args="$*"
 mode="--quick"
 device="cpu"
 while [ $# -gt 0 ]; do
@@ -40,6 +43,8 @@ case "$mode" in
            layers="0,1,2,3,4,5,6,7,8,9,10,11,12,13,15,17,19,21,23,25,26,27,28,29"
            inputs=(commonsenseqa/train_rand_split.jsonl openbookqa/train.json arc_easy/train.json) ;;
 esac
+train_limit="${FIRSTKD_TRAIN_LIMIT:-$train_limit}"; steps="${FIRSTKD_STEPS:-$steps}"; eval_limit="${FIRSTKD_EVAL_LIMIT:-$eval_limit}"
+read -r -a students <<< "${FIRSTKD_STUDENTS:-ce kd first}"
 for f in "${inputs[@]}" commonsenseqa/dev_rand_split.jsonl arc_easy/test.json openbookqa/test.json boolq/test.json; do
   [ -f "$shared/$f" ] || { echo "missing $shared/$f (../shared/data)" >&2; exit 1; }
 done
@@ -75,7 +80,7 @@ step "labelling up to $train_limit training questions from each of: ${inputs[*]}
 step "fitting the temperature (ECE, renormalised top-5, 10% of samples held out by hash)"
 "$bin" calibrate "$out/store" | tee "$out/calibrate.txt"
 
-for loss in ce kd first; do
+for loss in "${students[@]}"; do
   step "student $loss: teacher layers $layers, $steps steps"
   "$bin" distill --store "$out/store" --init "teacher-layers:$teacher:$layers" --loss "$loss" \
     --steps "$steps" --batch-tokens "$batch" --lr "$lr" --device "$device" --warmup $(( steps / 10 + 1 )) --seed 0 \
@@ -83,8 +88,9 @@ for loss in ce kd first; do
 done
 
 step "evaluating teacher and students (cloze scoring, first $eval_limit items per task)"
-"$bin" compare --model "teacher=$teacher" --model "ce=$out/student-ce/final" \
-  --model "kd=$out/student-kd/final" --model "first=$out/student-first/final" \
+model_args=(--model "teacher=$teacher")
+for loss in "${students[@]}"; do model_args+=(--model "$loss=$out/student-$loss/final"); done
+"$bin" compare "${model_args[@]}" \
   --task "csqa=$shared/commonsenseqa/dev_rand_split.jsonl" --task "arc_easy=$shared/arc_easy/test.json" \
   --task "obqa=$shared/openbookqa/test.json" --task "boolq=$shared/boolq/test.json" \
   --mode cloze --limit "$eval_limit" --device "$device" --plot-dir "$out/plots" --markdown | tee "$out/compare.md"
@@ -93,7 +99,9 @@ step "writing $out/results.md"
 {
   echo "# FIRST experiment ($mode), $(date -u +%Y-%m-%d)"
   echo
-  echo "Command: \`scripts/first-experiment.sh $mode\`; wall time $(( $(date +%s) - start )) s."
+  overrides=""
+  for v in FIRSTKD_TRAIN_LIMIT FIRSTKD_STEPS FIRSTKD_EVAL_LIMIT FIRSTKD_STUDENTS; do [ -z "${!v:-}" ] || overrides+="$v=\"${!v}\" "; done
+  echo "Command: \`${overrides}scripts/first-experiment.sh $args\`; wall time $(( $(date +%s) - start )) s."
   echo '```'
   cat "$out/timings.txt"
   echo '```'

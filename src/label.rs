@@ -45,6 +45,18 @@ impl InputSpec {
             split: split.to_string(),
         }
     }
+
+    /// Makes sources unique: inputs whose file stems collide (`openbookqa/train.json`,
+    /// `arc_easy/train.json`) are tagged `parent/stem` (`openbookqa/train`, `arc_easy/train`).
+    pub fn distinct_sources(specs: &mut [InputSpec]) {
+        let count = |specs: &[InputSpec], s: &str| specs.iter().filter(|x| x.source == s).count();
+        let clashing: Vec<bool> = specs.iter().map(|s| count(specs, &s.source) > 1).collect();
+        for (spec, clash) in specs.iter_mut().zip(clashing) {
+            if let (true, Some(parent)) = (clash, spec.path.parent().and_then(Path::file_name)) {
+                spec.source = format!("{}/{}", parent.to_string_lossy(), spec.source);
+            }
+        }
+    }
 }
 
 /// Settings of a labelling run.
@@ -353,4 +365,24 @@ pub fn label(
         skipped_examples,
         already_complete: false,
     })
+}
+
+#[cfg(test)]
+mod input_spec_tests {
+    use super::*;
+
+    #[test]
+    fn colliding_stems_get_their_directory() {
+        let mut specs = vec![
+            InputSpec::new(Path::new("d/openbookqa/train.json"), "train"),
+            InputSpec::new(Path::new("d/arc_easy/train.json"), "train"),
+            InputSpec::new(Path::new("d/csqa/train_rand_split.jsonl"), "train"),
+        ];
+        InputSpec::distinct_sources(&mut specs);
+        let sources: Vec<&str> = specs.iter().map(|s| s.source.as_str()).collect();
+        assert_eq!(
+            sources,
+            ["openbookqa/train", "arc_easy/train", "train_rand_split"]
+        );
+    }
 }

@@ -86,12 +86,14 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         "text" => McResponse::Text,
         other => anyhow::bail!("--mc-response {other:?}: expected letter or text"),
     };
+    let mut inputs: Vec<InputSpec> = args
+        .inputs
+        .iter()
+        .map(|p| InputSpec::new(p, &args.split))
+        .collect();
+    InputSpec::distinct_sources(&mut inputs);
     let cfg = LabelConfig {
-        inputs: args
-            .inputs
-            .iter()
-            .map(|p| InputSpec::new(p, &args.split))
-            .collect(),
+        inputs,
         input: InputOptions {
             format: args.format.parse::<InputFormat>()?,
             seq_len: args.seq_len,
