@@ -111,6 +111,11 @@ step "writing $out/results.md"
   echo
   cat "$out/compare.md"
   echo
+  echo "Details (\`scripts/results_table.py $out/plots/reports.json\`; ±95% = normal-approximation"
+  echo "interval half-width of the accuracy; reliability diagrams: $out/plots/MODEL-TASK.svg):"
+  echo
+  python3 scripts/results_table.py "$out/plots/reports.json"
+  echo
   echo '```'
   cat "$out/calibrate.txt"
   echo '```'

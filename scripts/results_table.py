@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Prints the detailed Markdown table of a `firstkd compare --plot-dir DIR` run (DIR/reports.json):
+per task and model, accuracy (with a 95% normal-approximation interval half-width), length-
+normalised accuracy, ECE, Brier, NLL and mean confidence. Standard library only.
+
+    python3 scripts/results_table.py out/experiment-full/plots/reports.json
+"""
+import json
+import math
+import sys
+
+
+def main(path):
+    with open(path) as f:
+        rows = json.load(f)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    print("| task | model | n | acc | ±95% | acc_norm | ECE | Brier | NLL | mean conf |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for task in tasks:
+        for r in (r for r in rows if r["task"] == task):
+            rep = r["reports"][0]
+            cal = rep["calibration"]
+            n, acc = rep["n"], rep["accuracy"]
+            half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
+            print(f"| {task} | {r['model']} | {n} | {acc:.3f} | {half:.3f} | {rep['acc_norm']:.3f} | "
+                  f"{cal['ece']:.3f} | {rep['brier_multiclass']:.3f} | {cal['nll']:.3f} | "
+                  f"{cal['mean_confidence']:.3f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
