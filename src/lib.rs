@@ -12,6 +12,8 @@ pub mod query;
 pub mod schema;
 pub mod store;
 pub mod teacher;
+#[doc(hidden)]
+pub mod testing;
 pub mod trainer;
 
 pub use error::{Error, Result};

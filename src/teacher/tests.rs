@@ -570,11 +570,7 @@ fn cuda_tiny_teacher_matches_cpu() {
                 .unwrap();
             logits.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
-        let d = logits[0]
-            .iter()
-            .zip(&logits[1])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = crate::testing::max_abs_diff_slices(&logits[0], &logits[1]);
         assert!(
             d < 1e-4,
             "{arch:?}: GPU logits differ from the CPU's by {d}"
@@ -598,27 +594,21 @@ fn tiny_model_padded_batch_equals_alone() {
         let alone_b = m
             .forward_logits(&Tensor::from_slice(&b, (1, 3), &Device::Cpu).unwrap())
             .unwrap();
-        let diff = (both.get(1).unwrap().narrow(0, 0, 3).unwrap() - alone_b.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testing::max_abs_diff(
+            &both.get(1).unwrap().narrow(0, 0, 3).unwrap(),
+            &alone_b.get(0).unwrap(),
+        )
+        .unwrap();
         assert!(diff < 1e-5, "{arch:?}: {diff}");
         // Causality: the prefix of `a` gives the same logits as `a` itself.
         let prefix = m
             .forward_logits(&Tensor::from_slice(&a[..5], (1, 5), &Device::Cpu).unwrap())
             .unwrap();
-        let diff = (both.get(0).unwrap().narrow(0, 0, 5).unwrap() - prefix.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testing::max_abs_diff(
+            &both.get(0).unwrap().narrow(0, 0, 5).unwrap(),
+            &prefix.get(0).unwrap(),
+        )
+        .unwrap();
         assert!(diff < 1e-5, "{arch:?}: {diff}");
     }
 }

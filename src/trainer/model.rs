@@ -605,14 +605,9 @@ mod tests {
         let padded = Tensor::new(&[[3u32, 1, 4, 1, 5], [9, 2, 6, 5, 3]], &Device::Cpu).unwrap();
         let a = student.logits(&alone, &[3]).unwrap();
         let p = student.logits(&padded, &[3, 5]).unwrap();
-        let diff = (a - p.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff =
+            crate::testing::max_abs_diff(&a, &p.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap())
+                .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 

@@ -577,14 +577,7 @@ fn student_copy_of_the_real_teacher() {
         .unwrap();
     let t = teacher.model().forward_logits(&ids).unwrap();
     let s = student.logits(&ids, &[seqs[0].len()]).unwrap();
-    let diff = (t - s)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = firstkd::testing::max_abs_diff(&t, &s).unwrap();
     assert!(diff < 2e-3, "student vs teacher logits differ by {diff}");
 
     // A float32 store labelled by the teacher; the copy's kd-tail and kd losses are ~0.
@@ -793,20 +786,11 @@ mod cuda {
             outs.push((flat(&logits), g));
         }
         let (cpu, gpu) = (&outs[0], &outs[1]);
-        let d = cpu
-            .0
-            .iter()
-            .zip(&gpu.0)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = firstkd::testing::max_abs_diff_slices(&cpu.0, &gpu.0);
         assert!(d < 1e-4, "logits differ by {d}");
         for ((name, a), (_, b)) in cpu.1.iter().zip(&gpu.1) {
             let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-8);
-            let d = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let d = firstkd::testing::max_abs_diff_slices(a, b);
             assert!(
                 d / scale < 1e-3,
                 "{name}: gradient differs by {d} (scale {scale})"
