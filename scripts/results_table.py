@@ -22,9 +22,11 @@ def main(path):
             cal = rep["calibration"]
             n, acc = rep["n"], rep["accuracy"]
             half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
-            print(f"| {task} | {r['model']} | {n} | {acc:.3f} | {half:.3f} | {rep['acc_norm']:.3f} | "
-                  f"{cal['ece']:.3f} | {rep['brier_multiclass']:.3f} | {cal['nll']:.3f} | "
-                  f"{cal['mean_confidence']:.3f} |")
+            cells = [rep.get("acc_norm"), cal["ece"], rep.get("brier_multiclass"), cal.get("nll"),
+                     cal["mean_confidence"]]
+            # acc_norm exists only for cloze scoring; a missing value prints as "-".
+            text = " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
+            print(f"| {task} | {r['model']} | {n} | {acc:.3f} | {half:.3f} | {text} |")
 
 
 if __name__ == "__main__":

@@ -334,6 +334,8 @@ fn cli_eval_json_plot_and_compare() {
         "--json",
         "--plot",
         svg.to_str().unwrap(),
+        "--device",
+        "cpu",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval --json is JSON");
@@ -366,6 +368,8 @@ fn cli_eval_json_plot_and_compare() {
         "--mode",
         "letter",
         "--markdown",
+        "--plot-dir",
+        tmp.path().join("plots").to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let t = String::from_utf8_lossy(&out.stdout).to_string();
@@ -374,6 +378,94 @@ fn cli_eval_json_plot_and_compare() {
         "{t}"
     );
     assert!(t.contains("| teacher |"), "{t}");
+    // --plot-dir: one diagram per model and task, and every report with its wall time.
+    for name in ["teacher-tiny.svg", "teacher-tiny2.svg"] {
+        let drawing = std::fs::read_to_string(tmp.path().join("plots").join(name)).unwrap();
+        assert!(drawing.starts_with("<svg"), "{name}");
+    }
+    let reports = tmp.path().join("plots").join("reports.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&reports).unwrap()).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["task"], "tiny2");
+    assert_eq!(rows[0]["n_items"], 2);
+    assert!(rows[0]["seconds"].as_f64().unwrap() > 0.0);
+    // scripts/results_table.py turns it into the detailed table of docs/RESULTS.md.
+    let table = std::process::Command::new("python3")
+        .arg(data("scripts/results_table.py"))
+        .arg(&reports)
+        .output()
+        .expect("python3");
+    let table_text = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(table.status.success(), "{}", text(&table));
+    assert_eq!(table_text.lines().count(), 4, "{table_text}");
+    assert!(
+        table_text.contains("| tiny2 | teacher | 2 |"),
+        "{table_text}"
+    );
+}
+
+/// `--device` is parsed before any work: a bad value, or `cuda` in a build without the `cuda`
+/// feature, is a clear error with a non-zero exit.
+#[test]
+fn bad_device_is_a_clear_error() {
+    let task = data("tests/data/eval_tiny.jsonl");
+    let task = task.to_str().unwrap();
+    let tmp = tempdir();
+    let out_store = tmp.path().join("store");
+    for args in [
+        vec![
+            "eval", "--model", "m.gguf", "--task", task, "--device", "tpu",
+        ],
+        vec![
+            "label",
+            "--model",
+            "m.gguf",
+            "--input",
+            task,
+            "--out",
+            out_store.to_str().unwrap(),
+            "--device",
+            "tpu",
+        ],
+    ] {
+        let out = firstkd(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out).contains("--device \"tpu\""),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+    assert!(!out_store.exists(), "no store is created on a bad --device");
+    let out = firstkd(&[
+        "distill",
+        "--store",
+        "s",
+        "--init",
+        "random:c.json",
+        "--steps",
+        "1",
+        "--precision",
+        "fp8",
+        "--out",
+        "o",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--precision \"fp8\""), "{}", text(&out));
+    #[cfg(not(feature = "cuda"))]
+    {
+        let out = firstkd(&[
+            "eval", "--model", "m.gguf", "--task", task, "--device", "cuda",
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            text(&out).contains("without the `cuda` feature"),
+            "{}",
+            text(&out)
+        );
+    }
 }
 
 #[test]
