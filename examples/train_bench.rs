@@ -36,6 +36,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the `firstkd` binary does (FIRSTKD_SYSTEM_MALLOC=1 turns it off, to compare).
+    let tuned = firstkd::runtime::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let steps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(6);
     let losses: Vec<String> = if args.len() > 1 {
@@ -70,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => DType::F32,
     };
     println!(
-        "student: 2 layers, {} parameters; batch 4 x 256; device {device:?}, matmuls {dtype:?}; threads: {}",
+        "student: 2 layers, {} parameters; batch 4 x 256; device {device:?}, matmuls {dtype:?}; threads: {}; malloc keeps freed memory: {tuned}",
         student_cfg.num_parameters(),
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -9,6 +9,7 @@ pub mod input;
 pub mod label;
 pub mod plot;
 pub mod query;
+pub mod runtime;
 pub mod schema;
 pub mod store;
 pub mod teacher;

@@ -8,6 +8,7 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
+    firstkd::runtime::keep_freed_memory();
     let args = cli::Cli::parse();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -19,6 +19,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod fused;
 pub mod init;
 pub mod loss;
 pub mod model;

@@ -10,6 +10,7 @@
 //! ...), so a checkpoint is a plain HF `model.safetensors`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -17,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::fused;
 use crate::error::{Error, Result};
 
 /// Additive attention-mask value for masked keys (finite, so fully masked rows stay finite).
@@ -217,6 +219,8 @@ pub struct Student {
     /// Type of the transformer blocks' matrix products (weights stay f32; see
     /// [`Student::set_compute_dtype`]).
     compute: DType,
+    /// Whether the blocks use the fused CPU kernels of [`super::fused`].
+    fused: bool,
 }
 
 impl std::fmt::Debug for Student {
@@ -343,6 +347,7 @@ impl Student {
             lm_head,
             device: device.clone(),
             compute: DType::F32,
+            fused: device.is_cpu(),
         })
     }
 
@@ -360,6 +365,24 @@ impl Student {
                 "compute dtype {other:?}: expected f32, bf16 or f16"
             ))),
         }
+    }
+
+    /// Chooses between the fused CPU kernels of [`super::fused`] (the default on the CPU) and
+    /// the composed candle ops (the path on other devices). Both compute the same function;
+    /// turning the fused kernels on for a non-CPU student is refused.
+    pub fn set_fused(&mut self, fused: bool) -> Result<()> {
+        if fused && !self.device.is_cpu() {
+            return Err(Error::InvalidArgument(
+                "the fused kernels run on the CPU only".into(),
+            ));
+        }
+        self.fused = fused;
+        Ok(())
+    }
+
+    /// See [`Student::set_fused`].
+    pub fn fused(&self) -> bool {
+        self.fused
     }
 
     /// See [`Student::set_compute_dtype`].
@@ -418,10 +441,18 @@ impl Student {
                 self.cfg.max_position_embeddings
             )));
         }
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?;
+        if self.fused {
+            let (cos, sin) = rope_vecs(&self.cfg, s);
+            let rope = Arc::new(fused::RopeTables::new(cos, sin, self.cfg.head_dim()));
+            for layer in &self.layers {
+                x = self.fused_block(layer, &x, lengths, s, &rope)?;
+            }
+            return Ok(fused::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?);
+        }
         let group = self.cfg.num_attention_heads / self.cfg.kv_heads();
         let mask = attention_mask(lengths, s, group, &self.device)?;
         let (cos, sin) = rope_tables(&self.cfg, s, &self.device)?;
-        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?;
         for layer in &self.layers {
             x = self.block(layer, &x, b, s, &mask, &cos, &sin)?;
         }
@@ -434,6 +465,52 @@ impl Student {
         let h = self.hidden_states(input_ids, lengths)?;
         let logits = h.matmul(&self.output_weight().t()?)?;
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
+    }
+
+    /// [`Student::block`] with the fused CPU kernels: the same function in fewer, cheaper
+    /// graph nodes.
+    fn fused_block(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        lengths: &[usize],
+        s: usize,
+        rope: &Arc<fused::RopeTables>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let b = lengths.len();
+        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let group = nq / nkv;
+        let dt = self.compute;
+        let lin = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            if dt == DType::F32 {
+                Ok(fused::linear(x, w)?)
+            } else {
+                linear(x, w, dt)
+            }
+        };
+        let h = fused::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
+        let mut q = lin(&h, &l.q)?;
+        let mut k = lin(&h, &l.k)?;
+        let mut v = lin(&h, &l.v)?;
+        if let Some((bq, bk, bv)) = &l.qkv_bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let q = fused::split_heads(&q, (b, s, nq, hd), Some(rope))?;
+        let k = fused::split_heads(&k, (b, s, nkv, hd), Some(rope))?;
+        let v = fused::split_heads(&v, (b, s, nkv, hd), None)?;
+        // Query heads sharing a K/V head are consecutive: fold them into the rows.
+        let q = q.reshape((b, nkv, group * s, hd))?;
+        let scores = matmul(&q, &k.t()?, dt)?; // [b, nkv, group*s, s]
+        let probs =
+            fused::causal_softmax(&scores, lengths, nkv * group * s, 1.0 / (hd as f64).sqrt())?;
+        let attn = fused::merge_heads(&matmul(&probs, &v, dt)?.reshape((b, nq, s, hd))?)?;
+        let x = (x + lin(&attn, &l.o)?)?;
+        let h = fused::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
+        let act = fused::swiglu(&lin(&h, &l.gate)?, &lin(&h, &l.up)?)?;
+        Ok((x + lin(&act, &l.down)?)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -516,14 +593,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
-/// cos/sin tables `[s, head_dim]` (each half repeated) for positions `0..s`.
-fn rope_tables(cfg: &StudentConfig, s: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// cos/sin values `[s, head_dim]` (each half repeated) for positions `0..s`.
+fn rope_vecs(cfg: &StudentConfig, s: usize) -> (Vec<f32>, Vec<f32>) {
     let hd = cfg.head_dim();
     let half = hd / 2;
     let inv_freq: Vec<f64> = (0..half)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
         .collect();
-    let (cos, sin) = crate::teacher::model::rope_cos_sin(&inv_freq, s, 2);
+    crate::teacher::model::rope_cos_sin(&inv_freq, s, 2)
+}
+
+/// cos/sin tables `[s, head_dim]` (each half repeated) for positions `0..s`.
+fn rope_tables(cfg: &StudentConfig, s: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let (cos, sin) = rope_vecs(cfg, s);
     Ok((
         Tensor::from_vec(cos, (s, hd), device)?,
         Tensor::from_vec(sin, (s, hd), device)?,
@@ -532,7 +615,12 @@ fn rope_tables(cfg: &StudentConfig, s: usize, device: &Device) -> Result<(Tensor
 
 /// Additive mask `[b, 1, group * s, s]`: query `q` of row `r` may see key `k` iff
 /// `k <= q` and `k < lengths[r]` (position 0 is always visible, so no row is fully masked).
-fn attention_mask(lengths: &[usize], s: usize, group: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn attention_mask(
+    lengths: &[usize],
+    s: usize,
+    group: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let mut data = Vec::with_capacity(lengths.len() * group * s * s);
     for &len in lengths {
         for _ in 0..group {
@@ -594,6 +682,52 @@ mod tests {
                     .to_scalar::<f32>()
                     .unwrap();
                 assert!(norm > 0.0 && norm.is_finite(), "{name}: grad norm {norm}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_and_composed_blocks_agree() {
+        for (tied, bias) in [(true, false), (false, true)] {
+            let mut cfg = tiny_config(tied);
+            cfg.attention_bias = Some(bias);
+            let mut student = Student::random(cfg, 11, &Device::Cpu).unwrap();
+            assert!(student.fused(), "fused kernels are the CPU default");
+            let ids =
+                Tensor::new(&[[1u32, 5, 9, 300, 7, 2], [2, 8, 4, 0, 0, 0]], &Device::Cpu).unwrap();
+            let run = |s: &Student| {
+                let logits = s.logits(&ids, &[6, 3]).unwrap();
+                let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+                // A loss weighting the positions differently, so position mix-ups show.
+                let w = Tensor::arange(0f32, 6.0, &Device::Cpu)
+                    .unwrap()
+                    .reshape((1, 6, 1))
+                    .unwrap();
+                let loss = lsm.broadcast_mul(&w).unwrap().mean_all().unwrap();
+                (logits, loss.backward().unwrap())
+            };
+            let (la, ga) = run(&student);
+            student.set_fused(false).unwrap();
+            let (lb, gb) = run(&student);
+            let d = crate::testing::max_abs_diff(&la, &lb).unwrap();
+            assert!(d < 1e-4, "logits differ by {d}");
+            for (name, var) in student.vars() {
+                let (a, b) = (
+                    ga.get(var.as_tensor()).unwrap(),
+                    gb.get(var.as_tensor()).unwrap(),
+                );
+                let d = crate::testing::max_abs_diff(a, b).unwrap();
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    scale > 0.0 && d <= 1e-3 * scale,
+                    "{name}: {d} (scale {scale})"
+                );
             }
         }
     }

@@ -1,0 +1,769 @@
+//! Fused CPU kernels with hand-written backward passes for the student's hot paths.
+//!
+//! candle's autograd records one graph node per elementary op and, in the backward pass,
+//! accumulates every node's gradient as `zeros_like + add`: RMSNorm written as seven ops costs
+//! some thirty passes over its activations, the masked softmax of attention a dozen passes over
+//! the `[batch, heads, seq, seq]` scores, and `x @ w.t()` a strided (unvectorised) add of the
+//! transposed weight gradient. On the CPU, where a training step is bound by memory traffic as
+//! much as by matrix products, these ops are replaced by the [`candle_core::CustomOp1`] /
+//! [`candle_core::CustomOp2`] kernels below, each a single pass forward and a single pass
+//! backward, parallel over rows (rayon) and deterministic (reductions across rows use a fixed
+//! chunking, not the thread count). They compute exactly the functions of the composed ops in
+//! `model.rs` (tests compare values and gradients), which remain the path on other devices.
+//!
+//! * [`linear`]: `x @ w^T` whose weight gradient is produced contiguous, `g^T @ x`.
+//! * [`rms_norm`]: RMSNorm with the closed-form backward.
+//! * [`split_heads`] / [`merge_heads`]: `[b*s, n*hd] <-> [b, n, s, hd]` in one copy, with the
+//!   rotate-half RoPE applied on the way in (its transpose, the rotation by `-sin`, on the way
+//!   back).
+//! * [`causal_softmax`]: scaled softmax over the keys each query may see (causal and within
+//!   the row's length), zero elsewhere, backward from the saved probabilities.
+//! * [`swiglu`]: `silu(a) * b`.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Rows per parallel task (and per partial sum of the cross-row reductions).
+const ROWS_PER_TASK: usize = 16;
+
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("{op}: expected f32 data, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(cpu_slice(s, layout, op)?),
+        _ => bail!("{op}: the fused kernels run on the CPU only"),
+    }
+}
+
+fn cpu_tensor(data: Vec<f32>, shape: &Shape) -> CResult<Tensor> {
+    Tensor::from_vec(data, shape.clone(), &Device::Cpu)
+}
+
+fn last_dim(shape: &Shape, op: &str) -> CResult<usize> {
+    match shape.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => bail!("{op}: empty or scalar input {shape:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "firstkd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, k) = xl.shape().dims2()?;
+        let (m, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            bail!("linear: input width {k} but weight [{m}, {k2}]");
+        }
+        let out = xs.matmul(ws, (1, n, m, k), xl, &wl.transpose(0, 1)?)?;
+        Ok((out, Shape::from((n, m))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.matmul(&w.detach())?;
+        let dw = grad.t()?.matmul(&x.detach())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x @ w^T` for `x: [n, in]`, `w: [out, in]` (CPU, f32).
+pub fn linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op2(w, Linear)
+}
+
+// ---------------------------------------------------------------------------------------------
+// rms_norm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "firstkd-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = cpu_slice(xs, xl, "rms_norm")?;
+        let w = cpu_slice(ws, wl, "rms_norm")?;
+        let h = last_dim(xl.shape(), "rms_norm")?;
+        if w.len() != h {
+            bail!("rms_norm: weight of {} for rows of {h}", w.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h * ROWS_PER_TASK)
+            .zip(x.par_chunks(h * ROWS_PER_TASK))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
+                    let inv = inv_rms(xr, self.eps);
+                    for ((y, x), w) in yr.iter_mut().zip(xr).zip(w) {
+                        *y = x * inv * w;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let h = last_dim(x.shape(), "rms_norm")?;
+        let eps = self.eps;
+        let (dx, dw) = with_data(x, "rms_norm", |x| {
+            with_data(w, "rms_norm", |w| {
+                with_data(grad, "rms_norm", |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    let partials: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(h * ROWS_PER_TASK)
+                        .zip(x.par_chunks(h * ROWS_PER_TASK))
+                        .zip(g.par_chunks(h * ROWS_PER_TASK))
+                        .map(|((dxc, xc), gc)| {
+                            let mut dw = vec![0f32; h];
+                            for ((dxr, xr), gr) in
+                                dxc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h))
+                            {
+                                let inv = inv_rms(xr, eps);
+                                let mut dot = 0f32;
+                                for j in 0..h {
+                                    dot += gr[j] * w[j] * xr[j];
+                                    dw[j] += gr[j] * xr[j] * inv;
+                                }
+                                let c = inv * inv * dot / h as f32;
+                                for j in 0..h {
+                                    dxr[j] = inv * (gr[j] * w[j] - xr[j] * c);
+                                }
+                            }
+                            dw
+                        })
+                        .collect();
+                    // Summed in chunk order: the same result for any number of threads.
+                    let mut dw = vec![0f32; h];
+                    for p in partials {
+                        for (a, b) in dw.iter_mut().zip(p) {
+                            *a += b;
+                        }
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            Some(cpu_tensor(dx, x.shape())?),
+            Some(cpu_tensor(dw, w.shape())?),
+        ))
+    }
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w` (CPU, f32).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// split / merge heads, with RoPE
+
+/// RoPE tables `[s, hd]` (each half repeated, as `model.rs` builds them).
+#[derive(Debug)]
+pub struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    hd: usize,
+}
+
+impl RopeTables {
+    /// Wraps cos/sin tables of `s * hd` values each.
+    pub fn new(cos: Vec<f32>, sin: Vec<f32>, hd: usize) -> Self {
+        RopeTables { cos, sin, hd }
+    }
+
+    fn positions(&self) -> usize {
+        self.cos.len() / self.hd.max(1)
+    }
+}
+
+/// `out = v * cos + rotate_half(v) * sign * sin` for one head vector at one position
+/// (`sign = -1` is the transpose of the rotation).
+fn rotate(out: &mut [f32], v: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = v.len() / 2;
+    for j in 0..half {
+        out[j] = v[j] * cos[j] - sign * v[j + half] * sin[j];
+        out[j + half] = v[j + half] * cos[j + half] + sign * v[j] * sin[j + half];
+    }
+}
+
+#[derive(Clone)]
+struct Heads {
+    b: usize,
+    s: usize,
+    n: usize,
+    hd: usize,
+    /// `[b*s, n*hd] -> [b, n, s, hd]` when true, the inverse otherwise.
+    split: bool,
+    rope: Option<Arc<RopeTables>>,
+    /// +1 rotates, -1 applies the transposed rotation.
+    sign: f32,
+}
+
+impl Heads {
+    fn check(&self, len: usize) -> CResult<()> {
+        if len != self.b * self.s * self.n * self.hd {
+            bail!(
+                "heads: {len} values for [{}, {}, {}, {}]",
+                self.b,
+                self.n,
+                self.s,
+                self.hd
+            );
+        }
+        if let Some(r) = &self.rope {
+            if r.hd != self.hd || r.positions() < self.s {
+                bail!(
+                    "heads: RoPE tables for {} positions x {} for {} x {}",
+                    r.positions(),
+                    r.hd,
+                    self.s,
+                    self.hd
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn out_shape(&self) -> Shape {
+        if self.split {
+            Shape::from((self.b, self.n, self.s, self.hd))
+        } else {
+            Shape::from((self.b * self.s, self.n * self.hd))
+        }
+    }
+
+    fn run(&self, src: &[f32]) -> CResult<Vec<f32>> {
+        self.check(src.len())?;
+        let (s, n, hd) = (self.s, self.n, self.hd);
+        let mut dst = vec![0f32; src.len()];
+        let copy = |out: &mut [f32], v: &[f32], t: usize| match &self.rope {
+            Some(r) => rotate(
+                out,
+                v,
+                &r.cos[t * hd..(t + 1) * hd],
+                &r.sin[t * hd..(t + 1) * hd],
+                self.sign,
+            ),
+            None => out.copy_from_slice(v),
+        };
+        if self.split {
+            // One task per (batch row, head): s vectors of hd.
+            dst.par_chunks_mut(s * hd)
+                .enumerate()
+                .for_each(|(bh, out)| {
+                    let (bi, h) = (bh / n, bh % n);
+                    for t in 0..s {
+                        let from = (bi * s + t) * n * hd + h * hd;
+                        copy(&mut out[t * hd..(t + 1) * hd], &src[from..from + hd], t);
+                    }
+                });
+        } else {
+            // One task per token: n vectors of hd.
+            dst.par_chunks_mut(n * hd)
+                .enumerate()
+                .for_each(|(row, out)| {
+                    let (bi, t) = (row / s, row % s);
+                    for h in 0..n {
+                        let from = ((bi * n + h) * s + t) * hd;
+                        copy(&mut out[h * hd..(h + 1) * hd], &src[from..from + hd], t);
+                    }
+                });
+        }
+        Ok(dst)
+    }
+
+    fn inverse(&self) -> Heads {
+        Heads {
+            split: !self.split,
+            sign: -self.sign,
+            ..self.clone()
+        }
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "firstkd-heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let src = cpu_slice(storage, layout, "heads")?;
+        Ok((CpuStorage::F32(self.run(src)?), self.out_shape()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let back = self.inverse();
+        let dx = with_data(grad, "heads", |g| back.run(g))?;
+        Ok(Some(cpu_tensor(dx, arg.shape())?))
+    }
+}
+
+/// `[b*s, n*hd] -> [b, n, s, hd]`, rotating each head vector with `rope` when given (CPU, f32).
+pub fn split_heads(
+    x: &Tensor,
+    (b, s, n, hd): (usize, usize, usize, usize),
+    rope: Option<&Arc<RopeTables>>,
+) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(Heads {
+        b,
+        s,
+        n,
+        hd,
+        split: true,
+        rope: rope.cloned(),
+        sign: 1.0,
+    })
+}
+
+/// `[b, n, s, hd] -> [b*s, n*hd]` (CPU, f32).
+pub fn merge_heads(x: &Tensor) -> CResult<Tensor> {
+    let (b, n, s, hd) = x.dims4()?;
+    x.contiguous()?.apply_op1(Heads {
+        b,
+        s,
+        n,
+        hd,
+        split: false,
+        rope: None,
+        sign: 1.0,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// causal softmax
+
+struct CausalSoftmax {
+    /// Real tokens per batch row.
+    lengths: Vec<usize>,
+    /// Query positions (and keys) per sequence.
+    s: usize,
+    /// Score rows per batch row (`heads * s`, or `kv_heads * group * s`).
+    rows_per_batch: usize,
+    scale: f32,
+}
+
+impl CausalSoftmax {
+    /// Keys `0..visible` are seen by score row `r` (query `r % s` of batch row
+    /// `r / rows_per_batch`): causal, within the row's length, and key 0 always.
+    fn visible(&self, r: usize) -> usize {
+        let q = r % self.s;
+        let len = self.lengths[r / self.rows_per_batch];
+        (q + 1).min(len).max(1)
+    }
+
+    fn check(&self, shape: &Shape) -> CResult<()> {
+        let s = last_dim(shape, "causal_softmax")?;
+        let rows = shape.elem_count() / s;
+        if s != self.s
+            || !self.rows_per_batch.is_multiple_of(s)
+            || rows != self.lengths.len() * self.rows_per_batch
+        {
+            bail!(
+                "causal_softmax: scores {shape:?} for {} rows of {} keys",
+                self.lengths.len(),
+                self.s
+            );
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "firstkd-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> CResult<(CpuStorage, Shape)> {
+        self.check(layout.shape())?;
+        let x = cpu_slice(storage, layout, "causal_softmax")?;
+        let s = self.s;
+        let mut p = vec![0f32; x.len()];
+        p.par_chunks_mut(s * ROWS_PER_TASK)
+            .zip(x.par_chunks(s * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (pc, xc))| {
+                for (i, (pr, xr)) in pc.chunks_mut(s).zip(xc.chunks(s)).enumerate() {
+                    let vis = self.visible(task * ROWS_PER_TASK + i);
+                    let (pr, xr) = (&mut pr[..vis], &xr[..vis]);
+                    let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                    let mut sum = 0f32;
+                    for (p, &x) in pr.iter_mut().zip(xr) {
+                        *p = (x * self.scale - max).exp();
+                        sum += *p;
+                    }
+                    let inv = 1.0 / sum;
+                    pr.iter_mut().for_each(|p| *p *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(p), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let s = self.s;
+        let dx = with_data(res, "causal_softmax", |p| {
+            with_data(grad, "causal_softmax", |g| {
+                let mut dx = vec![0f32; p.len()];
+                dx.par_chunks_mut(s * ROWS_PER_TASK)
+                    .zip(p.par_chunks(s * ROWS_PER_TASK))
+                    .zip(g.par_chunks(s * ROWS_PER_TASK))
+                    .enumerate()
+                    .for_each(|(task, ((dc, pc), gc))| {
+                        for (i, ((dr, pr), gr)) in dc
+                            .chunks_mut(s)
+                            .zip(pc.chunks(s))
+                            .zip(gc.chunks(s))
+                            .enumerate()
+                        {
+                            let vis = self.visible(task * ROWS_PER_TASK + i);
+                            let dot: f32 =
+                                pr[..vis].iter().zip(&gr[..vis]).map(|(p, g)| p * g).sum();
+                            for j in 0..vis {
+                                dr[j] = self.scale * pr[j] * (gr[j] - dot);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(cpu_tensor(dx, arg.shape())?))
+    }
+}
+
+/// Attention probabilities from raw scores `[b, .., s]` whose rows are grouped per batch row
+/// (`rows_per_batch` score rows each, query position = row index mod `s`): softmax of
+/// `scale * scores` over the keys the query may see (key <= query, key < `lengths[b]`, key 0
+/// always), exactly 0 for the others (CPU, f32).
+pub fn causal_softmax(
+    scores: &Tensor,
+    lengths: &[usize],
+    rows_per_batch: usize,
+    scale: f64,
+) -> CResult<Tensor> {
+    let s = scores.dim(candle_core::D::Minus1)?;
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        lengths: lengths.to_vec(),
+        s,
+        rows_per_batch,
+        scale: scale as f32,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// swiglu
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "firstkd-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        if al.shape() != bl.shape() {
+            bail!("swiglu: shapes {:?} and {:?}", al.shape(), bl.shape());
+        }
+        let a = cpu_slice(as_, al, "swiglu")?;
+        let b = cpu_slice(bs, bl, "swiglu")?;
+        let mut y = vec![0f32; a.len()];
+        const CHUNK: usize = 16 * 1024;
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(yc, (ac, bc))| {
+                for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+                    *y = a * sigmoid(a) * b;
+                }
+            });
+        Ok((CpuStorage::F32(y), al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        const CHUNK: usize = 16 * 1024;
+        let (da, db) = with_data(a, "swiglu", |a| {
+            with_data(b, "swiglu", |b| {
+                with_data(grad, "swiglu", |g| {
+                    let mut da = vec![0f32; a.len()];
+                    let mut db = vec![0f32; a.len()];
+                    da.par_chunks_mut(CHUNK)
+                        .zip(db.par_chunks_mut(CHUNK))
+                        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                        .zip(g.par_chunks(CHUNK))
+                        .for_each(|(((dac, dbc), (ac, bc)), gc)| {
+                            for i in 0..ac.len() {
+                                let (a, b, g) = (ac[i], bc[i], gc[i]);
+                                let sg = sigmoid(a);
+                                dac[i] = g * b * sg * (1.0 + a * (1.0 - sg));
+                                dbc[i] = g * a * sg;
+                            }
+                        });
+                    Ok((da, db))
+                })
+            })
+        })?;
+        Ok((
+            Some(cpu_tensor(da, a.shape())?),
+            Some(cpu_tensor(db, b.shape())?),
+        ))
+    }
+}
+
+/// `silu(a) * b` (CPU, f32).
+pub fn swiglu(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::max_abs_diff;
+    use crate::trainer::model;
+    use candle_core::{Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Var {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// Values and input gradients (of `sum(out * r)`, `r` random) of `fused` and `composed`
+    /// agree within `tol`.
+    fn check(
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> CResult<Tensor>,
+        composed: impl Fn(&[Tensor]) -> CResult<Tensor>,
+        tol: f32,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let a = fused(&ts).unwrap();
+        let b = composed(&ts).unwrap();
+        assert_eq!(a.dims(), b.dims());
+        let d = max_abs_diff(&a, &b).unwrap();
+        assert!(d < tol, "values differ by {d}");
+        let r = randn(a.dims(), 99);
+        let ga = (a * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (b * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+            let scale = y
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0, "input {i}: zero reference gradient");
+            let d = max_abs_diff(x, y).unwrap();
+            assert!(
+                d < tol * scale.max(1.0),
+                "input {i}: gradients differ by {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_matches_matmul() {
+        let (x, w) = (randn(&[37, 24], 1), randn(&[19, 24], 2));
+        check(
+            &[x, w],
+            |t| linear(&t[0], &t[1]),
+            |t| t[0].matmul(&t[1].t()?),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_composed() {
+        // 3-d input and more rows than one task, so the chunked weight-gradient sum is used.
+        let (x, w) = (randn(&[3, 23, 40], 3), randn(&[40], 4));
+        check(
+            &[x, w],
+            |t| rms_norm(&t[0], &t[1], 1e-5),
+            |t| {
+                model::rms_norm(&t[0], &t[1], 1e-5)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            },
+            1e-4,
+        );
+    }
+
+    fn tables(s: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
+        let inv: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / hd as f64))
+            .collect();
+        crate::teacher::model::rope_cos_sin(&inv, s, 2)
+    }
+
+    #[test]
+    fn split_heads_with_rope_matches_transpose_then_rope() {
+        let (b, s, n, hd) = (2, 7, 3, 8);
+        let (cos, sin) = tables(s, hd);
+        let rope = Arc::new(RopeTables::new(cos.clone(), sin.clone(), hd));
+        let cos_t = Tensor::from_vec(cos, (s, hd), &Device::Cpu).unwrap();
+        let sin_t = Tensor::from_vec(sin, (s, hd), &Device::Cpu).unwrap();
+        let x = randn(&[b * s, n * hd], 5);
+        check(
+            std::slice::from_ref(&x),
+            |t| split_heads(&t[0], (b, s, n, hd), Some(&rope)),
+            |t| {
+                let h = t[0].reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?;
+                model::rope(&h, &cos_t, &sin_t).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            },
+            1e-5,
+        );
+        check(
+            &[x],
+            |t| split_heads(&t[0], (b, s, n, hd), None),
+            |t| t[0].reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous(),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn merge_heads_matches_transpose() {
+        let (b, n, s, hd) = (2, 3, 5, 4);
+        check(
+            &[randn(&[b, n, s, hd], 6)],
+            merge_heads_of,
+            |t| t[0].transpose(1, 2)?.reshape((b * s, n * hd)),
+            1e-6,
+        );
+    }
+
+    fn merge_heads_of(t: &[Tensor]) -> CResult<Tensor> {
+        merge_heads(&t[0])
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_softmax() {
+        // Two batch rows (one padded), grouped query heads folded into the rows as the
+        // student does; a query past the row's length still sees key 0.
+        let (nkv, group, s) = (2, 3, 6);
+        let lengths = [6usize, 2];
+        let scale = 0.37;
+        let mask = model::attention_mask(&lengths, s, group, &Device::Cpu).unwrap();
+        let scores = randn(&[2, nkv, group * s, s], 7);
+        check(
+            &[scores],
+            |t| causal_softmax(&t[0], &lengths, nkv * group * s, scale),
+            |t| {
+                let x = (&t[0] * scale)?.broadcast_add(&mask)?;
+                let max = x.max_keepdim(D::Minus1)?.detach();
+                let e = x.broadcast_sub(&max)?.exp()?;
+                e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+            },
+            1e-5,
+        );
+        let bad = causal_softmax(
+            &randn(&[3, nkv, group * s, s], 8),
+            &lengths,
+            nkv * group * s,
+            1.0,
+        );
+        assert!(
+            bad.is_err(),
+            "three batch rows for two lengths must be refused"
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_silu_mul() {
+        let (a, b) = (randn(&[33, 1030], 9), randn(&[33, 1030], 10));
+        check(
+            &[a, b],
+            |t| swiglu(&t[0], &t[1]),
+            |t| t[0].silu()? * &t[1],
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn fused_ops_refuse_non_f32() {
+        let x = Tensor::zeros((4, 8), candle_core::DType::F64, &Device::Cpu).unwrap();
+        let w = Tensor::zeros(8, candle_core::DType::F64, &Device::Cpu).unwrap();
+        let err = rms_norm(&x, &w, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("expected f32"), "{err}");
+    }
+}
