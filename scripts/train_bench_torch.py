@@ -2,7 +2,7 @@
 SmolLM2-shaped student (hidden 576, 9 heads, 3 KV heads, ffn 1536, vocab 49152, tied), batch
 4 x 256, fp32 on the CPU, loss + backward + clip(1.0) + AdamW per step.
 
-    python3 scripts/train_bench_torch.py [STEPS] [THREADS]
+    python3 scripts/train_bench_torch.py [STEPS] [THREADS] [LOSS,LOSS,...]
 
 Losses: kd (top-5 KL, student renormalised over the k gathered logits, as firstkd does),
 kd-full (the same KL computed through the full-vocabulary log-softmax), kd-tail, ce.
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+kinds = sys.argv[3].split(",") if len(sys.argv) > 3 else ["kd", "kd-full", "kd-tail", "ce"]
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 H, I, L, NQ, NKV, V, B, S, K = 576, 1536, 2, 9, 3, 49152, 4, 256, 5
@@ -80,7 +81,7 @@ def loss_fn(kind, model, h, topk, lps, tgt):
 print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 print("| loss | steps | median step s | tokens/s | peak RSS MiB |")
 print("|---|---:|---:|---:|---:|")
-for kind in ["kd", "kd-full", "kd-tail", "ce"]:
+for kind in kinds:
     model = Student()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     times = []

@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Storage, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -104,13 +107,68 @@ struct Coeffs {
     scale: f32,
 }
 
-fn fused_update(c: Coeffs, w: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32], out: &mut [f32]) {
+fn fused_update(c: Coeffs, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     for i in 0..w.len() {
         let gi = g[i] * c.scale;
         m[i] = c.b1 * m[i] + (1.0 - c.b1) * gi;
         v[i] = c.b2 * v[i] + (1.0 - c.b2) * gi * gi;
         let update = (m[i] / c.bc1) / ((v[i] / c.bc2).sqrt() + c.eps);
-        out[i] = w[i] * c.keep - c.lr * update;
+        w[i] = w[i] * c.keep - c.lr * update;
+    }
+}
+
+/// The fused host update of one variable, applied in place to its storage.
+struct HostUpdate<'a> {
+    c: Coeffs,
+    m: RefCell<&'a mut Vec<f32>>,
+    v: RefCell<&'a mut Vec<f32>>,
+    threads: usize,
+}
+
+impl InplaceOp2 for HostUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "firstkd-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &mut CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(w), CpuStorage::F32(g)) = (ws, gs) else {
+            candle_core::bail!("AdamW: weights and gradients must be f32");
+        };
+        let (Some((w0, w1)), Some((g0, g1))) = (wl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("AdamW: weights and gradients must be contiguous");
+        };
+        let (w, g) = (&mut w[w0..w1], &g[g0..g1]);
+        let mut m = self.m.borrow_mut();
+        let mut v = self.v.borrow_mut();
+        if w.len() != g.len() || w.len() != m.len() || w.len() != v.len() {
+            candle_core::bail!(
+                "AdamW: {} weights, {} gradients, {} / {} moments",
+                w.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            );
+        }
+        let chunk = w.len().div_ceil(self.threads).max(1 << 16);
+        let c = self.c;
+        std::thread::scope(|scope| {
+            for (((w, g), m), v) in w
+                .chunks_mut(chunk)
+                .zip(g.chunks(chunk))
+                .zip(m.chunks_mut(chunk))
+                .zip(v.chunks_mut(chunk))
+            {
+                scope.spawn(move || fused_update(c, w, g, m, v));
+            }
+        });
+        Ok(())
     }
 }
 
@@ -182,30 +240,14 @@ impl AdamW {
                         keep: (1.0 - decay) as f32,
                         scale: grad_scale as f32,
                     };
-                    let mut out = vec![0f32; w.elem_count()];
-                    with_host_slice(w, |ws| {
-                        with_host_slice(g, |gs| {
-                            if ws.len() != gs.len() {
-                                return Err(Error::InvalidArgument(
-                                    "gradient and weight sizes differ".into(),
-                                ));
-                            }
-                            let chunk = ws.len().div_ceil(threads).max(1 << 16);
-                            std::thread::scope(|scope| {
-                                for ((((w, g), m), v), o) in ws
-                                    .chunks(chunk)
-                                    .zip(gs.chunks(chunk))
-                                    .zip(m.chunks_mut(chunk))
-                                    .zip(v.chunks_mut(chunk))
-                                    .zip(out.chunks_mut(chunk))
-                                {
-                                    scope.spawn(move || fused_update(c, w, g, m, v, o));
-                                }
-                            });
-                            Ok(())
-                        })?
-                    })??;
-                    var.set(&Tensor::from_vec(out, w.shape(), w.device())?)?;
+                    // In place on the variable's storage: one pass over w, g, m and v.
+                    let op = HostUpdate {
+                        c,
+                        m: RefCell::new(m),
+                        v: RefCell::new(v),
+                        threads,
+                    };
+                    w.inplace_op2(&g.contiguous()?, &op)?;
                 }
                 Moments::Device(m, v) => {
                     let g = (g * grad_scale)?;
@@ -278,11 +320,22 @@ impl AdamW {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        total += if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 {
+            // One read of the gradient, partial sums in f64 over fixed chunks (the same result
+            // for any thread count).
+            with_host_slice(g, |data| {
+                data.par_chunks(1 << 14)
+                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                    .collect::<Vec<f64>>()
+                    .into_iter()
+                    .sum::<f64>()
+            })?
+        } else {
+            g.sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?
+        };
     }
     Ok(total.sqrt())
 }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Trainer step time, firstkd vs PyTorch, on the benchmark student of examples/train_bench.rs
+# (2-layer SmolLM2 shape, batch 4 x 256, loss + backward + clip + AdamW, f32, CPU).
+# The two run alternately ROUNDS times so both see the same machine load; each run prints
+# its median step; this prints every run and the median over the rounds.
+#
+#   scripts/bench-train-vs-torch.sh [ROUNDS] [STEPS] [LOSS,...]   # defaults: 3 8 kd
+#
+# Needs torch in the Python on PATH or in $PYTHON (e.g. a venv with `pip install torch`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-3}"; steps="${2:-8}"; losses="${3:-kd}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/firstkd-target}"
+python="${PYTHON:-python3}"
+threads="$(nproc)"
+cargo build --release --quiet --example train_bench
+bench="$CARGO_TARGET_DIR/release/examples/train_bench"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+for r in $(seq "$rounds"); do
+  "$bench" "$steps" ${losses//,/ } | grep '^| [a-z]' | grep -v '^| loss' >> "$out/firstkd"
+  "$python" scripts/train_bench_torch.py "$steps" "$threads" "$losses" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/torch"
+done
+echo "threads: $threads; rounds: $rounds; steps per run: $steps"
+echo "| loss | firstkd median step s (runs) | torch median step s (runs) | torch / firstkd |"
+echo "|---|---|---|---:|"
+python3 - "$out" "${losses}" <<'PY'
+import statistics, sys
+out, losses = sys.argv[1], sys.argv[2].split(",")
+def runs(name):
+    rows = {}
+    for line in open(f"{out}/{name}"):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows.setdefault(cells[0], []).append(float(cells[2]))
+    return rows
+f, t = runs("firstkd"), runs("torch")
+for loss in losses:
+    a, b = f.get(loss, []), t.get(loss, [])
+    if not a or not b:
+        print(f"| {loss} | {a} | {b} | - |"); continue
+    ma, mb = statistics.median(a), statistics.median(b)
+    fmt = lambda v: " ".join(f"{x:.3f}" for x in v)
+    print(f"| {loss} | {ma:.3f} ({fmt(a)}) | {mb:.3f} ({fmt(b)}) | {mb / ma:.2f} |")
+PY
