@@ -98,6 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             shuffle_buffer: 1,
             seed: 0,
             epochs: None,
+            pack: false,
         };
         let mut stream = BatchStream::new(reader.clone(), data)?;
         let vars = student.vars().to_vec();

@@ -76,6 +76,10 @@ pub struct Args {
     /// Stop after this many passes over the data.
     #[arg(long)]
     pub epochs: Option<u64>,
+    /// Pack several sequences into each row of --max-seq-len tokens (each attends only to
+    /// itself, positions restart) instead of padding one sequence per row.
+    #[arg(long)]
+    pub pack: bool,
     /// Split to train on.
     #[arg(long, default_value = "train")]
     pub split: String,
@@ -156,6 +160,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         ignore_tokenizer_hash: args.ignore_tokenizer_hash,
         stop_after: args.stop_after,
         precision: Precision::F32,
+        pack: args.pack,
     };
     let init = Init::parse(&args.init, args.seed)?;
     let device = super::device(&args.device)?;

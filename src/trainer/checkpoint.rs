@@ -41,8 +41,50 @@ pub struct TrainerState {
     pub optimizer_steps: u64,
     /// The settings that determine the run's arithmetic; a resume must match them.
     pub fingerprint: serde_json::Value,
-    /// Loss of every completed step, in order.
+    /// Loss of every completed step, in order. Written as decimal strings (Rust's shortest
+    /// round-trip form) because serde_json's default number parser can be off by one unit in
+    /// the last place for 17-digit values; plain numbers are accepted too.
+    #[serde(with = "exact_f64s")]
     pub losses: Vec<f64>,
+}
+
+/// `Vec<f64>` as JSON strings that parse back to the identical bits.
+mod exact_f64s {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(values.iter().map(|v| v.to_string()))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Number(f64),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Vec::<Value>::deserialize(d)?
+            .into_iter()
+            .map(|v| match v {
+                Value::Number(x) => Ok(x),
+                Value::Text(t) => t
+                    .parse::<f64>()
+                    .map_err(|e| D::Error::custom(format!("loss {t:?}: {e}"))),
+            })
+            .collect()
+    }
+}
+
+/// Compares a fingerprint read back from `trainer_state.json` with a freshly computed one,
+/// after putting the fresh one through the same JSON text round trip (so a float that
+/// serde_json parses one unit off in the last place still compares equal to itself).
+pub fn same_fingerprint(stored: &serde_json::Value, current: &serde_json::Value) -> bool {
+    let normalised = serde_json::to_string(current)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    normalised.as_ref() == Some(stored)
 }
 
 fn json_err(path: &Path, e: serde_json::Error) -> Error {
@@ -223,4 +265,44 @@ pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn trainer_state_round_trips_losses_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut losses: Vec<f64> = (0..2000).map(|_| rng.random::<f64>() * 3.0).collect();
+        losses.extend([1.0852670922743535, 1.0517910144947193, 0.0, 1e-300]);
+        let state = TrainerState {
+            version: STATE_VERSION,
+            step: 3,
+            batches_consumed: 6,
+            tokens_seen: 100,
+            optimizer_steps: 3,
+            fingerprint: serde_json::json!({"lr": 0.1f64 + 0.2f64, "t": 1.5637963082385543f64}),
+            losses: losses.clone(),
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        let back: TrainerState = serde_json::from_str(&text).unwrap();
+        assert!(back
+            .losses
+            .iter()
+            .zip(&losses)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(back.losses.len(), losses.len());
+        assert!(same_fingerprint(&back.fingerprint, &state.fingerprint));
+        assert!(!same_fingerprint(
+            &back.fingerprint,
+            &serde_json::json!({"lr": 0.3, "t": 1.5637963082385543f64})
+        ));
+        // Files written before losses were strings still load.
+        let old = text.replace(&format!("\"{}\"", losses[0]), &losses[0].to_string());
+        assert_ne!(old, text);
+        let back: TrainerState = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.losses.len(), losses.len());
+    }
 }

@@ -242,6 +242,10 @@ fn rotate(out: &mut [f32], v: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
     }
 }
 
+/// RoPE tables and the position of every token `[b * s]` (positions restart at each sequence
+/// packed into a row).
+pub type Rope = (Arc<RopeTables>, Arc<Vec<u32>>);
+
 #[derive(Clone)]
 struct Heads {
     b: usize,
@@ -250,7 +254,7 @@ struct Heads {
     hd: usize,
     /// `[b*s, n*hd] -> [b, n, s, hd]` when true, the inverse otherwise.
     split: bool,
-    rope: Option<Arc<RopeTables>>,
+    rope: Option<Rope>,
     /// +1 rotates, -1 applies the transposed rotation.
     sign: f32,
 }
@@ -266,14 +270,21 @@ impl Heads {
                 self.hd
             );
         }
-        if let Some(r) = &self.rope {
-            if r.hd != self.hd || r.positions() < self.s {
+        if let Some((r, pos)) = &self.rope {
+            if r.hd != self.hd || pos.len() != self.b * self.s {
                 bail!(
-                    "heads: RoPE tables for {} positions x {} for {} x {}",
-                    r.positions(),
+                    "heads: RoPE tables of width {} and {} positions for [{}, {}] x {}",
                     r.hd,
+                    pos.len(),
+                    self.b,
                     self.s,
                     self.hd
+                );
+            }
+            if let Some(&p) = pos.iter().find(|&&p| p as usize >= r.positions()) {
+                bail!(
+                    "heads: position {p} beyond the {} RoPE positions",
+                    r.positions()
                 );
             }
         }
@@ -292,14 +303,18 @@ impl Heads {
         self.check(src.len())?;
         let (s, n, hd) = (self.s, self.n, self.hd);
         let mut dst = vec![0f32; src.len()];
-        let copy = |out: &mut [f32], v: &[f32], t: usize| match &self.rope {
-            Some(r) => rotate(
-                out,
-                v,
-                &r.cos[t * hd..(t + 1) * hd],
-                &r.sin[t * hd..(t + 1) * hd],
-                self.sign,
-            ),
+        // `token` = batch row * s + t.
+        let copy = |out: &mut [f32], v: &[f32], token: usize| match &self.rope {
+            Some((r, pos)) => {
+                let p = pos[token] as usize;
+                rotate(
+                    out,
+                    v,
+                    &r.cos[p * hd..(p + 1) * hd],
+                    &r.sin[p * hd..(p + 1) * hd],
+                    self.sign,
+                )
+            }
             None => out.copy_from_slice(v),
         };
         if self.split {
@@ -310,7 +325,11 @@ impl Heads {
                     let (bi, h) = (bh / n, bh % n);
                     for t in 0..s {
                         let from = (bi * s + t) * n * hd + h * hd;
-                        copy(&mut out[t * hd..(t + 1) * hd], &src[from..from + hd], t);
+                        copy(
+                            &mut out[t * hd..(t + 1) * hd],
+                            &src[from..from + hd],
+                            bi * s + t,
+                        );
                     }
                 });
         } else {
@@ -321,7 +340,7 @@ impl Heads {
                     let (bi, t) = (row / s, row % s);
                     for h in 0..n {
                         let from = ((bi * n + h) * s + t) * hd;
-                        copy(&mut out[h * hd..(h + 1) * hd], &src[from..from + hd], t);
+                        copy(&mut out[h * hd..(h + 1) * hd], &src[from..from + hd], row);
                     }
                 });
         }
@@ -354,11 +373,12 @@ impl CustomOp1 for Heads {
     }
 }
 
-/// `[b*s, n*hd] -> [b, n, s, hd]`, rotating each head vector with `rope` when given (CPU, f32).
+/// `[b*s, n*hd] -> [b, n, s, hd]`, rotating each head vector with `rope` (tables and token
+/// positions) when given (CPU, f32).
 pub fn split_heads(
     x: &Tensor,
     (b, s, n, hd): (usize, usize, usize, usize),
-    rope: Option<&Arc<RopeTables>>,
+    rope: Option<&Rope>,
 ) -> CResult<Tensor> {
     x.contiguous()?.apply_op1(Heads {
         b,
@@ -389,8 +409,8 @@ pub fn merge_heads(x: &Tensor) -> CResult<Tensor> {
 // causal softmax
 
 struct CausalSoftmax {
-    /// Real tokens per batch row.
-    lengths: Vec<usize>,
+    /// Keys `lo..hi` each query `[b * s]` attends to.
+    windows: Arc<Vec<(u32, u32)>>,
     /// Query positions (and keys) per sequence.
     s: usize,
     /// Score rows per batch row (`heads * s`, or `kv_heads * group * s`).
@@ -399,26 +419,34 @@ struct CausalSoftmax {
 }
 
 impl CausalSoftmax {
-    /// Keys `0..visible` are seen by score row `r` (query `r % s` of batch row
-    /// `r / rows_per_batch`): causal, within the row's length, and key 0 always.
-    fn visible(&self, r: usize) -> usize {
-        let q = r % self.s;
-        let len = self.lengths[r / self.rows_per_batch];
-        (q + 1).min(len).max(1)
+    /// The keys `lo..hi` seen by score row `r` (query `r % s` of batch row
+    /// `r / rows_per_batch`).
+    fn visible(&self, r: usize) -> (usize, usize) {
+        let (lo, hi) = self.windows[(r / self.rows_per_batch) * self.s + r % self.s];
+        (lo as usize, hi as usize)
     }
 
     fn check(&self, shape: &Shape) -> CResult<()> {
         let s = last_dim(shape, "causal_softmax")?;
         let rows = shape.elem_count() / s;
+        let batch = self.windows.len() / s.max(1);
         if s != self.s
+            || self.windows.len() != batch * s
             || !self.rows_per_batch.is_multiple_of(s)
-            || rows != self.lengths.len() * self.rows_per_batch
+            || rows != batch * self.rows_per_batch
         {
             bail!(
-                "causal_softmax: scores {shape:?} for {} rows of {} keys",
-                self.lengths.len(),
+                "causal_softmax: scores {shape:?} for {} query windows of {} keys",
+                self.windows.len(),
                 self.s
             );
+        }
+        if let Some(w) = self
+            .windows
+            .iter()
+            .find(|(lo, hi)| lo >= hi || *hi as usize > s)
+        {
+            bail!("causal_softmax: key window {w:?} is empty or beyond {s} keys");
         }
         Ok(())
     }
@@ -439,8 +467,8 @@ impl CustomOp1 for CausalSoftmax {
             .enumerate()
             .for_each(|(task, (pc, xc))| {
                 for (i, (pr, xr)) in pc.chunks_mut(s).zip(xc.chunks(s)).enumerate() {
-                    let vis = self.visible(task * ROWS_PER_TASK + i);
-                    let (pr, xr) = (&mut pr[..vis], &xr[..vis]);
+                    let (lo, hi) = self.visible(task * ROWS_PER_TASK + i);
+                    let (pr, xr) = (&mut pr[lo..hi], &xr[lo..hi]);
                     let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
                     let mut sum = 0f32;
                     for (p, &x) in pr.iter_mut().zip(xr) {
@@ -470,10 +498,10 @@ impl CustomOp1 for CausalSoftmax {
                             .zip(gc.chunks(s))
                             .enumerate()
                         {
-                            let vis = self.visible(task * ROWS_PER_TASK + i);
+                            let (lo, hi) = self.visible(task * ROWS_PER_TASK + i);
                             let dot: f32 =
-                                pr[..vis].iter().zip(&gr[..vis]).map(|(p, g)| p * g).sum();
-                            for j in 0..vis {
+                                pr[lo..hi].iter().zip(&gr[lo..hi]).map(|(p, g)| p * g).sum();
+                            for j in lo..hi {
                                 dr[j] = self.scale * pr[j] * (gr[j] - dot);
                             }
                         }
@@ -487,17 +515,17 @@ impl CustomOp1 for CausalSoftmax {
 
 /// Attention probabilities from raw scores `[b, .., s]` whose rows are grouped per batch row
 /// (`rows_per_batch` score rows each, query position = row index mod `s`): softmax of
-/// `scale * scores` over the keys the query may see (key <= query, key < `lengths[b]`, key 0
-/// always), exactly 0 for the others (CPU, f32).
+/// `scale * scores` over the keys `lo..hi` of the query's window (`windows[b * s + q]`, see
+/// `model::key_windows`), exactly 0 for the others (CPU, f32).
 pub fn causal_softmax(
     scores: &Tensor,
-    lengths: &[usize],
+    windows: &Arc<Vec<(u32, u32)>>,
     rows_per_batch: usize,
     scale: f64,
 ) -> CResult<Tensor> {
     let s = scores.dim(candle_core::D::Minus1)?;
     scores.contiguous()?.apply_op1(CausalSoftmax {
-        lengths: lengths.to_vec(),
+        windows: windows.clone(),
         s,
         rows_per_batch,
         scale: scale as f32,
@@ -680,7 +708,11 @@ mod tests {
     fn split_heads_with_rope_matches_transpose_then_rope() {
         let (b, s, n, hd) = (2, 7, 3, 8);
         let (cos, sin) = tables(s, hd);
-        let rope = Arc::new(RopeTables::new(cos.clone(), sin.clone(), hd));
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+        let rope = (
+            Arc::new(RopeTables::new(cos.clone(), sin.clone(), hd)),
+            Arc::new(positions),
+        );
         let cos_t = Tensor::from_vec(cos, (s, hd), &Device::Cpu).unwrap();
         let sin_t = Tensor::from_vec(sin, (s, hd), &Device::Cpu).unwrap();
         let x = randn(&[b * s, n * hd], 5);
@@ -723,11 +755,14 @@ mod tests {
         let (nkv, group, s) = (2, 3, 6);
         let lengths = [6usize, 2];
         let scale = 0.37;
-        let mask = model::attention_mask(&lengths, s, group, &Device::Cpu).unwrap();
+        let segments: Vec<Vec<usize>> = lengths.iter().map(|&l| vec![l]).collect();
+        let (windows, _) = model::key_windows(&segments, s).unwrap();
+        let windows = Arc::new(windows);
+        let mask = model::attention_mask(&windows, 2, s, group, &Device::Cpu).unwrap();
         let scores = randn(&[2, nkv, group * s, s], 7);
         check(
             &[scores],
-            |t| causal_softmax(&t[0], &lengths, nkv * group * s, scale),
+            |t| causal_softmax(&t[0], &windows, nkv * group * s, scale),
             |t| {
                 let x = (&t[0] * scale)?.broadcast_add(&mask)?;
                 let max = x.max_keepdim(D::Minus1)?.detach();
@@ -738,13 +773,13 @@ mod tests {
         );
         let bad = causal_softmax(
             &randn(&[3, nkv, group * s, s], 8),
-            &lengths,
+            &windows,
             nkv * group * s,
             1.0,
         );
         assert!(
             bad.is_err(),
-            "three batch rows for two lengths must be refused"
+            "three batch rows for two rows of windows must be refused"
         );
     }
 

@@ -428,11 +428,25 @@ impl Student {
     /// (u32 ids). `lengths[b]` is the number of real tokens of row `b`; keys beyond it are
     /// masked, as are future keys (causal).
     pub fn hidden_states(&self, input_ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let segments: Vec<Vec<usize>> = lengths.iter().map(|&l| vec![l]).collect();
+        self.hidden_states_packed(input_ids, &segments)
+    }
+
+    /// [`Student::hidden_states`] of a batch whose rows hold several sequences back to back:
+    /// `segments[b]` lists the lengths of the sequences packed into row `b`, in order (their
+    /// sum is the row's real tokens; the rest is padding). A token attends only to the earlier
+    /// tokens of its own sequence and its RoPE position restarts at each sequence, so a packed
+    /// sequence gets the hidden states it would get alone.
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: &Tensor,
+        segments: &[Vec<usize>],
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        if lengths.len() != b {
+        if segments.len() != b {
             return Err(Error::InvalidArgument(format!(
-                "{} lengths for a batch of {b} rows",
-                lengths.len()
+                "{} rows of sequence lengths for a batch of {b} rows",
+                segments.len()
             )));
         }
         if s > self.cfg.max_position_embeddings {
@@ -441,18 +455,28 @@ impl Student {
                 self.cfg.max_position_embeddings
             )));
         }
+        let (windows, positions) = key_windows(segments, s)?;
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?;
         if self.fused {
             let (cos, sin) = rope_vecs(&self.cfg, s);
-            let rope = Arc::new(fused::RopeTables::new(cos, sin, self.cfg.head_dim()));
+            let rope = (
+                Arc::new(fused::RopeTables::new(cos, sin, self.cfg.head_dim())),
+                Arc::new(positions),
+            );
+            let windows = Arc::new(windows);
             for layer in &self.layers {
-                x = self.fused_block(layer, &x, lengths, s, &rope)?;
+                x = self.fused_block(layer, &x, b, s, &windows, &rope)?;
             }
             return Ok(fused::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?);
         }
         let group = self.cfg.num_attention_heads / self.cfg.kv_heads();
-        let mask = attention_mask(lengths, s, group, &self.device)?;
+        let mask = attention_mask(&windows, b, s, group, &self.device)?;
         let (cos, sin) = rope_tables(&self.cfg, s, &self.device)?;
+        // Per-token tables [b, 1, s, hd] (positions restart at each packed sequence).
+        let pos = Tensor::from_vec(positions, b * s, &self.device)?;
+        let hd = self.cfg.head_dim();
+        let cos = cos.index_select(&pos, 0)?.reshape((b, 1, s, hd))?;
+        let sin = sin.index_select(&pos, 0)?.reshape((b, 1, s, hd))?;
         for layer in &self.layers {
             x = self.block(layer, &x, b, s, &mask, &cos, &sin)?;
         }
@@ -473,12 +497,12 @@ impl Student {
         &self,
         l: &Layer,
         x: &Tensor,
-        lengths: &[usize],
+        b: usize,
         s: usize,
-        rope: &Arc<fused::RopeTables>,
+        windows: &Arc<Vec<(u32, u32)>>,
+        rope: &fused::Rope,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let b = lengths.len();
         let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let group = nq / nkv;
         let dt = self.compute;
@@ -505,7 +529,7 @@ impl Student {
         let q = q.reshape((b, nkv, group * s, hd))?;
         let scores = matmul(&q, &k.t()?, dt)?; // [b, nkv, group*s, s]
         let probs =
-            fused::causal_softmax(&scores, lengths, nkv * group * s, 1.0 / (hd as f64).sqrt())?;
+            fused::causal_softmax(&scores, windows, nkv * group * s, 1.0 / (hd as f64).sqrt())?;
         let attn = fused::merge_heads(&matmul(&probs, &v, dt)?.reshape((b, nq, s, hd))?)?;
         let x = (x + lin(&attn, &l.o)?)?;
         let h = fused::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
@@ -613,30 +637,60 @@ fn rope_tables(cfg: &StudentConfig, s: usize, device: &Device) -> Result<(Tensor
     ))
 }
 
-/// Additive mask `[b, 1, group * s, s]`: query `q` of row `r` may see key `k` iff
-/// `k <= q` and `k < lengths[r]` (position 0 is always visible, so no row is fully masked).
+/// Per token `[b * s]`: the keys `lo..hi` it may see, and its RoPE position.
+pub(crate) type KeyWindows = (Vec<(u32, u32)>, Vec<u32>);
+
+/// The keys each query may see and each token's RoPE position, for rows of packed sequences
+/// (`segments[b]`: lengths of the sequences of row `b`, in order), both `[b * s]`. A real token
+/// at position `q` of a sequence starting at `start` sees keys `start..=q` and has RoPE position
+/// `q - start`. A padding token sees the row's real tokens (key 0 alone in an empty row) so
+/// its softmax stays finite; no real token ever sees padding.
+pub(crate) fn key_windows(segments: &[Vec<usize>], s: usize) -> Result<KeyWindows> {
+    let mut windows = Vec::with_capacity(segments.len() * s);
+    let mut positions = Vec::with_capacity(segments.len() * s);
+    for (r, row) in segments.iter().enumerate() {
+        let fill: usize = row.iter().sum();
+        if fill > s {
+            return Err(Error::InvalidArgument(format!(
+                "row {r}: sequences of {fill} tokens in a row of {s}"
+            )));
+        }
+        let mut start = 0;
+        for &len in row {
+            for q in start..start + len {
+                windows.push((start as u32, q as u32 + 1));
+                positions.push((q - start) as u32);
+            }
+            start += len;
+        }
+        for q in fill..s {
+            windows.push((0, fill.max(1) as u32));
+            positions.push(q as u32);
+        }
+    }
+    Ok((windows, positions))
+}
+
+/// Additive mask `[b, 1, group * s, s]` from [`key_windows`]: 0 where query `q` of row `r` may
+/// see key `k`, a large negative value elsewhere.
 pub(crate) fn attention_mask(
-    lengths: &[usize],
+    windows: &[(u32, u32)],
+    b: usize,
     s: usize,
     group: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut data = Vec::with_capacity(lengths.len() * group * s * s);
-    for &len in lengths {
+    let mut data = Vec::with_capacity(b * group * s * s);
+    for r in 0..b {
         for _ in 0..group {
-            for q in 0..s {
-                for k in 0..s {
-                    let visible = k <= q && (k < len || k == 0);
-                    data.push(if visible { 0.0 } else { MASKED });
+            for &(lo, hi) in &windows[r * s..(r + 1) * s] {
+                for k in 0..s as u32 {
+                    data.push(if (lo..hi).contains(&k) { 0.0 } else { MASKED });
                 }
             }
         }
     }
-    Ok(Tensor::from_vec(
-        data,
-        (lengths.len(), 1, group * s, s),
-        device,
-    )?)
+    Ok(Tensor::from_vec(data, (b, 1, group * s, s), device)?)
 }
 
 #[cfg(test)]
@@ -743,6 +797,52 @@ mod tests {
             crate::testing::max_abs_diff(&a, &p.narrow(0, 0, 1).unwrap().narrow(1, 0, 3).unwrap())
                 .unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn packed_sequences_get_the_hidden_states_they_get_alone() {
+        let mut student = Student::random(tiny_config(true), 4, &Device::Cpu).unwrap();
+        let (a, b) = ([3u32, 1, 4, 1], [5u32, 9, 2]);
+        for fused in [true, false] {
+            student.set_fused(fused).unwrap();
+            let alone = |ids: &[u32]| {
+                let t = Tensor::new(ids, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                student.hidden_states(&t, &[ids.len()]).unwrap()
+            };
+            // Row 0: a then b then one padding token; row 1: b alone, padded.
+            let ids = Tensor::new(
+                &[[3u32, 1, 4, 1, 5, 9, 2, 0], [5, 9, 2, 0, 0, 0, 0, 0]],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let packed = student
+                .hidden_states_packed(&ids, &[vec![4, 3], vec![3]])
+                .unwrap();
+            let rows = |start: usize, len: usize| packed.narrow(0, start, len).unwrap();
+            let d1 = crate::testing::max_abs_diff(&alone(&a), &rows(0, 4)).unwrap();
+            let d2 = crate::testing::max_abs_diff(&alone(&b), &rows(4, 3)).unwrap();
+            let d3 = crate::testing::max_abs_diff(&alone(&b), &rows(8, 3)).unwrap();
+            assert!(
+                d1 < 1e-5 && d2 < 1e-5 && d3 < 1e-5,
+                "fused {fused}: {d1} {d2} {d3}"
+            );
+            // Without the segment boundary, b would attend to a: the states differ.
+            let joined = student.hidden_states(&ids, &[7, 3]).unwrap();
+            let d = crate::testing::max_abs_diff(&rows(4, 3), &joined.narrow(0, 4, 3).unwrap())
+                .unwrap();
+            assert!(d > 1e-3, "fused {fused}: segments had no effect ({d})");
+        }
+        let err = student
+            .hidden_states_packed(
+                &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),
+                &[vec![2, 2]],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sequences of 4 tokens in a row of 3"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct TrainOptions {
     /// the optimizer state are f32 either way. See `Student::set_compute_dtype`.
     #[serde(default)]
     pub precision: Precision,
+    /// Pack several sequences into each row (see `DataOptions::pack`).
+    #[serde(default)]
+    pub pack: bool,
 }
 
 /// Type of the student's matrix products during training (mixed precision).
@@ -132,6 +135,7 @@ impl Default for TrainOptions {
             ignore_tokenizer_hash: false,
             stop_after: None,
             precision: Precision::F32,
+            pack: false,
         }
     }
 }
@@ -139,7 +143,7 @@ impl Default for TrainOptions {
 impl TrainOptions {
     /// The settings that determine the arithmetic of a run (compared on resume).
     pub fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut f = serde_json::json!({
             "loss": self.loss, "temperature": self.temperature, "alpha": self.alpha,
             "mix_kd": self.mix_kd, "label_smoothing": self.label_smoothing, "steps": self.steps,
             "batch_tokens": self.batch_tokens, "max_seq_len": self.max_seq_len,
@@ -149,7 +153,12 @@ impl TrainOptions {
             "shuffle_buffer": self.shuffle_buffer, "epochs": self.epochs,
             "train_split": self.train_split, "logits_chunk_rows": self.logits_chunk_rows,
             "precision": self.precision,
-        })
+        });
+        // Only when on, so runs checkpointed before packing existed still resume.
+        if self.pack {
+            f["pack"] = serde_json::Value::Bool(true);
+        }
+        f
     }
 }
 
@@ -210,7 +219,7 @@ pub fn batch_loss(
     let dev = student.device();
     let n = batch.loss_positions();
     let ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.seq_len), dev)?;
-    let hidden = student.hidden_states(&ids, &batch.lengths)?;
+    let hidden = student.hidden_states_packed(&ids, &batch.segments)?;
     let rows = Tensor::from_slice(&batch.loss_rows, n, dev)?;
     let h = hidden.index_select(&rows, 0)?;
     let topk_ids = Tensor::from_slice(&batch.topk_ids, (n, k), dev)?;
@@ -248,6 +257,7 @@ pub fn evaluate(
         shuffle_buffer: 1,
         seed: 0,
         epochs: Some(1),
+        pack: false,
     };
     let k = reader.manifest().k;
     let (mut sum, mut n) = (0f64, 0usize);
@@ -373,7 +383,7 @@ pub fn train(
     let (mut student, state) = match &latest {
         Some((_, dir)) => {
             let (state, moments) = checkpoint::load_state(dir)?;
-            if state.fingerprint != opts.fingerprint() {
+            if !checkpoint::same_fingerprint(&state.fingerprint, &opts.fingerprint()) {
                 return Err(Error::InvalidArgument(format!(
                     "cannot resume from {}: it was trained with different settings \
                      ({} there, {} now)",
@@ -435,6 +445,7 @@ pub fn train(
         shuffle_buffer: opts.shuffle_buffer,
         seed: opts.seed,
         epochs: opts.epochs,
+        pack: opts.pack,
     };
     let rx = spawn_prefetch(BatchStream::new(reader.clone(), data)?, opts.prefetch);
     // Replay the stream up to the resume position (reads, no compute).

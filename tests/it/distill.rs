@@ -217,10 +217,19 @@ fn resume_reproduces_an_uninterrupted_run() {
         config: write_config(tmp.path(), false),
         seed: 2,
     };
-    for loss in [LossKind::Kd, LossKind::Mix] {
+    for (loss, pack) in [
+        (LossKind::Kd, false),
+        (LossKind::Mix, false),
+        (LossKind::Kd, true),
+    ] {
         let mut o = opts(loss, 6);
         o.grad_accum = 2;
         o.checkpoint_every = Some(2);
+        o.pack = pack;
+        if pack {
+            o.max_seq_len = Some(64);
+        }
+        let loss = format!("{loss:?}-pack-{pack}");
         let straight = tmp.path().join(format!("straight-{loss:?}"));
         let full = run(&store, &init, &straight, &o, false).unwrap();
 
@@ -241,13 +250,68 @@ fn resume_reproduces_an_uninterrupted_run() {
         let second = run(&store, &init, &split, &o, true).unwrap();
         assert_eq!(second.resumed_from, Some(3));
         assert_eq!(second.steps_done, 6);
-        assert_eq!(second.losses, full.losses, "{loss:?}");
+        assert_eq!(second.losses, full.losses, "{loss}");
         assert_eq!(
             weights_of(&split.join("final")),
             weights_of(&straight.join("final"))
         );
         let lines = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 6);
+    }
+}
+
+#[test]
+fn packed_and_padded_batches_give_the_same_epoch_loss() {
+    use firstkd::store::StoreReader;
+    use firstkd::trainer::{batch_loss, BatchStream, DataOptions, KdKind, LossSpec};
+    let tmp = tempdir();
+    let reader = StoreReader::open(&small_store(tmp.path())).unwrap();
+    let student = Student::random(
+        serde_json::from_value(tiny_config_json(true)).unwrap(),
+        5,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for kind in [LossKind::Kd, LossKind::KdTail, LossKind::Ce] {
+        let spec = LossSpec {
+            kind,
+            temperature: 1.0,
+            alpha: 0.5,
+            mix_kd: KdKind::Kd,
+            label_smoothing: 0.0,
+        };
+        let epoch = |pack: bool| {
+            let data = DataOptions {
+                split: "train".into(),
+                batch_tokens: 256,
+                max_positions: 64,
+                shuffle_buffer: 8,
+                seed: 4,
+                epochs: Some(1),
+                pack,
+            };
+            let (mut sum, mut n, mut batches, mut multi) = (0f64, 0usize, 0usize, false);
+            for batch in BatchStream::new(reader.clone(), data).unwrap() {
+                let batch = batch.unwrap();
+                multi |= batch.segments.iter().any(|s| s.len() > 1);
+                let (loss, count) = batch_loss(&student, &batch, &spec, 5, 64).unwrap();
+                sum += loss.to_scalar::<f32>().unwrap() as f64;
+                n += count;
+                batches += 1;
+            }
+            (sum, n, batches, multi)
+        };
+        let (padded, packed) = (epoch(false), epoch(true));
+        assert!(!padded.3 && packed.3, "only the packed stream packs");
+        assert_eq!(padded.1, packed.1, "{kind:?}: same in-loss positions");
+        assert!(packed.2 < padded.2, "{kind:?}: packing needs fewer batches");
+        let rel = (padded.0 - packed.0).abs() / padded.0.abs();
+        assert!(
+            rel < 1e-5,
+            "{kind:?}: epoch loss {} padded vs {} packed",
+            padded.0,
+            packed.0
+        );
     }
 }
 
@@ -488,6 +552,19 @@ fn cli_distill_trains_validates_and_resumes() {
         assert!(lines[3].get(key).is_some(), "{key} missing: {}", lines[3]);
     }
     assert!(lines[1].get("valid_loss").is_some());
+    // --pack is part of the run's settings: resuming the padded run with it is refused...
+    let mut packed = base.to_vec();
+    packed.extend(["--pack", "--resume"]);
+    let o = firstkd(&packed);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("pack"), "{}", text(&o));
+    // ...and a fresh packed run trains.
+    let packed_out = tmp.path().join("run-packed");
+    let mut packed: Vec<&str> = base[..base.len() - 1].to_vec();
+    packed.extend([packed_out.to_str().unwrap(), "--pack"]);
+    let o = firstkd(&packed);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("trained 4 step(s)"), "{}", text(&o));
     // Bad input: first without temperature on an uncalibrated store.
     let o = firstkd(&[
         "distill",
