@@ -15,15 +15,25 @@ cat > "$work/student.json" <<'JSON'
  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
  "max_position_embeddings": 512, "tie_word_embeddings": true}
 JSON
-echo "| store label rows | store size | steps | wall s | peak RSS MiB |"
-echo "|---:|---:|---:|---:|---:|"
+echo "| store label rows | store size | steps | wall s | peak RSS MiB | RSS MiB at 10% / 50% / 90% of the run |"
+echo "|---:|---:|---:|---:|---:|---|"
 for n in "$rows" $(( rows * 10 )); do
   "$bin" synth "$work/s$n" --rows "$n" --vocab 512 --seed 1 >/dev/null
   size=$(du -sh "$work/s$n" | cut -f1)
   /usr/bin/time -f "%e %M" -o "$work/time" "$bin" distill --store "$work/s$n" \
     --init "random:$work/student.json" --loss kd --temperature 1 --steps 100000000 --epochs 1 \
-    --batch-tokens 4096 --quiet --out "$work/run$n" > "$work/out"
+    --batch-tokens 4096 --quiet --out "$work/run$n" > "$work/out" &
+  # Resident memory over the run (one sample a second): it must level off, not creep up.
+  : > "$work/rss"
+  while kill -0 $! 2>/dev/null; do
+    pid=$(pgrep -n -f "distill --store $work/s$n" || true)
+    [ -n "$pid" ] && awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status" 2>/dev/null >> "$work/rss"
+    sleep 1
+  done
+  wait $!
   read -r wall rss < "$work/time"
   steps=$(grep -o 'trained [0-9]* step' "$work/out" | grep -o '[0-9]*')
-  echo "| $n | $size | $steps | $wall | $(( rss / 1024 )) |"
+  trend=$(awk '{v[NR] = $1} END {if (NR == 0) {print "-"; exit}
+    printf "%d / %d / %d", v[int(NR * 0.1) + 1], v[int(NR * 0.5) + 1], v[int(NR * 0.9) + 1]}' "$work/rss")
+  echo "| $n | $size | $steps | $wall | $(( rss / 1024 )) | $trend |"
 done
