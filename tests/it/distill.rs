@@ -37,6 +37,14 @@ fn write_config(dir: &Path, tied: bool) -> PathBuf {
 }
 
 /// A small synthetic store with vocabulary 512 (several parts).
+/// A random tiny student (tied or untied output) written into `dir`.
+fn random_init(dir: &Path, tied: bool, seed: u64) -> Init {
+    Init::Random {
+        config: write_config(dir, tied),
+        seed,
+    }
+}
+
 fn small_store(dir: &Path) -> PathBuf {
     let path = dir.join("store");
     let cfg = SyntheticConfig {
@@ -142,10 +150,7 @@ fn bigram_store(dir: &Path) -> PathBuf {
 fn loss_falls_for_every_loss_kind() {
     let tmp = tempdir();
     let store = bigram_store(tmp.path());
-    let init = Init::Random {
-        config: write_config(tmp.path(), true),
-        seed: 1,
-    };
+    let init = random_init(tmp.path(), true, 1);
     for loss in [
         LossKind::First,
         LossKind::Kd,
@@ -213,10 +218,7 @@ fn weights_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
 fn resume_reproduces_an_uninterrupted_run() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random {
-        config: write_config(tmp.path(), false),
-        seed: 2,
-    };
+    let init = random_init(tmp.path(), false, 2);
     for (loss, pack) in [
         (LossKind::Kd, false),
         (LossKind::Mix, false),
@@ -319,10 +321,7 @@ fn packed_and_padded_batches_give_the_same_epoch_loss() {
 fn resume_refuses_different_settings() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random {
-        config: write_config(tmp.path(), true),
-        seed: 2,
-    };
+    let init = random_init(tmp.path(), true, 2);
     let out = tmp.path().join("run");
     run(
         &store,
@@ -380,10 +379,7 @@ fn refuses_mismatched_vocabulary() {
 fn first_needs_a_temperature() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random {
-        config: write_config(tmp.path(), true),
-        seed: 0,
-    };
+    let init = random_init(tmp.path(), true, 0);
     let o = TrainOptions {
         temperature: None,
         ..opts(LossKind::First, 2)
@@ -396,10 +392,7 @@ fn first_needs_a_temperature() {
 fn diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let tmp = tempdir();
     let store = small_store(tmp.path());
-    let init = Init::Random {
-        config: write_config(tmp.path(), true),
-        seed: 0,
-    };
+    let init = random_init(tmp.path(), true, 0);
     let out = tmp.path().join("o");
     let o = TrainOptions {
         lr: 1e36,
@@ -430,10 +423,7 @@ fn tiny_meta() -> firstkd::store::StoreMeta {
 #[test]
 fn empty_store_and_store_without_loss_positions_are_refused() {
     let tmp = tempdir();
-    let init = Init::Random {
-        config: write_config(tmp.path(), true),
-        seed: 0,
-    };
+    let init = random_init(tmp.path(), true, 0);
     // No samples at all.
     let empty = tmp.path().join("empty");
     StoreWriter::create(&empty, tiny_meta(), WriterOptions::default())
@@ -599,10 +589,7 @@ fn a_multi_part_store_streams_across_parts() {
     };
     let m = generate(&path, &cfg, WriterOptions::default()).unwrap();
     assert!(m.parts.len() >= 5);
-    let init = Init::Random {
-        config: write_config(tmp.path(), false),
-        seed: 0,
-    };
+    let init = random_init(tmp.path(), false, 0);
     let o = TrainOptions {
         grad_accum: 3,
         epochs: Some(2),
@@ -783,10 +770,7 @@ fn student_copy_of_the_real_teacher() {
 fn bf16_compute_tracks_f32_and_learns() {
     let tmp = tempdir();
     let store = bigram_store(tmp.path());
-    let init = Init::Random {
-        config: write_config(tmp.path(), true),
-        seed: 1,
-    };
+    let init = random_init(tmp.path(), true, 1);
     let f32_run = run(
         &store,
         &init,
@@ -883,10 +867,7 @@ mod cuda {
     fn cuda_training_matches_cpu_for_every_loss() {
         let tmp = tempdir();
         let store = bigram_store(tmp.path());
-        let init = Init::Random {
-            config: write_config(tmp.path(), false),
-            seed: 1,
-        };
+        let init = random_init(tmp.path(), false, 1);
         for loss in [
             LossKind::First,
             LossKind::Kd,
