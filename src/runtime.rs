@@ -4,7 +4,7 @@
 //! gradients, the `[vocab, hidden]` embedding gradient). glibc serves every allocation above
 //! its mmap threshold (at most 32 MiB) with a fresh `mmap` and gives it back with `munmap`
 //! on free, so each step pays for zeroing new pages, page faults and cross-core TLB
-//! shoot-downs: about a third of a CPU step's time in `perf` on the benchmark student.
+//! shoot-downs: about 30% of the `perf` samples of the benchmark student's steps (docs/benchmarks.md).
 //! [`keep_freed_memory`] tells glibc to serve large blocks from the heap and not to return
 //! freed memory to the system, so the next step reuses the same pages. Peak resident memory
 //! is unchanged in kind (it is the high-water mark of live tensors); measurements are in
@@ -16,10 +16,12 @@
 /// environment variable `FIRSTKD_SYSTEM_MALLOC` is set (to compare, or to let `MALLOC_*_`
 /// variables decide).
 pub fn keep_freed_memory() -> bool {
-    if std::env::var_os("FIRSTKD_SYSTEM_MALLOC").is_some() {
-        return false;
-    }
-    tune()
+    wanted(std::env::var_os("FIRSTKD_SYSTEM_MALLOC").as_deref()) && tune()
+}
+
+/// Whether to tune, given the value of `FIRSTKD_SYSTEM_MALLOC` (set at all = no).
+fn wanted(system_malloc: Option<&std::ffi::OsStr>) -> bool {
+    system_malloc.is_none()
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -42,6 +44,13 @@ fn tune() -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn firstkd_system_malloc_opts_out() {
+        assert!(super::wanted(None));
+        assert!(!super::wanted(Some(std::ffi::OsStr::new("1"))));
+        assert!(!super::wanted(Some(std::ffi::OsStr::new(""))));
+    }
+
     #[test]
     fn tuning_applies_on_glibc_and_large_blocks_still_work() {
         let applied = super::tune();

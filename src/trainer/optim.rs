@@ -440,6 +440,30 @@ mod tests {
     }
 
     #[test]
+    fn global_norm_over_many_chunks_matches_a_direct_sum() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let a: Vec<f32> = (0..100_000).map(|_| rng.random::<f32>() - 0.5).collect();
+        let b: Vec<f32> = (0..77).map(|_| rng.random::<f32>() * 4.0).collect();
+        let expected = a
+            .iter()
+            .chain(&b)
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt();
+        let dev = &candle_core::Device::Cpu;
+        let ts = [
+            Tensor::from_vec(a, (1000, 100), dev).unwrap().t().unwrap(),
+            Tensor::from_vec(b, 77, dev).unwrap(),
+        ];
+        let got = global_norm(&ts).unwrap();
+        assert!(
+            (got - expected).abs() < 1e-9 * expected,
+            "{got} vs {expected}"
+        );
+    }
+
+    #[test]
     fn clipping_scales_to_max_norm() {
         let mut g = vec![Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap()];
         let before = clip_grad_norm(&mut g, 1.0).unwrap();
