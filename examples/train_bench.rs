@@ -90,6 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             alpha: 0.5,
             mix_kd: KdKind::Kd,
             label_smoothing: 0.0,
+            teacher_smoothing: 0.0,
         };
         let data = DataOptions {
             split: "train".into(),

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite the way CI does. Installs what the tests need first (Python
-# readers used to check the store is open to other tools, the cached teacher model).
+# readers used to check the store is open to other tools, and the cached models: the
+# SmolLM2-135M teacher and the Qwen2.5-Coder 1.5B teacher / 0.5B student pair).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/firstkd-target}"
 python3 -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
-scripts/fetch-teacher.sh >/dev/null
+for model in smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b; do
+  scripts/fetch-model.sh "$model" >/dev/null
+done
 cargo test --release "$@"

@@ -27,7 +27,7 @@ use std::path::Path;
 
 pub use plot::reliability_svg;
 pub use report::{argmax, option_probabilities, ModeReport};
-pub use score::{cloze_prompt, letter_prompt, ItemScores, PromptOptions};
+pub use score::{cloze_prompt, letter_prompt, ClozeLayout, ItemScores, PromptOptions};
 pub use task::{parse_item, read_task, EvalItem, TaskFormat};
 
 use crate::calibration::DEFAULT_N_BINS;
@@ -93,6 +93,8 @@ pub struct EvalOptions {
     pub temperature: f64,
     /// Padded tokens per forward pass (a question's options always share one pass).
     pub batch_tokens: usize,
+    /// Cloze: the prompt once per question (shared) or once per option (separate).
+    pub cloze_layout: ClozeLayout,
     /// Equal-width bins of the ECE.
     pub n_bins: usize,
 }
@@ -104,6 +106,7 @@ impl Default for EvalOptions {
             prompt: PromptOptions::default(),
             temperature: 1.0,
             batch_tokens: 4096,
+            cloze_layout: ClozeLayout::Shared,
             n_bins: DEFAULT_N_BINS,
         }
     }
@@ -177,8 +180,9 @@ pub fn evaluate(
             });
         }
         if opts.mode.cloze() {
-            let (seqs, bytes) = score::cloze_sequences(teacher, item, &opts.prompt)
-                .map_err(|r| invalid(item, r))?;
+            let (seqs, bytes) =
+                score::cloze_sequences(teacher, item, &opts.prompt, opts.cloze_layout)
+                    .map_err(|r| invalid(item, r))?;
             scores[i].cloze_bytes = Some(bytes);
             units.push(Unit {
                 item: i,
@@ -189,7 +193,7 @@ pub fn evaluate(
         }
     }
     for u in &units {
-        let longest = u.seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let longest = u.seqs.iter().map(|s| s.span()).max().unwrap_or(0);
         if longest > context {
             return Err(invalid(
                 &items[u.item],
@@ -219,7 +223,8 @@ pub fn evaluate(
             if unit.letter {
                 scores[unit.item].letter_logprobs = values.first().cloned();
             } else {
-                scores[unit.item].cloze_logprobs = Some(values.iter().map(|v| v[0]).collect());
+                scores[unit.item].cloze_logprobs =
+                    Some(values.iter().flatten().copied().collect());
             }
         }
         done += batch.len();

@@ -42,8 +42,50 @@ fn tune() -> bool {
     false
 }
 
+/// Peak resident memory of this process so far, in bytes (`getrusage` `ru_maxrss`); `None`
+/// where the platform does not report it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    peak_rss()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn peak_rss() -> Option<u64> {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0)
+            .then(|| (usage.ru_maxrss.max(0) as u64) * 1024)
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn peak_rss() -> Option<u64> {
+    None
+}
+
+/// "peak resident memory 1.23 GiB", or an empty string where it is unknown.
+pub fn peak_rss_line() -> String {
+    match peak_rss_bytes() {
+        Some(b) => format!("peak resident memory {:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn peak_rss_grows_with_a_touched_allocation() {
+        let Some(before) = super::peak_rss_bytes() else {
+            return;
+        };
+        assert!(before > 0);
+        let big = vec![1u8; 256 << 20];
+        let after = super::peak_rss_bytes().unwrap();
+        assert!(after >= before.max(256 << 20), "{before} -> {after}");
+        assert!(super::peak_rss_line().starts_with("peak resident memory "));
+        drop(big);
+    }
+
     #[test]
     fn firstkd_system_malloc_opts_out() {
         assert!(super::wanted(None));

@@ -28,7 +28,7 @@ use candle_core::{Device, Storage, Tensor};
 pub use chat::{ChatTemplate, Message};
 pub(crate) use load::safetensors_shards;
 pub use load::sha256_file;
-pub use model::{Architecture, ModelConfig, TeacherModel};
+pub use model::{Architecture, AttentionLayout, KeySpan, ModelConfig, TeacherModel};
 pub use select::{select_row, RowSelection};
 pub use tokenizer::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
 

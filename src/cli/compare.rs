@@ -30,6 +30,10 @@ pub struct Args {
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
+    /// Cloze: `shared` computes each question's prompt once with every option after it;
+    /// `separate` runs one full sequence per option. The scores are the same.
+    #[arg(long, default_value = "shared")]
+    pub cloze_layout: String,
     /// Print a Markdown table.
     #[arg(long, conflicts_with = "csv")]
     pub markdown: bool,
@@ -67,6 +71,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             chat_template: args.chat_template,
         },
         batch_tokens: args.batch_tokens,
+        cloze_layout: args.cloze_layout.parse()?,
         ..EvalOptions::default()
     };
     let mut header = vec!["model".to_string()];
@@ -98,7 +103,8 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 details.push(serde_json::json!({
                     "model": name, "path": path.display().to_string(), "task": task,
                     "file": file.display().to_string(), "n_items": result.items.len(),
-                    "seconds": seconds, "reports": result.reports,
+                    "seconds": seconds, "tokens": result.tokens,
+                    "forward_passes": result.forward_passes, "reports": result.reports,
                 }));
             }
             let r = result

@@ -34,6 +34,10 @@ pub struct Args {
     /// Label smoothing of the ce part.
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// Smooth the teacher's renormalised top-k target towards uniform over the same k ids
+    /// (`(1 - b) t + b / k`, the paper's "Distill w/ LS"; first and kd losses).
+    #[arg(long, default_value_t = 0.0)]
+    pub teacher_smoothing: f64,
     /// Optimizer steps.
     #[arg(long)]
     pub steps: u64,
@@ -132,6 +136,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         alpha: args.alpha,
         mix_kd: KdKind::parse(&args.mix_kd)?,
         label_smoothing: args.label_smoothing,
+        teacher_smoothing: args.teacher_smoothing,
         steps: args.steps,
         batch_tokens: args.batch_tokens,
         max_seq_len: args.max_seq_len,
@@ -219,6 +224,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     }
     if summary.data_exhausted {
         writeln!(out, "stopped early: the data ran out (--epochs)")?;
+    }
+    let peak = firstkd::runtime::peak_rss_line();
+    if !peak.is_empty() {
+        writeln!(out, "{peak}")?;
     }
     if summary.steps_done >= args.steps || summary.data_exhausted {
         writeln!(out, "final model: {}", summary.final_dir.display())?;

@@ -39,6 +39,10 @@ pub struct Args {
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = 4096)]
     pub batch_tokens: usize,
+    /// Cloze: `shared` computes each question's prompt once with every option after it;
+    /// `separate` runs one full sequence per option. The scores are the same.
+    #[arg(long, default_value = "shared")]
+    pub cloze_layout: String,
     /// Print the reports (and per-item scores) as JSON.
     #[arg(long)]
     pub json: bool,
@@ -90,6 +94,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         },
         temperature: args.temperature,
         batch_tokens: args.batch_tokens,
+        cloze_layout: args.cloze_layout.parse()?,
         ..EvalOptions::default()
     };
     if let Some(plot) = &args.plot {
@@ -139,10 +144,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     }
     writeln!(
         out,
-        "{} tokens in {} forward passes, {seconds:.1} s ({:.0} tokens/s)",
+        "{} tokens in {} forward passes, {seconds:.1} s ({:.0} tokens/s); {}",
         result.tokens,
         result.forward_passes,
-        result.tokens as f64 / seconds.max(1e-9)
+        result.tokens as f64 / seconds.max(1e-9),
+        firstkd::runtime::peak_rss_line()
     )?;
     if let Some(plot) = &args.plot {
         writeln!(out, "reliability diagram: {}", plot.display())?;

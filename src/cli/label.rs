@@ -165,6 +165,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             String::new()
         }
     )?;
+    let peak = firstkd::runtime::peak_rss_line();
+    if !peak.is_empty() {
+        writeln!(out, "{peak}")?;
+    }
     if summary.records_skipped > 0 {
         writeln!(
             out,

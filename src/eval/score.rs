@@ -4,16 +4,56 @@
 //!   [`multiple_choice_prompt_with_context`]); the score of option `i` is the full-vocabulary
 //!   log-prob of its letter token (`" A"`, `" B"`, ...) at the last prompt position, after
 //!   dividing the logits by the temperature.
-//! * Cloze: one sequence per option (`"[Passage: ...\n]Question: ...\nAnswer:" + " " + text`);
-//!   the score is the summed log-prob (temperature 1) of the option's tokens. The options of a
-//!   question always go in the same forward pass.
+//! * Cloze: the score of an option is the summed log-prob (temperature 1) of its tokens after
+//!   `"[Passage: ...\n]Question: ...\nAnswer:" + " "`. With [`ClozeLayout::Shared`] (the
+//!   default) a question is one sequence: its prompt once, then every option's tokens (all but
+//!   the last, whose next-token distribution is never read), each option attending to the prompt
+//!   and to itself with positions continuing the prompt's ([`AttentionLayout`]), so the prompt
+//!   is computed once instead of once per option. [`ClozeLayout::Separate`] runs one full
+//!   sequence per option (the lm-evaluation-harness way); both give the same scores. The
+//!   options of a question always go in the same forward pass.
 
 use candle_core::{Device, Storage, Tensor};
 
 use super::task::EvalItem;
 use crate::error::{Error, Result};
 use crate::input::{answer_letter, multiple_choice_prompt_with_context};
-use crate::teacher::{Message, Teacher};
+use crate::teacher::{AttentionLayout, KeySpan, Message, Teacher};
+
+/// How cloze options are laid out for the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClozeLayout {
+    /// One sequence per question: the prompt once, the options after it, each attending to the
+    /// prompt and itself.
+    #[default]
+    Shared,
+    /// One sequence per option: prompt + option, the prompt recomputed for every option.
+    Separate,
+}
+
+impl ClozeLayout {
+    /// The spelling used on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClozeLayout::Shared => "shared",
+            ClozeLayout::Separate => "separate",
+        }
+    }
+}
+
+impl std::str::FromStr for ClozeLayout {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "shared" => Ok(ClozeLayout::Shared),
+            "separate" => Ok(ClozeLayout::Separate),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown cloze layout {s:?} (shared, separate)"
+            ))),
+        }
+    }
+}
 
 /// How the prompt is presented to the model.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -63,8 +103,21 @@ pub fn letter_prompt(item: &EvalItem) -> String {
 #[derive(Debug, Clone)]
 pub(crate) struct ScoredSequence {
     pub ids: Vec<u32>,
-    /// Number of prompt tokens: positions `prompt_len - 1 ..` predict the continuation.
-    pub prompt_len: usize,
+    /// Positions and key spans when the sequence is not plain causal from position 0.
+    pub layout: Option<(Vec<u32>, Vec<KeySpan>)>,
+    /// Cloze: per option, the (index whose next-token distribution is read, target id) pairs
+    /// whose log-probs are summed.
+    pub targets: Vec<Vec<(usize, u32)>>,
+}
+
+impl ScoredSequence {
+    /// Largest RoPE position + 1 (the context the sequence needs).
+    pub fn span(&self) -> usize {
+        match &self.layout {
+            Some((pos, _)) => pos.iter().map(|&p| p as usize + 1).max().unwrap_or(0),
+            None => self.ids.len(),
+        }
+    }
 }
 
 /// Tokenised prompt of an item and its continuation separator.
@@ -137,25 +190,31 @@ pub(crate) fn letter_sequence(
             }
         }
     }
-    let prompt_len = enc.prompt.len();
     Ok((
         ScoredSequence {
             ids: enc.prompt,
-            prompt_len,
+            layout: None,
+            targets: Vec::new(),
         },
         letters,
     ))
 }
 
-/// Cloze-mode sequences of an item (one per option) and the byte length of each continuation.
+/// Cloze-mode sequences of an item (one per question with [`ClozeLayout::Shared`], one per
+/// option with [`ClozeLayout::Separate`]) and the byte length of each continuation.
 pub(crate) fn cloze_sequences(
     teacher: &Teacher,
     item: &EvalItem,
     opts: &PromptOptions,
+    layout: ClozeLayout,
 ) -> std::result::Result<(Vec<ScoredSequence>, Vec<usize>), String> {
     let prompt = cloze_prompt(item.context.as_deref(), &item.mc.question);
     let enc = encode_prompt(teacher, &prompt, opts).map_err(|e| e.to_string())?;
-    let mut seqs = Vec::with_capacity(item.mc.choices.len());
+    let p = enc.prompt.len();
+    if p == 0 {
+        return Err("the prompt renders to no tokens".to_string());
+    }
+    let mut conts = Vec::with_capacity(item.mc.choices.len());
     let mut bytes = Vec::with_capacity(item.mc.choices.len());
     for (i, choice) in item.mc.choices.iter().enumerate() {
         let continuation = format!("{}{}", enc.separator, choice.trim());
@@ -163,14 +222,54 @@ pub(crate) fn cloze_sequences(
         if cont.is_empty() {
             return Err(format!("choice {i} renders to no tokens"));
         }
-        let mut ids = enc.prompt.clone();
-        ids.extend_from_slice(&cont);
-        seqs.push(ScoredSequence {
-            ids,
-            prompt_len: enc.prompt.len(),
-        });
         bytes.push(continuation.len());
+        conts.push(cont);
     }
+    let seqs = match layout {
+        ClozeLayout::Separate => conts
+            .iter()
+            .map(|cont| {
+                let mut ids = enc.prompt.clone();
+                ids.extend_from_slice(cont);
+                let targets = (0..cont.len()).map(|j| (p - 1 + j, cont[j])).collect();
+                ScoredSequence {
+                    ids,
+                    layout: None,
+                    targets: vec![targets],
+                }
+            })
+            .collect(),
+        ClozeLayout::Shared => {
+            let mut ids = enc.prompt.clone();
+            let mut positions: Vec<u32> = (0..p as u32).collect();
+            let mut spans = vec![KeySpan::causal(0); p];
+            let mut targets = Vec::with_capacity(conts.len());
+            for cont in &conts {
+                // Token j of the option is predicted by the prompt's last position (j = 0) or
+                // by the option's token j - 1, which sits at `start + j - 1`.
+                let start = ids.len();
+                let mut t = vec![(p - 1, cont[0])];
+                for j in 1..cont.len() {
+                    t.push((start + j - 1, cont[j]));
+                }
+                targets.push(t);
+                for (j, &id) in cont[..cont.len() - 1].iter().enumerate() {
+                    ids.push(id);
+                    positions.push((p + j) as u32);
+                    spans.push(KeySpan {
+                        shared_start: 0,
+                        shared_end: p as u32,
+                        own_start: start as u32,
+                    });
+                }
+            }
+            vec![ScoredSequence {
+                ids,
+                layout: Some((positions, spans)),
+                targets,
+            }]
+        }
+    };
     Ok((seqs, bytes))
 }
 
@@ -179,12 +278,12 @@ pub(crate) fn cloze_sequences(
 pub(crate) enum Readout {
     /// Full-vocabulary log-probs (at `1 / inv_temperature`) of these ids at the last position.
     LastPosition(Vec<u32>),
-    /// Summed log-prob (temperature 1) of the continuation tokens.
+    /// Summed log-prob (temperature 1) of each option's tokens ([`ScoredSequence::targets`]).
     Continuation,
 }
 
 /// Runs a batch of sequences (right-padded) in one forward pass and returns, per sequence, the
-/// requested log-probs: the letter ids' log-probs or a one-element summed continuation log-prob.
+/// requested log-probs: the letter ids' log-probs, or one summed log-prob per option.
 pub(crate) fn run_batch(
     teacher: &Teacher,
     batch: &[(&ScoredSequence, &Readout)],
@@ -202,8 +301,35 @@ pub(crate) fn run_batch(
         padded[b * seq..b * seq + s.ids.len()].copy_from_slice(&s.ids);
     }
     let ids = Tensor::from_vec(padded, (batch.len(), seq), device)?;
+    let layout = if batch.iter().any(|(s, _)| s.layout.is_some()) {
+        let mut layout = AttentionLayout {
+            positions: Vec::with_capacity(batch.len() * seq),
+            spans: Vec::with_capacity(batch.len() * seq),
+        };
+        for (s, _) in batch {
+            let n = s.ids.len();
+            match &s.layout {
+                Some((pos, spans)) => {
+                    layout.positions.extend_from_slice(pos);
+                    layout.spans.extend_from_slice(spans);
+                }
+                None => {
+                    layout.positions.extend(0..n as u32);
+                    layout.spans.extend(std::iter::repeat_n(KeySpan::causal(0), n));
+                }
+            }
+            // Padding: causal, positions from 0 (its outputs are never read).
+            layout.positions.extend(0..(seq - n) as u32);
+            layout
+                .spans
+                .extend(std::iter::repeat_n(KeySpan::causal(n as u32), seq - n));
+        }
+        Some(layout)
+    } else {
+        None
+    };
     let hidden = model
-        .hidden_states(&ids)?
+        .hidden_states_with(&ids, layout.as_ref())?
         .reshape((batch.len() * seq, cfg.hidden_size))?;
     // Rows whose logits are needed, with (sequence, target id or None for the last position).
     let mut rows: Vec<u32> = Vec::new();
@@ -211,7 +337,7 @@ pub(crate) fn run_batch(
         match readout {
             Readout::LastPosition(_) => rows.push((b * seq + s.ids.len() - 1) as u32),
             Readout::Continuation => {
-                for p in s.prompt_len.max(1) - 1..s.ids.len() - 1 {
+                for &(p, _) in s.targets.iter().flatten() {
                     rows.push((b * seq + p) as u32);
                 }
             }
@@ -252,14 +378,17 @@ pub(crate) fn run_batch(
                 );
             }
             Readout::Continuation => {
-                let mut total = 0.0;
-                for p in s.prompt_len.max(1) - 1..s.ids.len() - 1 {
-                    let logits = &data[row * vocab..(row + 1) * vocab];
-                    row += 1;
-                    let target = s.ids[p + 1] as usize;
-                    total += f64::from(logits[target]) - log_sum_exp(logits, 1.0);
+                let mut sums = Vec::with_capacity(s.targets.len());
+                for option in &s.targets {
+                    let mut total = 0.0;
+                    for &(_, target) in option {
+                        let logits = &data[row * vocab..(row + 1) * vocab];
+                        row += 1;
+                        total += f64::from(logits[target as usize]) - log_sum_exp(logits, 1.0);
+                    }
+                    sums.push(total);
                 }
-                out.push(vec![total]);
+                out.push(sums);
             }
         }
     }

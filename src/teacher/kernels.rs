@@ -147,6 +147,55 @@ pub(crate) fn causal_softmax(scores: &Tensor, s: usize, mask: &Tensor) -> Result
     })
 }
 
+/// Softmax of attention scores `[b, heads, s, s]`-shaped (any layout whose rows are query
+/// positions `0..s` repeated, batch-major) over each query's [`KeySpan`] (`spans[b * s + q]`);
+/// keys outside it get probability 0. CPU f32 only (other devices use an additive mask).
+pub(crate) fn span_softmax(
+    scores: &Tensor,
+    s: usize,
+    spans: &[super::model::KeySpan],
+) -> Result<Tensor> {
+    let shape = scores.shape().clone();
+    let rows_total = shape.elem_count() / s.max(1);
+    let batch = spans.len() / s.max(1);
+    if batch == 0 || spans.len() != batch * s || rows_total % batch != 0 {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "span softmax: {} spans for scores {shape:?}",
+            spans.len()
+        )));
+    }
+    let rows_per_batch = rows_total / batch;
+    let out = with_cpu_f32(scores, |src| {
+        let mut out = vec![0f32; src.len()];
+        parallel_rows(&mut out, s, |r, row| {
+            let q = r % s;
+            let sp = spans[(r / rows_per_batch) * s + q];
+            let x = &src[r * s..(r + 1) * s];
+            let shared = sp.shared_start as usize..sp.shared_end as usize;
+            let own = sp.own_start as usize..q + 1;
+            let m = x[shared.clone()]
+                .iter()
+                .chain(&x[own.clone()])
+                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for k in shared.clone().chain(own.clone()) {
+                row[k] = exp_approx(x[k] - m);
+            }
+            let inv = (1.0 / (sum_lanes(&row[shared.clone()]) + sum_lanes(&row[own.clone()])))
+                as f32;
+            for k in shared.chain(own) {
+                row[k] *= inv;
+            }
+        });
+        out
+    })
+    .ok_or_else(|| {
+        crate::error::Error::InvalidArgument(
+            "span softmax needs contiguous f32 scores on the CPU".to_string(),
+        )
+    })?;
+    Ok(Tensor::from_vec(out, shape, scores.device())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +244,41 @@ mod tests {
         .unwrap();
         let got = swiglu(&gu, 70).unwrap();
         assert!(crate::testing::max_abs_diff(&want, &got).unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn span_softmax_matches_masked_softmax() {
+        use super::super::model::KeySpan;
+        let dev = Device::Cpu;
+        let (b, heads, s) = (2, 3, 9);
+        // Row 0: a prompt of 4 tokens and two branches (4..6, 6..9); row 1: plain causal.
+        let mut spans = Vec::new();
+        for q in 0..s as u32 {
+            spans.push(match q {
+                0..=3 => KeySpan::causal(0),
+                4..=5 => KeySpan { shared_start: 0, shared_end: 4, own_start: 4 },
+                _ => KeySpan { shared_start: 0, shared_end: 4, own_start: 6 },
+            });
+        }
+        spans.extend((0..s).map(|_| KeySpan::causal(0)));
+        let scores = Tensor::randn(0f32, 3.0, (b, heads, s, s), &dev).unwrap();
+        let mut mask = vec![f32::NEG_INFINITY; b * s * s];
+        for (i, sp) in spans.iter().enumerate() {
+            for k in 0..s as u32 {
+                if sp.allows((i % s) as u32, k) {
+                    mask[i * s + k as usize] = 0.0;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, s, s), &dev).unwrap();
+        let want =
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+        let got = span_softmax(&scores, s, &spans).unwrap();
+        assert!(crate::testing::max_abs_diff(&want, &got).unwrap() < 1e-6);
+        // A branch token never sees the other branch.
+        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g[7 * s + 4], 0.0);
+        assert_eq!(g[7 * s + 5], 0.0);
+        assert!(span_softmax(&scores, s, &spans[..s - 1]).is_err());
     }
 }

@@ -103,7 +103,13 @@ pub(crate) fn load_gguf(
     let get = |key: &str| md.get(key);
     let get_str = |key: &str| get(key).and_then(|v| v.to_string().ok()).cloned();
     let get_u32 = |key: &str| get(key).and_then(|v| v.to_u32().ok());
-    let get_f32 = |key: &str| get(key).and_then(|v| v.to_f32().ok());
+    // f32 metadata as the f64 of its shortest decimal form (1e-6, not 9.99999997e-7), so a
+    // config.json written from it reads like the Hugging Face one; the f32 value is the same.
+    let get_f32 = |key: &str| {
+        get(key)
+            .and_then(|v| v.to_f32().ok())
+            .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
+    };
     let need_u32 = |key: &str| {
         get_u32(key).ok_or_else(|| model_err(path, format!("missing GGUF metadata {key}")))
     };
@@ -240,9 +246,8 @@ pub(crate) fn load_gguf(
         head_dim,
         vocab_size,
         context_length: get_u32(&format!("{a}.context_length")).unwrap_or(4096) as usize,
-        rms_norm_eps: get_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5)
-            as f64,
-        rope_theta: get_f32(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0) as f64,
+        rms_norm_eps: get_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: get_f32(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
         rope_freq_divisors,
     };
     let model = TeacherModel::new(cfg, embed, layers, norm, output, device)?;

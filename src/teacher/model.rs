@@ -194,20 +194,49 @@ impl TeacherModel {
     /// same row, so as long as padding is on the right (after each sequence's last token) the
     /// values at real positions do not depend on the padding or on the other rows.
     pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.hidden_states_with(input_ids, None)
+    }
+
+    /// [`hidden_states`](Self::hidden_states) with an explicit [`AttentionLayout`]: per-token
+    /// RoPE positions and key spans (`None`: plain causal attention from position 0).
+    pub fn hidden_states_with(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&AttentionLayout>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
-        if s > self.cfg.context_length {
-            return Err(Error::InvalidArgument(format!(
-                "sequence of {s} tokens exceeds the model's context of {}",
-                self.cfg.context_length
-            )));
-        }
         let ids = input_ids.flatten_all()?;
         let mut x = self.embed.index_select(&ids, 0)?; // [b*s, h]
-        let mask = causal_mask(s, &self.device)?;
-        let cos = self.cos.narrow(0, 0, s)?;
-        let sin = self.sin.narrow(0, 0, s)?;
+        let (cos, sin, attend) = match layout {
+            None => {
+                if s > self.cfg.context_length {
+                    return Err(Error::InvalidArgument(format!(
+                        "sequence of {s} tokens exceeds the model's context of {}",
+                        self.cfg.context_length
+                    )));
+                }
+                (
+                    self.cos.narrow(0, 0, s)?,
+                    self.sin.narrow(0, 0, s)?,
+                    Attend::Causal(causal_mask(s, &self.device)?),
+                )
+            }
+            Some(layout) => {
+                layout.check(b, s, self.cfg.context_length)?;
+                let pos = Tensor::from_slice(&layout.positions, b * s, &self.device)?;
+                let half = self.cfg.head_dim / 2;
+                let cos = self.cos.index_select(&pos, 0)?.reshape((b, s, half))?;
+                let sin = self.sin.index_select(&pos, 0)?.reshape((b, s, half))?;
+                let attend = if matches!(self.device, Device::Cpu) {
+                    Attend::Spans(&layout.spans)
+                } else {
+                    Attend::Mask(layout.additive_mask(b, s, &self.device)?)
+                };
+                (cos, sin, attend)
+            }
+        };
         for block in &self.blocks {
-            x = self.block_forward(block, &x, b, s, &mask, &cos, &sin)?;
+            x = self.block_forward(block, &x, b, s, &attend, &cos, &sin)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         Ok(x.reshape((b, s, self.cfg.hidden_size))?)
@@ -235,7 +264,7 @@ impl TeacherModel {
         x: &Tensor,
         b: usize,
         s: usize,
-        mask: &Tensor,
+        attend: &Attend<'_>,
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
@@ -261,7 +290,16 @@ impl TeacherModel {
         // key/value head are consecutive, so fold them into the row dimension.
         let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // [b, nkv, group*s, s]
-        let probs = super::kernels::causal_softmax(&scores, s, mask)?;
+        let probs = match attend {
+            Attend::Causal(mask) => super::kernels::causal_softmax(&scores, s, mask)?,
+            Attend::Spans(spans) => super::kernels::span_softmax(&scores, s, spans)?,
+            Attend::Mask(mask) => {
+                let masked = scores
+                    .reshape((b, nq, s, s))?
+                    .broadcast_add(&mask.unsqueeze(1)?)?;
+                candle_nn::ops::softmax_last_dim(&masked)?.reshape((b, nkv, group * s, s))?
+            }
+        };
         let attn = probs.matmul(&v)?; // [b, nkv, group*s, hd]
         let attn = attn
             .reshape((b, nq, s, hd))?
@@ -275,6 +313,98 @@ impl TeacherModel {
         let act = super::kernels::swiglu(&gate_up, inter)?;
         Ok((x + act.matmul(&block.w_down.t()?)?)?)
     }
+}
+
+/// The keys one query attends to: `shared_start..shared_end` (a prefix it shares with other
+/// branches, e.g. a question's prompt) and `own_start..=query` (its own branch). Plain causal
+/// attention over a sequence starting at `o` is `{ o, o, o }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySpan {
+    /// First key of the shared prefix.
+    pub shared_start: u32,
+    /// One past the last key of the shared prefix (`== shared_start`: none).
+    pub shared_end: u32,
+    /// First key of the query's own branch (the query itself is its last key).
+    pub own_start: u32,
+}
+
+impl KeySpan {
+    /// Causal attention over a sequence that starts at key `start`.
+    pub fn causal(start: u32) -> Self {
+        Self {
+            shared_start: start,
+            shared_end: start,
+            own_start: start,
+        }
+    }
+
+    /// Whether query `q` attends to key `k`.
+    pub fn allows(&self, q: u32, k: u32) -> bool {
+        (self.shared_start..self.shared_end).contains(&k) || (self.own_start..=q).contains(&k)
+    }
+}
+
+/// Per-token RoPE positions and key spans of a `[batch, seq]` batch (row-major, `batch * seq`
+/// entries each): several sequences per row, or a prompt shared by several continuations
+/// (each continuation attends to the prompt and to itself, its positions following the
+/// prompt's), in one forward pass.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AttentionLayout {
+    /// RoPE position of every token.
+    pub positions: Vec<u32>,
+    /// Keys of every query, as indices into its own row.
+    pub spans: Vec<KeySpan>,
+}
+
+impl AttentionLayout {
+    fn check(&self, b: usize, s: usize, context: usize) -> Result<()> {
+        let n = b * s;
+        if self.positions.len() != n || self.spans.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "attention layout of {} positions and {} spans for a [{b}, {s}] batch",
+                self.positions.len(),
+                self.spans.len()
+            )));
+        }
+        if let Some(&p) = self.positions.iter().find(|&&p| p as usize >= context) {
+            return Err(Error::InvalidArgument(format!(
+                "position {p} exceeds the model's context of {context}"
+            )));
+        }
+        for (i, sp) in self.spans.iter().enumerate() {
+            let q = (i % s) as u32;
+            if sp.shared_start > sp.shared_end || sp.shared_end > q.max(sp.shared_start) || sp.own_start > q {
+                return Err(Error::InvalidArgument(format!(
+                    "key span {sp:?} of query {q} is not before the query"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The additive mask `[b, s, s]` (0 where allowed, -inf elsewhere) for non-CPU devices.
+    fn additive_mask(&self, b: usize, s: usize, device: &Device) -> Result<Tensor> {
+        let mut data = vec![f32::NEG_INFINITY; b * s * s];
+        for (i, sp) in self.spans.iter().enumerate() {
+            let q = (i % s) as u32;
+            for k in 0..s as u32 {
+                if sp.allows(q, k) {
+                    data[i * s + k as usize] = 0.0;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (b, s, s), device)?)
+    }
+}
+
+/// How a block's attention is masked.
+enum Attend<'a> {
+    /// Causal from 0; the additive `[s, s]` mask serves non-CPU devices.
+    Causal(Tensor),
+    /// Per-query key spans (CPU kernel).
+    Spans(&'a [KeySpan]),
+    /// Per-query key spans as an additive `[b, s, s]` mask (other devices).
+    Mask(Tensor),
 }
 
 /// Additive causal mask `[s, s]`: 0 where key <= query, -inf above the diagonal.

@@ -320,6 +320,7 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         tie_word_embeddings: tied,
         attention_bias: Some(mcfg.architecture == Architecture::Qwen2),
         rope_scaling: None,
+        hidden_act: "silu".into(),
         bos_token_id: ids.0.map(serde_json::Value::from),
         eos_token_id: ids.1.map(serde_json::Value::from),
         pad_token_id: ids.2.map(serde_json::Value::from),

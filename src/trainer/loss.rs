@@ -8,6 +8,9 @@
 //!   `s = softmax(z[i_1..i_k])`, which equals the student's full-vocabulary softmax gathered at
 //!   the teacher ids and renormalised over them (the `lse` cancels); loss `sum_j t_j log(t_j/s_j)`.
 //! * `kd`: the same with T = 1.
+//! * teacher smoothing `beta` (the paper's "Distill w/ LS", for `first`, `kd` and a `mix` of
+//!   them): the target becomes `(1 - beta) t + beta / k`, the renormalised top-k mixed with
+//!   the uniform distribution over the same k ids.
 //! * `kd-tail`: k + 1 outcomes, the k ids and "everything else": teacher `p_j = exp(l_j)`,
 //!   `p_tail = 1 - sum p_j`; student `q_j = exp(z_{i_j} - lse)`, `q_tail = 1 - sum q_j`;
 //!   loss `sum_j p_j log(p_j/q_j) + p_tail log(p_tail/q_tail)`, zero iff the student matches the
@@ -98,6 +101,10 @@ pub struct LossSpec {
     pub mix_kd: KdKind,
     /// Label smoothing of `ce` (0 = none).
     pub label_smoothing: f64,
+    /// Smoothing of the teacher's renormalised top-k target towards uniform over the k ids
+    /// (`first`/`kd`; 0 = none).
+    #[serde(default)]
+    pub teacher_smoothing: f64,
 }
 
 impl LossSpec {
@@ -141,6 +148,20 @@ impl LossSpec {
                 "label smoothing {} must be in [0, 1)",
                 self.label_smoothing
             )));
+        }
+        if !(0.0..=1.0).contains(&self.teacher_smoothing) {
+            return Err(Error::InvalidArgument(format!(
+                "teacher smoothing {} must be in [0, 1]",
+                self.teacher_smoothing
+            )));
+        }
+        if self.teacher_smoothing > 0.0
+            && !matches!(self.kd(), Some(KdKind::First) | Some(KdKind::Kd))
+        {
+            return Err(Error::InvalidArgument(
+                "teacher smoothing applies to the top-k losses first and kd (or a mix of them)"
+                    .to_string(),
+            ));
         }
         Ok(())
     }
@@ -254,15 +275,23 @@ fn need<'a>(t: &'a Option<Tensor>, what: &str) -> Result<&'a Tensor> {
         .ok_or_else(|| Error::InvalidArgument(format!("loss needs the student's {what}")))
 }
 
-/// Per-row `first`/`kd` loss `[n]`: KL(softmax(l/T) || softmax(z_topk)).
+/// Per-row `first`/`kd` loss `[n]`: KL(t || softmax(z_topk)) with
+/// `t = (1 - beta) softmax(l/T) + beta / k` (`beta` = teacher smoothing, 0 for none).
 pub fn topk_kl_rows(
     topk_logits: &Tensor,
     topk_logprobs: &Tensor,
     temperature: f64,
+    smoothing: f64,
 ) -> Result<Tensor> {
     let log_t = candle_nn::ops::log_softmax(&(topk_logprobs / temperature)?, D::Minus1)?;
     let log_s = candle_nn::ops::log_softmax(topk_logits, D::Minus1)?;
-    Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?)
+    if smoothing == 0.0 {
+        return Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?);
+    }
+    let k = topk_logprobs.dim(D::Minus1)? as f64;
+    let t = log_t.exp()?.affine(1.0 - smoothing, smoothing / k)?;
+    let log_t = t.log()?;
+    Ok((t * (log_t - log_s)?)?.sum(D::Minus1)?)
 }
 
 /// Per-row `kd-tail` loss `[n]` over k + 1 outcomes. A teacher whose stored top-k mass exceeds
@@ -304,8 +333,14 @@ pub fn loss_rows(rows: &StudentRows, topk_logprobs: &Tensor, spec: &LossSpec) ->
             &rows.topk_logits,
             topk_logprobs,
             spec.temperature,
+            spec.teacher_smoothing,
         )?),
-        Some(KdKind::Kd) => Some(topk_kl_rows(&rows.topk_logits, topk_logprobs, 1.0)?),
+        Some(KdKind::Kd) => Some(topk_kl_rows(
+            &rows.topk_logits,
+            topk_logprobs,
+            1.0,
+            spec.teacher_smoothing,
+        )?),
         Some(KdKind::KdTail) => Some(tail_kl_rows(
             &rows.topk_logits,
             need(&rows.lse, "log-normaliser")?,
@@ -348,6 +383,7 @@ mod tests {
             alpha: 0.3,
             mix_kd: KdKind::First,
             label_smoothing: 0.0,
+            teacher_smoothing: 0.0,
         }
     }
 
@@ -419,6 +455,24 @@ mod tests {
         };
         close(loss(&smoothed), 1.844081751923187, "ce eps 0.1");
         close(loss(&spec(LossKind::Mix)), 1.2323034170178435, "mix");
+        // Teacher smoothing (numpy, same inputs: t = (1 - b) * exp(lsm(L / T)) + b / 3 in
+        // topk() above): T = 1, b = 0.1 -> 0.0461901104170831; T = 1.7, b = 0.2 ->
+        // 0.06170987343861467.
+        let kd_ls = LossSpec {
+            teacher_smoothing: 0.1,
+            ..spec(LossKind::Kd)
+        };
+        close(loss(&kd_ls), 0.0461901104170831, "kd, teacher smoothing 0.1");
+        let first_ls = LossSpec {
+            teacher_smoothing: 0.2,
+            ..spec(LossKind::First)
+        };
+        close(loss(&first_ls), 0.06170987343861467, "first, teacher smoothing 0.2");
+        let bad = LossSpec {
+            teacher_smoothing: 0.1,
+            ..spec(LossKind::Ce)
+        };
+        assert!(bad.validate().is_err(), "teacher smoothing on ce must be refused");
     }
 
     #[test]

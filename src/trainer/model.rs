@@ -68,6 +68,9 @@ pub struct StudentConfig {
     /// RoPE scaling; only `null` (none) is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// MLP activation; only `silu` (SwiGLU) is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
     /// Beginning-of-sequence id (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<serde_json::Value>,
@@ -93,6 +96,9 @@ fn default_eps() -> f64 {
 }
 fn default_theta() -> f64 {
     10_000.0
+}
+fn default_act() -> String {
+    "silu".into()
 }
 fn default_dtype() -> String {
     "float32".into()
@@ -122,6 +128,12 @@ impl StudentConfig {
             return bad(format!(
                 "model_type {:?} is not supported (llama, qwen2)",
                 self.model_type
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return bad(format!(
+                "hidden_act {:?} is not supported (silu)",
+                self.hidden_act
             ));
         }
         if self.hidden_size == 0 || self.intermediate_size == 0 || self.vocab_size == 0 {

@@ -30,6 +30,9 @@ pub struct TrainOptions {
     pub mix_kd: KdKind,
     /// Label smoothing of the ce part.
     pub label_smoothing: f64,
+    /// Smoothing of the teacher's top-k target towards uniform over the k ids (first/kd).
+    #[serde(default)]
+    pub teacher_smoothing: f64,
     /// Optimizer steps (also the length of the LR schedule).
     pub steps: u64,
     /// Padded tokens per micro-batch.
@@ -112,6 +115,7 @@ impl Default for TrainOptions {
             alpha: 0.5,
             mix_kd: KdKind::First,
             label_smoothing: 0.0,
+            teacher_smoothing: 0.0,
             steps: 1000,
             batch_tokens: 4096,
             max_seq_len: None,
@@ -157,6 +161,9 @@ impl TrainOptions {
         // Only when on, so runs checkpointed before packing existed still resume.
         if self.pack {
             f["pack"] = serde_json::Value::Bool(true);
+        }
+        if self.teacher_smoothing != 0.0 {
+            f["teacher_smoothing"] = serde_json::json!(self.teacher_smoothing);
         }
         f
     }
@@ -298,6 +305,7 @@ fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<LossSpec> {
         alpha: opts.alpha,
         mix_kd: opts.mix_kd,
         label_smoothing: opts.label_smoothing,
+        teacher_smoothing: opts.teacher_smoothing,
     };
     spec.validate()?;
     Ok(spec)

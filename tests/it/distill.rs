@@ -281,6 +281,7 @@ fn packed_and_padded_batches_give_the_same_epoch_loss() {
             alpha: 0.5,
             mix_kd: KdKind::Kd,
             label_smoothing: 0.0,
+            teacher_smoothing: 0.0,
         };
         let epoch = |pack: bool| {
             let data = DataOptions {
@@ -699,6 +700,7 @@ fn student_copy_of_the_real_teacher() {
             alpha: 1.0,
             mix_kd: KdKind::Kd,
             label_smoothing: 0.0,
+            teacher_smoothing: 0.0,
         };
         let loss = evaluate(&student, &reader, "train", &spec, 512, 512, 0, 64)
             .unwrap()

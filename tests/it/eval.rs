@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use firstkd::eval::{evaluate, letter_prompt, read_task, EvalItem, EvalOptions, Mode, TaskFormat};
+use firstkd::eval::{
+    evaluate, letter_prompt, read_task, ClozeLayout, EvalItem, EvalOptions, Mode, TaskFormat,
+};
 use firstkd::input::{multiple_choice_prompt, MultipleChoice};
 use firstkd::teacher::Teacher;
 use firstkd::Error;
@@ -229,6 +231,46 @@ fn letter_scores_match_hf_reference_prompt() {
 /// letter {"accuracy": 0.2, "ece": 0.577195, "brier_multiclass": 1.242918, "nll": 2.791958, "mean_confidence": 0.727103}
 /// cloze  {"accuracy": 0.6, "ece": 0.333873, "brier_multiclass": 0.568138, "nll": 1.407072, "mean_confidence": 0.779642, "acc_norm": 0.4}
 /// ```
+/// The shared-prompt cloze layout (prompt once, options after it) gives the scores of one
+/// full sequence per option, with fewer forward tokens, on CommonsenseQA (5 options) and BoolQ
+/// with its passage (long shared prompt, 2 options), across batch sizes.
+#[test]
+fn shared_prompt_cloze_equals_separate_sequences() {
+    let Some(teacher) = teacher() else { return };
+    for (rel, n, batch_tokens) in [
+        ("commonsenseqa/dev_rand_split.jsonl", 40, 4096),
+        ("boolq/boolq.jsonl", 6, 1024),
+    ] {
+        let Some(task) = shared_file(rel) else { return };
+        let items = read_task(&task, TaskFormat::Auto, Some(n)).unwrap();
+        let run = |layout| {
+            let opts = EvalOptions {
+                cloze_layout: layout,
+                batch_tokens,
+                ..EvalOptions::default()
+            };
+            evaluate(teacher, &task, &items, &opts, &mut |_, _| {}).unwrap()
+        };
+        let (shared, separate) = (run(ClozeLayout::Shared), run(ClozeLayout::Separate));
+        let mut worst = 0f64;
+        for (a, b) in shared.items.iter().zip(&separate.items) {
+            let (a, b) = (a.cloze_logprobs.as_ref().unwrap(), b.cloze_logprobs.as_ref().unwrap());
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        assert!(worst < 2e-3, "{rel}: shared vs separate cloze log-probs differ by {worst}");
+        assert_eq!(shared.reports[0].accuracy, separate.reports[0].accuracy, "{rel}");
+        assert!(
+            shared.tokens * 2 < separate.tokens,
+            "{rel}: shared layout ran {} tokens, separate {}",
+            shared.tokens,
+            separate.tokens
+        );
+    }
+}
+
 #[test]
 fn arc_easy_20_matches_numpy_reference() {
     let Some(teacher) = teacher() else { return };
@@ -497,4 +539,36 @@ fn temperature_keeps_rankings_and_chat_template_runs() {
     let chat = run(1.0, true);
     assert_eq!(chat.reports.len(), 2);
     assert!(chat.tokens > cold.tokens, "the template adds a system turn");
+}
+
+/// scripts/seeds_table.py: models named LOSS-sSEED are grouped into mean ± sample standard
+/// deviation per task; a model without a seed suffix is its own row.
+#[test]
+fn seeds_table_groups_seeds() {
+    let dir = tempdir();
+    let rep = |model: &str, task: &str, acc: f64, ece: f64| {
+        serde_json::json!({"model": model, "task": task, "n_items": 10,
+            "reports": [{"n": 10, "accuracy": acc, "calibration": {"ece": ece}}]})
+    };
+    let rows = serde_json::json!([
+        rep("teacher", "csqa", 0.7, 0.05),
+        rep("kd-s0", "csqa", 0.5, 0.10),
+        rep("kd-s1", "csqa", 0.6, 0.20),
+        rep("kd-s2", "csqa", 0.7, 0.30),
+        rep("kd-ls-s0", "csqa", 0.4, 0.1),
+        rep("kd-ls-s1", "csqa", 0.4, 0.1),
+    ]);
+    let path = dir.path().join("reports.json");
+    std::fs::write(&path, rows.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(data("scripts/seeds_table.py"))
+        .arg(&path)
+        .output()
+        .expect("python3 runs");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("| csqa | teacher | 1 | 10 | 0.700 | - | 0.050 | - |"), "{t}");
+    // kd: mean 0.6, sample std 0.1; ECE mean 0.2, std 0.1.
+    assert!(t.contains("| csqa | kd | 3 | 10 | 0.600 | 0.100 | 0.200 | 0.100 |"), "{t}");
+    assert!(t.contains("| csqa | kd-ls | 2 | 10 | 0.400 | 0.000 | 0.100 | 0.000 |"), "{t}");
 }

@@ -3,7 +3,9 @@
 mod cli;
 mod distill;
 mod eval;
+mod fetch;
 mod label;
+mod qwen;
 mod sql;
 mod store;
 mod util;

