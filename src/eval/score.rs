@@ -315,11 +315,14 @@ pub(crate) fn run_batch(
                 }
                 None => {
                     layout.positions.extend(0..n as u32);
-                    layout.spans.extend(std::iter::repeat_n(KeySpan::causal(0), n));
+                    layout
+                        .spans
+                        .extend(std::iter::repeat_n(KeySpan::causal(0), n));
                 }
             }
-            // Padding: causal, positions from 0 (its outputs are never read).
-            layout.positions.extend(0..(seq - n) as u32);
+            // Padding: causal, position 0 (its outputs are never read, and a position past
+            // the context would be refused).
+            layout.positions.extend(std::iter::repeat_n(0, seq - n));
             layout
                 .spans
                 .extend(std::iter::repeat_n(KeySpan::causal(n as u32), seq - n));

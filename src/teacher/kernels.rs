@@ -180,8 +180,8 @@ pub(crate) fn span_softmax(
             for k in shared.clone().chain(own.clone()) {
                 row[k] = exp_approx(x[k] - m);
             }
-            let inv = (1.0 / (sum_lanes(&row[shared.clone()]) + sum_lanes(&row[own.clone()])))
-                as f32;
+            let inv =
+                (1.0 / (sum_lanes(&row[shared.clone()]) + sum_lanes(&row[own.clone()]))) as f32;
             for k in shared.chain(own) {
                 row[k] *= inv;
             }
@@ -256,8 +256,16 @@ mod tests {
         for q in 0..s as u32 {
             spans.push(match q {
                 0..=3 => KeySpan::causal(0),
-                4..=5 => KeySpan { shared_start: 0, shared_end: 4, own_start: 4 },
-                _ => KeySpan { shared_start: 0, shared_end: 4, own_start: 6 },
+                4..=5 => KeySpan {
+                    shared_start: 0,
+                    shared_end: 4,
+                    own_start: 4,
+                },
+                _ => KeySpan {
+                    shared_start: 0,
+                    shared_end: 4,
+                    own_start: 6,
+                },
             });
         }
         spans.extend((0..s).map(|_| KeySpan::causal(0)));
@@ -271,8 +279,7 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(mask, (b, 1, s, s), &dev).unwrap();
-        let want =
-            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
         let got = span_softmax(&scores, s, &spans).unwrap();
         assert!(crate::testing::max_abs_diff(&want, &got).unwrap() < 1e-6);
         // A branch token never sees the other branch.

@@ -373,9 +373,12 @@ impl AttentionLayout {
         }
         for (i, sp) in self.spans.iter().enumerate() {
             let q = (i % s) as u32;
-            if sp.shared_start > sp.shared_end || sp.shared_end > q.max(sp.shared_start) || sp.own_start > q {
+            let shared_ok = sp.shared_start <= sp.shared_end && sp.shared_end <= q;
+            let overlap = sp.shared_start < sp.shared_end && sp.own_start < sp.shared_end;
+            if !shared_ok || sp.own_start > q || overlap {
                 return Err(Error::InvalidArgument(format!(
-                    "key span {sp:?} of query {q} is not before the query"
+                    "key span {sp:?} of query {q}: the shared keys must end at or before the \
+                     query, the own keys start at or before it, and the two must not overlap"
                 )));
             }
         }
@@ -478,4 +481,55 @@ pub(crate) fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .reshape((out, inp))?
         .contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AttentionLayout, KeySpan};
+
+    fn layout(spans: Vec<KeySpan>) -> AttentionLayout {
+        AttentionLayout {
+            positions: (0..spans.len() as u32).collect(),
+            spans,
+        }
+    }
+
+    #[test]
+    fn attention_layout_check_refuses_bad_spans() {
+        let prompt_then_branch = vec![
+            KeySpan::causal(0),
+            KeySpan::causal(0),
+            KeySpan {
+                shared_start: 0,
+                shared_end: 2,
+                own_start: 2,
+            },
+        ];
+        assert!(layout(prompt_then_branch).check(1, 3, 16).is_ok());
+        let bad = [
+            // an empty shared range past the row
+            KeySpan {
+                shared_start: 9,
+                shared_end: 9,
+                own_start: 0,
+            },
+            // shared and own keys overlap
+            KeySpan {
+                shared_start: 0,
+                shared_end: 2,
+                own_start: 1,
+            },
+            // own keys start after the query
+            KeySpan::causal(3),
+        ];
+        for sp in bad {
+            let spans = vec![KeySpan::causal(0), KeySpan::causal(0), sp];
+            assert!(layout(spans).check(1, 3, 16).is_err(), "{sp:?} accepted");
+        }
+        // wrong lengths, and a position past the context
+        assert!(layout(vec![KeySpan::causal(0); 2]).check(1, 3, 16).is_err());
+        let mut far = layout(vec![KeySpan::causal(0); 3]);
+        far.positions[2] = 16;
+        assert!(far.check(1, 3, 16).is_err());
+    }
 }

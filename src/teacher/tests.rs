@@ -726,7 +726,9 @@ fn qwen_model_matches_reference(name: &str, role: &str, layers: usize, hidden: u
     let Some(path) = crate::testing::require_model(name) else {
         return;
     };
-    let Some(r) = qwen_reference(role) else { return };
+    let Some(r) = qwen_reference(role) else {
+        return;
+    };
     let t = Teacher::load(&path, &Device::Cpu).expect("loading the Qwen GGUF");
     let id = t.identity();
     assert_eq!(id.architecture, "qwen2");
@@ -771,7 +773,11 @@ fn qwen_model_matches_reference(name: &str, role: &str, layers: usize, hidden: u
     let messages: Vec<Message> = serde_json::from_value(ex["messages"].clone()).unwrap();
     let chat = t.chat_template().expect("Qwen GGUF has a chat template");
     let rendered = chat.render(&messages, false).unwrap();
-    assert_eq!(rendered, ex["rendered"].as_str().unwrap(), "{name}: chat template");
+    assert_eq!(
+        rendered,
+        ex["rendered"].as_str().unwrap(),
+        "{name}: chat template"
+    );
     assert_eq!(
         tok.encode(&rendered, false).unwrap(),
         u32s(&ex["rendered_ids"]),

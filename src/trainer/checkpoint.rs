@@ -122,7 +122,22 @@ pub fn write_model_files(student: &Student, dir: &Path) -> Result<()> {
     candle_core::safetensors::save(&weights, &path).map_err(|e| Error::Model {
         path: path.clone(),
         reason: format!("writing safetensors: {e}"),
-    })
+    })?;
+    readable_by_all(&path)
+}
+
+/// The safetensors writer creates its file owner-only (0600, through a temporary file); a
+/// checkpoint is meant to be shared, so it gets the mode of the other files (0644).
+fn readable_by_all(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Folder of a run directory holding the tokenizer files copied into every checkpoint.

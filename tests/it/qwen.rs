@@ -186,6 +186,12 @@ fn qwen_pair_label_distill_checkpoint_and_compare() {
         .collect();
     assert_eq!(got, expected_qwen2_tensors());
     assert!(header.iter().all(|(_, d, _)| d == "F32"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(fin.join("model.safetensors")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o044, 0o044, "checkpoint weights readable by others: {mode:o}");
+    }
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         assert!(fin.join(f).is_file(), "{f} missing from the checkpoint");
     }
@@ -235,7 +241,10 @@ fn qwen_pair_label_distill_checkpoint_and_compare() {
                     rid[j].as_u64().unwrap() as u32,
                     rlp[j].as_f64().unwrap() as f32,
                 );
-                let (id, lp) = (labels[0].topk_ids[p * 5 + j], labels[0].topk_logprobs[p * 5 + j]);
+                let (id, lp) = (
+                    labels[0].topk_ids[p * 5 + j],
+                    labels[0].topk_logprobs[p * 5 + j],
+                );
                 assert!(
                     id == want_id || (lp - want_lp).abs() < 1e-4,
                     "position {p} rank {j}: {id} vs reference {want_id}"
@@ -268,7 +277,11 @@ fn qwen_pair_label_distill_checkpoint_and_compare() {
     let rows = csv_rows(&stdout);
     assert_eq!(rows.len(), 3, "{stdout}");
     let acc = |row: &Vec<String>| row[1].parse::<f64>().unwrap();
-    eprintln!("ARC-Easy (20 items, cloze): teacher {}, student {}", acc(&rows[1]), acc(&rows[2]));
+    eprintln!(
+        "ARC-Easy (20 items, cloze): teacher {}, student {}",
+        acc(&rows[1]),
+        acc(&rows[2])
+    );
     // Chance is about 0.25; the 1.5B scores 0.65 on the first 40 items (issue measurement).
     assert!(acc(&rows[1]) >= 0.45, "{stdout}");
     assert!(acc(&rows[2]) >= 0.35, "{stdout}");
