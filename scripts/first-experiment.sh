@@ -29,7 +29,8 @@
 #   qwen --quick: ce and first, one seed, 24 questions, 2 steps, 10 eval items (minutes; smoke);
 #   qwen --full on the CPU: sized for under 2 hours on 2 cores: 100 training questions from each
 #           of CommonsenseQA, OpenBookQA and ARC-Easy, students ce, kd, first at seeds 0, 1, 2,
-#           24 steps of 512 tokens (about 2 epochs) at lr 2e-5, 100 eval items per task;
+#           20 steps of 512 tokens (about 2 epochs) at lr 2e-5, 80 eval items per task (estimated
+#           from the reduced run in docs/RESULTS.md: ~7 min labelling, ~60 min students, ~35 min eval);
 #   qwen --full --device cuda: the teacher fine-tuned first, every student, 1500 questions per
 #           training file, 3 seeds, 150 steps of 8192 tokens, 500 eval items per task.
 # Overrides (environment): FIRSTKD_TRAIN_LIMIT (questions per training file), FIRSTKD_STEPS,
@@ -72,7 +73,7 @@ case "$pair:$mode" in
              train_limit=1500; steps=150; batch=8192; eval_limit=500; finetune=1; ft_steps=100
              students="ce kd kd-ls first kd-tail"
            else
-             train_limit=100; steps=24; batch=512; eval_limit=100; students="ce kd first"
+             train_limit=100; steps=20; batch=512; eval_limit=80; students="ce kd first"
            fi ;;
   *) echo "unknown pair $pair (smollm2, qwen)" >&2; exit 2 ;;
 esac
