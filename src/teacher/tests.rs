@@ -146,6 +146,18 @@ fn identity_describes_the_gguf() {
     assert_eq!(cfg.rope_theta, 100_000.0);
 }
 
+/// Labels every position of one sequence (no prompt).
+fn label_whole(t: &Teacher, ids: &[u32], opts: &LabelOptions) -> Vec<SequenceLabels> {
+    t.label_batch(
+        &[LabelInput {
+            input_ids: ids,
+            prompt_len: 0,
+        }],
+        opts,
+    )
+    .unwrap()
+}
+
 /// Compares one sequence's labels with the reference; returns the worst absolute differences
 /// (top-k log-prob, entropy, target log-prob).
 fn compare(labels: &SequenceLabels, s: &serde_json::Value, k: usize) -> (f32, f32, f32) {
@@ -200,15 +212,7 @@ fn labels_match_reference_at_every_position() {
     let mut worst = (0f32, 0f32, 0f32);
     for s in r["sequences"].as_array().unwrap() {
         let ids = u32s(&s["input_ids"]);
-        let labels = t
-            .label_batch(
-                &[LabelInput {
-                    input_ids: &ids,
-                    prompt_len: 0,
-                }],
-                &opts,
-            )
-            .unwrap();
+        let labels = label_whole(t, &ids, &opts);
         let d = compare(&labels[0], s, opts.k);
         worst = (worst.0.max(d.0), worst.1.max(d.1), worst.2.max(d.2));
 
@@ -748,15 +752,7 @@ fn qwen_model_matches_reference(name: &str, role: &str, layers: usize, hidden: u
         let ids = tok.encode(text, true).unwrap();
         assert_eq!(ids, u32s(&s["input_ids"]), "{name}: ids of {text:?}");
         assert_eq!(tok.decode(&ids).unwrap(), text);
-        let labels = t
-            .label_batch(
-                &[LabelInput {
-                    input_ids: &ids,
-                    prompt_len: 0,
-                }],
-                &opts,
-            )
-            .unwrap();
+        let labels = label_whole(t, &ids, &opts);
         let d = compare(&labels[0], s, opts.k);
         worst = (worst.0.max(d.0), worst.1.max(d.1), worst.2.max(d.2));
     }

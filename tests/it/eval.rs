@@ -590,3 +590,38 @@ fn seeds_table_groups_seeds() {
         "{t}"
     );
 }
+
+/// A bad `--cloze-layout` is a clear error before any model is loaded (the model path does not
+/// exist), naming the value and the accepted ones.
+#[test]
+fn bad_cloze_layout_is_a_clear_error() {
+    let task = data("tests/data/eval_tiny.jsonl");
+    for cmd in ["eval", "compare"] {
+        let (model, task) = if cmd == "eval" {
+            ("missing.gguf".to_string(), task.display().to_string())
+        } else {
+            (
+                "m=missing.gguf".to_string(),
+                format!("t={}", task.display()),
+            )
+        };
+        let out = firstkd(&[
+            cmd,
+            "--model",
+            &model,
+            "--task",
+            &task,
+            "--mode",
+            "cloze",
+            "--cloze-layout",
+            "tree",
+        ]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {t}");
+        assert!(
+            t.contains("unknown cloze layout \"tree\" (shared, separate)"),
+            "{cmd}: {t}"
+        );
+        assert!(!t.contains("panicked"), "{t}");
+    }
+}

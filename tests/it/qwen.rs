@@ -189,8 +189,15 @@ fn qwen_pair_label_distill_checkpoint_and_compare() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(fin.join("model.safetensors")).unwrap().permissions().mode();
-        assert_eq!(mode & 0o044, 0o044, "checkpoint weights readable by others: {mode:o}");
+        let mode = std::fs::metadata(fin.join("model.safetensors"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o044,
+            0o044,
+            "checkpoint weights readable by others: {mode:o}"
+        );
     }
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         assert!(fin.join(f).is_file(), "{f} missing from the checkpoint");
