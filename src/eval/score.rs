@@ -248,10 +248,11 @@ pub(crate) fn cloze_sequences(
                 // Token j of the option is predicted by the prompt's last position (j = 0) or
                 // by the option's token j - 1, which sits at `start + j - 1`.
                 let start = ids.len();
-                let mut t = vec![(p - 1, cont[0])];
-                for j in 1..cont.len() {
-                    t.push((start + j - 1, cont[j]));
-                }
+                let t: Vec<(usize, u32)> = cont
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &id)| (if j == 0 { p - 1 } else { start + j - 1 }, id))
+                    .collect();
                 targets.push(t);
                 for (j, &id) in cont[..cont.len() - 1].iter().enumerate() {
                     ids.push(id);

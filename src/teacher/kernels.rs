@@ -158,7 +158,7 @@ pub(crate) fn span_softmax(
     let shape = scores.shape().clone();
     let rows_total = shape.elem_count() / s.max(1);
     let batch = spans.len() / s.max(1);
-    if batch == 0 || spans.len() != batch * s || rows_total % batch != 0 {
+    if batch == 0 || spans.len() != batch * s || !rows_total.is_multiple_of(batch) {
         return Err(crate::error::Error::InvalidArgument(format!(
             "span softmax: {} spans for scores {shape:?}",
             spans.len()

@@ -733,7 +733,8 @@ fn qwen_model_matches_reference(name: &str, role: &str, layers: usize, hidden: u
     let Some(r) = qwen_reference(role) else {
         return;
     };
-    let t = Teacher::load(&path, &Device::Cpu).expect("loading the Qwen GGUF");
+    let teacher = Teacher::load(&path, &Device::Cpu).expect("loading the Qwen GGUF");
+    let t = &teacher;
     let id = t.identity();
     assert_eq!(id.architecture, "qwen2");
     assert_eq!(id.sha256, r["sha256"].as_str().unwrap());
