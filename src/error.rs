@@ -28,8 +28,14 @@ pub enum Error {
     #[error("{path}: store is incomplete ({reason}); rerun the command that wrote it to resume")]
     IncompleteStore { path: PathBuf, reason: String },
 
-    #[error("{path}: corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    /// A file's contents are damaged or not what the store format says; `row` is the
+    /// 0-based row within that file when one row is to blame.
+    #[error("{path}{}: corrupt: {reason}", row_suffix(.row))]
+    Corrupt {
+        path: PathBuf,
+        row: Option<u64>,
+        reason: String,
+    },
 
     #[error("{path}: invalid manifest: {reason}")]
     InvalidManifest { path: PathBuf, reason: String },
@@ -91,6 +97,10 @@ pub enum Error {
         value: f64,
         last_checkpoint: String,
     },
+}
+
+fn row_suffix(row: &Option<u64>) -> String {
+    row.map(|r| format!(": row {r}")).unwrap_or_default()
 }
 
 impl Error {

@@ -11,17 +11,23 @@
 //! recorded in the manifest (itself replaced atomically), so an interrupted writer
 //! never leaves a part that looks complete. See docs/format.md.
 
+pub mod decode;
 pub mod inspect;
+pub mod join;
 pub mod manifest;
 pub mod reader;
+pub mod rows;
 pub mod synthetic;
 pub mod verify;
 pub mod writer;
 
+pub use decode::{LabelColumn, LabelRows, SampleColumn, SampleRow};
+pub use join::{LabelledSample, LabelledSamples};
 pub use manifest::{
     Manifest, PartEntry, PartFile, TeacherInfo, TemperatureInfo, TokenizerInfo, MANIFEST_FILE,
 };
 pub use reader::{BatchIter, StoreReader};
+pub use rows::{read_label_file, read_sample_file, LabelRowIter, SampleRowIter};
 pub use verify::{verify, Problem, VerifyReport};
 pub use writer::{SampleLabels, SampleRecord, StoreMeta, StoreWriter, WriterOptions};
 

@@ -9,15 +9,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use arrow::array::AsArray;
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
 use serde::Serialize;
 
 use super::temperature::{fit_temperature, FitObjective, FitOptions, TemperatureFit, TopKPosition};
 use crate::error::{Error, Result};
-use crate::schema::{labels as lcol, samples as scol, Table};
-use crate::store::{Manifest, StoreReader, TemperatureInfo};
+use crate::store::{LabelColumn, Manifest, SampleColumn, StoreReader, TemperatureInfo};
 
 /// Which positions the temperature is fitted on.
 #[derive(Debug, Clone, Serialize)]
@@ -78,13 +74,9 @@ pub fn fit_store(
     let k = reader.manifest().k;
     // Which samples are held out.
     let mut split_of: HashMap<u64, bool> = HashMap::new();
-    for batch in reader.batches(Table::Samples, Some(&[scol::SAMPLE_ID, scol::SPLIT]), 65536)? {
-        let batch = batch?;
-        let ids = batch.column(0).as_primitive::<UInt64Type>();
-        let splits = batch.column(1).as_string::<i32>();
-        for i in 0..batch.num_rows() {
-            split_of.insert(ids.value(i), splits.value(i) == held_out.split);
-        }
+    for row in reader.sample_rows(&[SampleColumn::SampleId, SampleColumn::Split]) {
+        let row = row?;
+        split_of.insert(row.sample_id, row.split == held_out.split);
     }
     let use_split = split_of.values().any(|&v| v);
     let chosen = |id: u64| {
@@ -98,39 +90,23 @@ pub fn fit_store(
 
     let (mut logprobs, mut ranks, mut targets) = (Vec::new(), Vec::new(), Vec::new());
     let columns = [
-        lcol::SAMPLE_ID,
-        lcol::TARGET_ID,
-        lcol::IN_LOSS,
-        lcol::TOPK_IDS,
-        lcol::TOPK_LOGPROBS,
-        lcol::TARGET_LOGPROB,
+        LabelColumn::SampleId,
+        LabelColumn::TargetId,
+        LabelColumn::InLoss,
+        LabelColumn::TopkIds,
+        LabelColumn::TopkLogprobs,
+        LabelColumn::TargetLogprob,
     ];
-    'outer: for batch in reader.batches(Table::Labels, Some(&columns), 65536)? {
-        let batch = batch?;
-        let sid = batch.column(0).as_primitive::<UInt64Type>();
-        let target = batch.column(1).as_primitive::<UInt32Type>();
-        let in_loss = batch.column(2).as_boolean();
-        let ids = batch
-            .column(3)
-            .as_fixed_size_list()
-            .values()
-            .as_primitive::<UInt32Type>()
-            .clone();
-        let lps = cast(
-            batch.column(4).as_fixed_size_list().values(),
-            &DataType::Float32,
-        )?;
-        let lps = lps.as_primitive::<Float32Type>();
-        let tlp = cast(batch.column(5), &DataType::Float32)?;
-        let tlp = tlp.as_primitive::<Float32Type>();
-        for i in 0..batch.num_rows() {
-            if !chosen(sid.value(i)) || (held_out.in_loss_only && !in_loss.value(i)) {
+    'outer: for rows in reader.label_rows(&columns, 65536) {
+        let rows = rows?;
+        for i in 0..rows.len() {
+            if !chosen(rows.sample_id[i]) || (held_out.in_loss_only && !rows.in_loss[i]) {
                 continue;
             }
-            let row_ids = &ids.values()[i * k..(i + 1) * k];
-            logprobs.extend_from_slice(&lps.values()[i * k..(i + 1) * k]);
-            ranks.push(row_ids.iter().position(|&t| t == target.value(i)));
-            targets.push(tlp.value(i));
+            logprobs.extend_from_slice(rows.logprobs(i));
+            let target = rows.target_id[i];
+            ranks.push(rows.ids(i).iter().position(|&t| t == target));
+            targets.push(rows.target_logprob[i]);
             if ranks.len() >= held_out.max_positions {
                 break 'outer;
             }

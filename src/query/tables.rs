@@ -25,9 +25,9 @@ pub fn table_provider(reader: &StoreReader, table: Table) -> Result<Arc<dyn Tabl
         return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
     }
     let mut urls = Vec::with_capacity(manifest.parts.len());
-    for part in &manifest.parts {
+    for (i, part) in manifest.parts.iter().enumerate() {
         // Opening the part runs the reader's metadata and schema checks on its footer.
-        reader.open_part(part, table, &[], 1)?;
+        reader.checked_builder(i, table)?;
         let path = reader.dir().join(&part.file(table).file);
         urls.push(file_url(&path)?);
     }

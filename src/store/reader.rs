@@ -1,4 +1,5 @@
-//! Streaming store reader: record batches in file order, with a column projection.
+//! Opening a store for reading: the manifest, checked part files, and raw record batches in
+//! file order (the typed rows most code wants are in `store::rows`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,7 +10,7 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 
-use super::manifest::{Manifest, PartEntry};
+use super::manifest::Manifest;
 use crate::error::{Error, Result};
 use crate::schema::{self, meta_keys, Table};
 
@@ -102,21 +103,40 @@ impl StoreReader {
         })
     }
 
-    /// Opens one part file of `table`, checking its metadata and schema before any row is read.
-    pub fn open_part(
+    /// Opens the file of `table` in committed part `part` (an index into the manifest's
+    /// parts), checking its metadata and schema against the manifest before any row is read.
+    pub fn checked_builder(
         &self,
-        part: &PartEntry,
+        part: usize,
         table: Table,
-        indices: &[usize],
-        batch_size: usize,
-    ) -> Result<ParquetRecordBatchReader> {
-        let path = self.dir.join(&part.file(table).file);
+    ) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+        let entry = self.manifest.parts.get(part).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: part {part} of {} is not committed",
+                self.dir.display(),
+                self.manifest.parts.len()
+            ))
+        })?;
+        let path = self.dir.join(&entry.file(table).file);
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(&path, e))?;
         check_part_metadata(&path, &builder, table, &self.manifest)?;
-        let expected = self.schema(table);
-        check_part_schema(&path, builder.schema(), &expected)?;
+        check_part_schema(&path, builder.schema(), &self.schema(table))?;
+        Ok(builder)
+    }
+
+    /// Opens one part file of `table` (checked as [`Self::checked_builder`]) as raw record
+    /// batches of the columns at `indices`.
+    pub fn open_part(
+        &self,
+        part: usize,
+        table: Table,
+        indices: &[usize],
+        batch_size: usize,
+    ) -> Result<ParquetRecordBatchReader> {
+        let builder = self.checked_builder(part, table)?;
+        let path = self.dir.join(&self.manifest.parts[part].file(table).file);
         let mask = ProjectionMask::roots(builder.parquet_schema(), indices.iter().copied());
         builder
             .with_projection(mask)
@@ -231,18 +251,20 @@ impl Iterator for BatchIter {
                         self.next_part = usize::MAX;
                         return Some(Err(Error::Corrupt {
                             path,
+                            row: None,
                             reason: format!("reading rows: {err}"),
                         }));
                     }
                     None => self.current = None,
                 }
             }
-            let part = self.reader.manifest.parts.get(self.next_part)?.clone();
-            self.next_part += 1;
+            let part = self.reader.manifest.parts.get(self.next_part)?;
             let path = self.reader.dir.join(&part.file(self.table).file);
+            let index = self.next_part;
+            self.next_part += 1;
             match self
                 .reader
-                .open_part(&part, self.table, &self.indices, self.batch_size)
+                .open_part(index, self.table, &self.indices, self.batch_size)
             {
                 Ok(r) => self.current = Some((path, r)),
                 Err(e) => {

@@ -5,15 +5,13 @@ use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use arrow::array::{AsArray, FixedSizeListArray, RecordBatch};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use serde::Serialize;
 
+use super::decode::{LabelColumn, LabelRows, SampleColumn};
 use super::manifest::{Manifest, PartEntry, MANIFEST_FILE};
 use super::reader::{check_part_metadata, check_part_schema};
+use super::rows::{read_label_file, read_sample_file};
 use super::sha256_file;
 use crate::error::{Error, Result};
 use crate::schema::{self, Table};
@@ -235,16 +233,25 @@ fn check_rows_guarded(
     seen: &mut HashSet<u64>,
     report: &mut VerifyReport,
 ) {
+    // The rows are decoded without a panicking downcast; the guard is for the Parquet
+    // decoder itself, which has panicked on hostile pages in the past.
     let result = catch_unwind(AssertUnwindSafe(|| {
         check_rows(dir, manifest, part, seen, report)
     }));
     match result {
         Ok(Ok(())) => {}
+        Ok(Err(Error::Corrupt { path, row, reason })) => {
+            let file = path
+                .strip_prefix(dir)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| part.labels.file.clone());
+            report.push(&file, row, format!("corrupt: {reason}"));
+        }
         Ok(Err(e)) => report.push(&part.labels.file, None, e.to_string()),
         Err(_) => report.push(
             &part.labels.file,
             None,
-            "reading the part failed (decoder panic)",
+            "reading the part failed (the Parquet decoder panicked)",
         ),
     }
 }
@@ -253,31 +260,6 @@ struct SampleInfo {
     input_ids: Vec<u32>,
     prompt_len: u32,
     num_positions: u32,
-}
-
-fn read_all(path: &Path, batch_size: usize) -> Result<Vec<RecordBatch>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
-    let mask = ProjectionMask::all();
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(batch_size)
-        .build()
-        .map_err(|e| Error::parquet(path, e))?;
-    reader
-        .map(|b| {
-            b.map_err(|e| Error::Corrupt {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
-        })
-        .collect()
-}
-
-fn f32_values(list: &FixedSizeListArray) -> Result<Vec<f32>> {
-    let values = cast(list.values(), &DataType::Float32)?;
-    Ok(values.as_primitive::<Float32Type>().values().to_vec())
 }
 
 fn check_rows(
@@ -289,57 +271,46 @@ fn check_rows(
 ) -> Result<()> {
     let samples_name = part.samples.file.as_str();
     let mut samples: HashMap<u64, SampleInfo> = HashMap::new();
-    let mut row = 0u64;
-    for batch in read_all(&dir.join(samples_name), 8192)? {
-        let ids = batch.column(0).as_primitive::<UInt64Type>();
-        let inputs = batch.column(5).as_list::<i32>();
-        let prompt = batch.column(6).as_primitive::<UInt32Type>();
-        let npos = batch.column(7).as_primitive::<UInt32Type>();
-        for i in 0..batch.num_rows() {
-            let id = ids.value(i);
-            let input_ids = inputs
-                .value(i)
-                .as_primitive::<UInt32Type>()
-                .values()
-                .to_vec();
-            let (p, n) = (prompt.value(i), npos.value(i));
-            let mut bad = Vec::new();
-            if !seen.insert(id) {
-                bad.push(format!("sample_id {id} appears twice in the store"));
-            }
-            if input_ids.len() < 2 || n as usize != input_ids.len() - 1 {
-                bad.push(format!(
-                    "num_positions {n} but {} input ids",
-                    input_ids.len()
-                ));
-            }
-            if p as usize > input_ids.len() {
-                bad.push(format!("prompt_len {p} > {} input ids", input_ids.len()));
-            }
-            let vocab = manifest.tokenizer.vocab_size;
-            if let Some(t) = input_ids.iter().find(|&&t| t >= vocab) {
-                bad.push(format!("input id {t} outside vocabulary of {vocab}"));
-            }
-            for message in bad {
-                report.push(samples_name, Some(row), message);
-            }
-            samples.insert(
-                id,
-                SampleInfo {
-                    input_ids,
-                    prompt_len: p,
-                    num_positions: n,
-                },
-            );
-            row += 1;
+    let vocab = manifest.tokenizer.vocab_size;
+    for sample in read_sample_file(&dir.join(samples_name), &SampleColumn::ALL) {
+        let sample = sample?;
+        let (id, p, n) = (sample.sample_id, sample.prompt_len, sample.num_positions);
+        let input_ids = sample.input_ids;
+        let mut bad = Vec::new();
+        if !seen.insert(id) {
+            bad.push(format!("sample_id {id} appears twice in the store"));
         }
-        report.sample_rows_checked += batch.num_rows() as u64;
+        if input_ids.len() < 2 || n as usize != input_ids.len() - 1 {
+            bad.push(format!(
+                "num_positions {n} but {} input ids",
+                input_ids.len()
+            ));
+        }
+        if p as usize > input_ids.len() {
+            bad.push(format!("prompt_len {p} > {} input ids", input_ids.len()));
+        }
+        if let Some(t) = input_ids.iter().find(|&&t| t >= vocab) {
+            bad.push(format!("input id {t} outside vocabulary of {vocab}"));
+        }
+        for message in bad {
+            report.push(samples_name, Some(sample.row), message);
+        }
+        samples.insert(
+            id,
+            SampleInfo {
+                input_ids,
+                prompt_len: p,
+                num_positions: n,
+            },
+        );
+        report.sample_rows_checked += 1;
     }
 
     let labels_name = part.labels.file.as_str();
     let mut checker = LabelChecker::new(manifest, labels_name);
-    for batch in read_all(&dir.join(labels_name), 65536)? {
-        checker.check_batch(&batch, &samples, report)?;
+    let labels_path = dir.join(labels_name);
+    for rows in read_label_file(&labels_path, manifest.k, &LabelColumn::ALL, 65536) {
+        checker.check_rows(&rows?, &samples, report);
     }
     checker.finish(&samples, report);
     Ok(())
@@ -347,7 +318,6 @@ fn check_rows(
 
 struct LabelChecker<'a> {
     file: &'a str,
-    k: usize,
     vocab: u32,
     row: u64,
     listed: usize,
@@ -360,7 +330,6 @@ impl<'a> LabelChecker<'a> {
     fn new(manifest: &Manifest, file: &'a str) -> Self {
         LabelChecker {
             file,
-            k: manifest.k,
             vocab: manifest.tokenizer.vocab_size,
             row: 0,
             listed: 0,
@@ -379,27 +348,17 @@ impl<'a> LabelChecker<'a> {
         }
     }
 
-    fn check_batch(
+    fn check_rows(
         &mut self,
-        batch: &RecordBatch,
+        rows: &LabelRows,
         samples: &HashMap<u64, SampleInfo>,
         report: &mut VerifyReport,
-    ) -> Result<()> {
-        let k = self.k;
-        let sample_id = batch.column(0).as_primitive::<UInt64Type>();
-        let position = batch.column(1).as_primitive::<UInt32Type>();
-        let target = batch.column(2).as_primitive::<UInt32Type>();
-        let in_loss = batch.column(3).as_boolean();
-        let topk_ids = batch.column(4).as_fixed_size_list();
-        let topk_ids = topk_ids.values().as_primitive::<UInt32Type>().values();
-        let topk_lp = f32_values(batch.column(5).as_fixed_size_list())?;
-        let target_lp = cast(batch.column(6), &DataType::Float32)?;
-        let target_lp = target_lp.as_primitive::<Float32Type>();
-        let entropy = batch.column(7).as_primitive::<Float32Type>();
+    ) {
         let mut messages = Vec::new();
-        for i in 0..batch.num_rows() {
+        for i in 0..rows.len() {
             let row = self.row + i as u64;
-            let (sid, pos) = (sample_id.value(i), position.value(i));
+            let (sid, pos) = (rows.sample_id[i], rows.position[i]);
+            let target = rows.target_id[i];
             messages.clear();
             // Positions contiguous per sample, samples not interleaved.
             match self.current {
@@ -425,29 +384,25 @@ impl<'a> LabelChecker<'a> {
                 None => messages.push(format!("sample {sid} is not in this part's samples file")),
                 Some(info) => {
                     let expect = info.input_ids.get(pos as usize + 1).copied();
-                    if expect != Some(target.value(i)) {
+                    if expect != Some(target) {
                         messages.push(format!(
-                            "target_id {} but input_ids[{}] is {:?}",
-                            target.value(i),
+                            "target_id {target} but input_ids[{}] is {expect:?}",
                             pos + 1,
-                            expect
                         ));
                     }
                     let want_loss = pos as u64 + 1 >= u64::from(info.prompt_len);
-                    if in_loss.value(i) != want_loss {
+                    if rows.in_loss[i] != want_loss {
                         messages.push(format!(
                             "in_loss {} but prompt_len {} says {want_loss}",
-                            in_loss.value(i),
-                            info.prompt_len
+                            rows.in_loss[i], info.prompt_len
                         ));
                     }
                 }
             }
-            let ids = &topk_ids[i * k..(i + 1) * k];
-            let lps = &topk_lp[i * k..(i + 1) * k];
+            let (ids, lps) = (rows.ids(i), rows.logprobs(i));
             check_topk(ids, lps, self.vocab, &mut messages);
-            check_target(target.value(i), target_lp.value(i), ids, lps, &mut messages);
-            let h = entropy.value(i);
+            check_target(target, rows.target_logprob[i], ids, lps, &mut messages);
+            let h = rows.entropy[i];
             if !h.is_finite() || h < -1e-3 {
                 messages.push(format!("entropy {h} is not a finite value >= 0"));
             }
@@ -455,9 +410,8 @@ impl<'a> LabelChecker<'a> {
                 self.problem(report, row, m);
             }
         }
-        self.row += batch.num_rows() as u64;
-        report.label_rows_checked += batch.num_rows() as u64;
-        Ok(())
+        self.row += rows.len() as u64;
+        report.label_rows_checked += rows.len() as u64;
     }
 
     fn close_sample(

@@ -2,27 +2,21 @@
 //! cut into windows, shuffled through a seeded buffer and padded (or packed several to a row)
 //! into token-budget batches.
 //!
+//! The join of samples with their label rows is the store's (`store::rows`); this module
+//! keeps windows, shuffling and packing.
+//!
 //! Memory is bounded by one part's `samples` rows, one Arrow batch of `labels` rows, the
 //! shuffle buffer and the batches queued in the channel, whatever the store size.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
 
-use arrow::array::{AsArray, BooleanArray, FixedSizeListArray, UInt32Array, UInt64Array};
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
-use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::schema::{labels, samples, Table};
-use crate::store::StoreReader;
-
-/// Label rows per Arrow batch when reading.
-const LABEL_BATCH_ROWS: usize = 8192;
+use crate::store::LabelledSamples;
+use crate::store::{LabelColumn, SampleRow, StoreReader};
 
 /// A training sequence: `tokens` (length `n + 1`) with the teacher's labels of its `n`
 /// positions; position `p` predicts `tokens[p + 1]`.
@@ -149,117 +143,16 @@ pub struct DataOptions {
     pub pack: bool,
 }
 
-struct SampleRow {
-    sample_id: u64,
-    keep: bool,
-    input_ids: Vec<u32>,
-    num_positions: usize,
-}
-
-struct LabelBatch {
-    sample_id: UInt64Array,
-    position: UInt32Array,
-    in_loss: BooleanArray,
-    topk_ids: UInt32Array,
-    topk_logprobs: arrow::array::Float32Array,
-}
-
-struct PartState {
-    labels_path: PathBuf,
-    samples: Vec<SampleRow>,
-    next_sample: usize,
-    labels: ParquetRecordBatchReader,
-    batch: Option<LabelBatch>,
-    row: usize,
-}
+/// The filter that keeps the samples of one split.
+type SplitFilter = Box<dyn FnMut(&SampleRow) -> bool + Send>;
 
 /// One pass over the sequences of a split, in store order.
 pub struct SequenceReader {
-    reader: StoreReader,
-    split: String,
+    samples: LabelledSamples<SplitFilter>,
     max_positions: usize,
     k: usize,
-    next_part: usize,
-    part: Option<PartState>,
     pending: VecDeque<Sequence>,
     failed: bool,
-}
-
-fn corrupt(path: &std::path::Path, reason: String) -> Error {
-    Error::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    }
-}
-
-fn flat_list<'a>(
-    batch: &'a RecordBatch,
-    name: &str,
-    k: usize,
-    path: &std::path::Path,
-) -> Result<&'a FixedSizeListArray> {
-    let col = batch
-        .column_by_name(name)
-        .ok_or_else(|| corrupt(path, format!("no column {name}")))?;
-    let list = col
-        .as_fixed_size_list_opt()
-        .ok_or_else(|| corrupt(path, format!("column {name} is not a fixed-size list")))?;
-    if list.value_length() as usize != k {
-        return Err(corrupt(
-            path,
-            format!(
-                "column {name} has lists of {}, manifest says k = {k}",
-                list.value_length()
-            ),
-        ));
-    }
-    Ok(list)
-}
-
-fn decode_labels(batch: &RecordBatch, k: usize, path: &std::path::Path) -> Result<LabelBatch> {
-    let col = |name: &str| {
-        batch
-            .column_by_name(name)
-            .ok_or_else(|| corrupt(path, format!("no column {name}")))
-    };
-    let type_err = |name: &str| corrupt(path, format!("column {name} has an unexpected type"));
-    let sample_id = col(labels::SAMPLE_ID)?
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| type_err(labels::SAMPLE_ID))?
-        .clone();
-    let position = col(labels::POSITION)?
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| type_err(labels::POSITION))?
-        .clone();
-    let in_loss = col(labels::IN_LOSS)?
-        .as_boolean_opt()
-        .ok_or_else(|| type_err(labels::IN_LOSS))?
-        .clone();
-    let ids = flat_list(batch, labels::TOPK_IDS, k, path)?;
-    let topk_ids = ids
-        .values()
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| type_err(labels::TOPK_IDS))?
-        .clone();
-    let lps = flat_list(batch, labels::TOPK_LOGPROBS, k, path)?;
-    let lps32 = cast(lps.values(), &DataType::Float32)?;
-    let topk_logprobs = lps32
-        .as_primitive_opt::<Float32Type>()
-        .ok_or_else(|| type_err(labels::TOPK_LOGPROBS))?
-        .clone();
-    if topk_ids.len() != batch.num_rows() * k || topk_logprobs.len() != batch.num_rows() * k {
-        return Err(corrupt(
-            path,
-            "top-k lists do not match the row count".into(),
-        ));
-    }
-    Ok(LabelBatch {
-        sample_id,
-        position,
-        in_loss,
-        topk_ids,
-        topk_logprobs,
-    })
 }
 
 impl SequenceReader {
@@ -268,178 +161,20 @@ impl SequenceReader {
     /// skipped.
     pub fn new(reader: StoreReader, split: &str, max_positions: usize) -> Self {
         let k = reader.manifest().k;
+        let split = split.to_string();
+        let keep: SplitFilter = Box::new(move |s: &SampleRow| s.split == split);
+        let columns = [
+            LabelColumn::InLoss,
+            LabelColumn::TopkIds,
+            LabelColumn::TopkLogprobs,
+        ];
         SequenceReader {
-            reader,
-            split: split.to_string(),
+            samples: reader.labelled_samples(&columns, keep),
             max_positions: max_positions.max(1),
             k,
-            next_part: 0,
-            part: None,
             pending: VecDeque::new(),
             failed: false,
         }
-    }
-
-    fn open_next_part(&mut self) -> Result<bool> {
-        let Some(entry) = self.reader.manifest().parts.get(self.next_part).cloned() else {
-            return Ok(false);
-        };
-        self.next_part += 1;
-        let samples_path = self.reader.dir().join(&entry.samples.file);
-        let schema = self.reader.schema(Table::Samples);
-        let idx = |name: &str| schema.index_of(name).map_err(Error::from);
-        let cols = [
-            idx(samples::SAMPLE_ID)?,
-            idx(samples::SPLIT)?,
-            idx(samples::INPUT_IDS)?,
-            idx(samples::NUM_POSITIONS)?,
-        ];
-        let mut rows = Vec::new();
-        for batch in self.reader.open_part(&entry, Table::Samples, &cols, 8192)? {
-            let batch = batch.map_err(|e| corrupt(&samples_path, format!("reading rows: {e}")))?;
-            let bad = |n: &str| corrupt(&samples_path, format!("column {n} missing or mistyped"));
-            let ids = batch
-                .column_by_name(samples::SAMPLE_ID)
-                .and_then(|c| c.as_primitive_opt::<UInt64Type>())
-                .ok_or_else(|| bad(samples::SAMPLE_ID))?;
-            let split = batch
-                .column_by_name(samples::SPLIT)
-                .and_then(|c| c.as_string_opt::<i32>())
-                .ok_or_else(|| bad(samples::SPLIT))?;
-            let input = batch
-                .column_by_name(samples::INPUT_IDS)
-                .and_then(|c| c.as_list_opt::<i32>())
-                .ok_or_else(|| bad(samples::INPUT_IDS))?;
-            let npos = batch
-                .column_by_name(samples::NUM_POSITIONS)
-                .and_then(|c| c.as_primitive_opt::<UInt32Type>())
-                .ok_or_else(|| bad(samples::NUM_POSITIONS))?;
-            for r in 0..batch.num_rows() {
-                let keep = split.value(r) == self.split;
-                let input_ids = if keep {
-                    let v = input.value(r);
-                    v.as_primitive_opt::<UInt32Type>()
-                        .ok_or_else(|| bad(samples::INPUT_IDS))?
-                        .values()
-                        .to_vec()
-                } else {
-                    Vec::new()
-                };
-                rows.push(SampleRow {
-                    sample_id: ids.value(r),
-                    keep,
-                    input_ids,
-                    num_positions: npos.value(r) as usize,
-                });
-            }
-        }
-        let lschema = self.reader.schema(Table::Labels);
-        let lidx = |name: &str| lschema.index_of(name).map_err(Error::from);
-        let lcols = [
-            lidx(labels::SAMPLE_ID)?,
-            lidx(labels::POSITION)?,
-            lidx(labels::IN_LOSS)?,
-            lidx(labels::TOPK_IDS)?,
-            lidx(labels::TOPK_LOGPROBS)?,
-        ];
-        let labels = self
-            .reader
-            .open_part(&entry, Table::Labels, &lcols, LABEL_BATCH_ROWS)?;
-        self.part = Some(PartState {
-            labels_path: self.reader.dir().join(&entry.labels.file),
-            samples: rows,
-            next_sample: 0,
-            labels,
-            batch: None,
-            row: 0,
-        });
-        Ok(true)
-    }
-
-    /// Reads the next sample of the open part (None when the part is done).
-    fn next_sample(&mut self) -> Result<Option<Sequence>> {
-        let k = self.k;
-        let Some(part) = self.part.as_mut() else {
-            return Ok(None);
-        };
-        let Some(sample) = part.samples.get(part.next_sample) else {
-            return Ok(None);
-        };
-        part.next_sample += 1;
-        let (id, n, keep) = (sample.sample_id, sample.num_positions, sample.keep);
-        let tokens = sample.input_ids.clone();
-        if keep && tokens.len() != n + 1 {
-            return Err(corrupt(
-                &part.labels_path,
-                format!(
-                    "sample {id}: {} input ids but num_positions {n}",
-                    tokens.len()
-                ),
-            ));
-        }
-        let mut seq = Sequence {
-            sample_id: id,
-            tokens,
-            in_loss: Vec::with_capacity(if keep { n } else { 0 }),
-            topk_ids: Vec::new(),
-            topk_logprobs: Vec::new(),
-        };
-        let mut done = 0;
-        while done < n {
-            let exhausted = part
-                .batch
-                .as_ref()
-                .is_none_or(|b| part.row >= b.sample_id.len());
-            if exhausted {
-                match part.labels.next() {
-                    Some(Ok(batch)) => {
-                        part.batch = Some(decode_labels(&batch, k, &part.labels_path)?);
-                        part.row = 0;
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        return Err(corrupt(&part.labels_path, format!("reading rows: {e}")))
-                    }
-                    None => {
-                        return Err(corrupt(
-                            &part.labels_path,
-                            format!("labels end inside sample {id} ({done} of {n} positions)"),
-                        ))
-                    }
-                }
-            }
-            let Some(b) = part.batch.as_ref() else {
-                continue;
-            };
-            let take = (n - done).min(b.sample_id.len() - part.row);
-            let (first, last) = (part.row, part.row + take - 1);
-            if b.sample_id.value(first) != id
-                || b.sample_id.value(last) != id
-                || b.position.value(first) as usize != done
-                || b.position.value(last) as usize != done + take - 1
-            {
-                return Err(corrupt(
-                    &part.labels_path,
-                    format!(
-                        "label rows out of step with samples at sample {id} position {done} \
-                         (found sample {} position {})",
-                        b.sample_id.value(first),
-                        b.position.value(first)
-                    ),
-                ));
-            }
-            if keep {
-                seq.in_loss
-                    .extend((first..=last).map(|r| b.in_loss.value(r)));
-                seq.topk_ids
-                    .extend_from_slice(&b.topk_ids.values()[first * k..(last + 1) * k]);
-                seq.topk_logprobs
-                    .extend_from_slice(&b.topk_logprobs.values()[first * k..(last + 1) * k]);
-            }
-            part.row += take;
-            done += take;
-        }
-        Ok(Some(seq))
     }
 
     /// Cuts a sample into windows of at most `max_positions` positions, dropping windows
@@ -473,21 +208,18 @@ impl SequenceReader {
             if let Some(s) = self.pending.pop_front() {
                 return Ok(Some(s));
             }
-            if self.part.is_none() && !self.open_next_part()? {
+            let Some(joined) = self.samples.next().transpose()? else {
                 return Ok(None);
-            }
-            match self.next_sample()? {
-                Some(seq) => {
-                    let keep = self
-                        .part
-                        .as_ref()
-                        .and_then(|p| p.samples.get(p.next_sample - 1))
-                        .is_some_and(|s| s.keep);
-                    if keep && seq.positions() > 0 {
-                        self.windows(seq);
-                    }
-                }
-                None => self.part = None,
+            };
+            let seq = Sequence {
+                sample_id: joined.sample.sample_id,
+                tokens: joined.sample.input_ids,
+                in_loss: joined.labels.in_loss,
+                topk_ids: joined.labels.topk_ids,
+                topk_logprobs: joined.labels.topk_logprobs,
+            };
+            if seq.positions() > 0 {
+                self.windows(seq);
             }
         }
     }
@@ -500,13 +232,9 @@ impl Iterator for SequenceReader {
         if self.failed {
             return None;
         }
-        match self.advance() {
-            Ok(s) => s.map(Ok),
-            Err(e) => {
-                self.failed = true;
-                Some(Err(e))
-            }
-        }
+        let item = self.advance().transpose();
+        self.failed = matches!(item, Some(Err(_)));
+        item
     }
 }
 
@@ -685,8 +413,11 @@ pub fn spawn_prefetch(stream: BatchStream, prefetch: usize) -> Receiver<Result<B
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::Table;
     use crate::store::synthetic::{generate, SyntheticConfig};
     use crate::store::WriterOptions;
+    use arrow::array::AsArray;
+    use arrow::datatypes::{UInt32Type, UInt64Type};
 
     fn store(dir: &std::path::Path) -> StoreReader {
         let cfg = SyntheticConfig {
@@ -731,13 +462,18 @@ mod tests {
         assert!(reader.manifest().parts.len() >= 3);
         // Every in-loss label row of the train split appears exactly once, with its data.
         let mut expected = std::collections::BTreeMap::new();
+        // Read with arrow directly, independently of the typed reader the trainer uses.
         for batch in reader.batches(Table::Labels, None, 1000).unwrap() {
             let batch = batch.unwrap();
-            let lb = decode_labels(&batch, 5, std::path::Path::new("x")).unwrap();
+            let sid = batch.column(0).as_primitive::<UInt64Type>();
+            let pos = batch.column(1).as_primitive::<UInt32Type>();
+            let in_loss = batch.column(3).as_boolean();
+            let ids = batch.column(4).as_fixed_size_list().values().clone();
+            let ids = ids.as_primitive::<UInt32Type>().values();
             for r in 0..batch.num_rows() {
-                if lb.in_loss.value(r) {
-                    let key = (lb.sample_id.value(r), lb.position.value(r));
-                    expected.insert(key, lb.topk_ids.values()[r * 5..r * 5 + 5].to_vec());
+                if in_loss.value(r) {
+                    let key = (sid.value(r), pos.value(r));
+                    expected.insert(key, ids[r * 5..r * 5 + 5].to_vec());
                 }
             }
         }

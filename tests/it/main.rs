@@ -6,6 +6,7 @@ mod eval;
 mod fetch;
 mod label;
 mod qwen;
+mod rows;
 mod sql;
 mod store;
 mod util;

@@ -7,8 +7,8 @@ use firstkd::schema::{LogprobDtype, Table};
 use firstkd::store::manifest::TokenizerInfo;
 use firstkd::store::writer::Opened;
 use firstkd::store::{
-    verify, SampleLabels, SampleRecord, StoreMeta, StoreReader, StoreWriter, TeacherInfo,
-    WriterOptions,
+    verify, LabelColumn, SampleLabels, SampleRecord, StoreMeta, StoreReader, StoreWriter,
+    TeacherInfo, WriterOptions,
 };
 use firstkd::Error;
 use proptest::prelude::*;
@@ -73,6 +73,27 @@ fn read_labels(reader: &StoreReader) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// The same rows through the typed read side (`StoreReader::label_rows`).
+fn typed_labels(reader: &StoreReader, batch_rows: usize) -> Vec<Row> {
+    let mut out = Vec::new();
+    for rows in reader.label_rows(&LabelColumn::ALL, batch_rows) {
+        let rows = rows.expect("typed rows");
+        for i in 0..rows.len() {
+            out.push((
+                rows.sample_id[i],
+                rows.position[i],
+                rows.target_id[i],
+                rows.in_loss[i],
+                rows.ids(i).to_vec(),
+                rows.logprobs(i).to_vec(),
+                rows.target_logprob[i],
+                rows.entropy[i],
+            ));
+        }
+    }
+    out
 }
 
 /// Expected rows for samples written with `push`, after the writer's canonical ordering.
@@ -218,7 +239,22 @@ proptest! {
         prop_assert_eq!(manifest.rows(Table::Labels), expected.len() as u64);
         prop_assert_eq!(manifest.rows(Table::Samples), samples.len() as u64);
         let reader = StoreReader::open(&dir).unwrap();
-        prop_assert_eq!(read_labels(&reader), expected);
+        prop_assert_eq!(read_labels(&reader), expected.clone());
+        // The typed read side gives the same rows, whatever the batch size.
+        prop_assert_eq!(typed_labels(&reader, 97), expected);
+        // And the join gives each sample its own rows, in order.
+        let joined: Vec<_> = reader
+            .labelled_samples(&LabelColumn::ALL, |_| true)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        prop_assert_eq!(joined.len(), samples.len());
+        for j in &joined {
+            let s = samples.iter().find(|(s, _)| s.sample_id == j.sample.sample_id).unwrap();
+            prop_assert_eq!(&j.sample.input_ids, &s.0.input_ids);
+            prop_assert_eq!(j.sample.prompt_len, s.0.prompt_len);
+            prop_assert_eq!(j.labels.len(), s.0.input_ids.len() - 1);
+            prop_assert!(j.labels.position.iter().enumerate().all(|(p, &q)| p as u32 == q));
+        }
         let report = verify(&dir).unwrap();
         prop_assert!(report.is_clean(), "{:?}", report.problems);
         prop_assert_eq!(report.label_rows_checked, manifest.rows(Table::Labels));

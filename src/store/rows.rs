@@ -1,0 +1,315 @@
+//! The typed read side of the store: rows decoded once, by column name, into plain vectors.
+//!
+//! Every consumer of a store (calibration, verification, the trainer, examples) reads through
+//! here, so a new physical layout of the store is one change in `store/`:
+//!
+//! * [`LabelRows`] / [`SampleRow`] (in `store::decode`): the decoded rows of the two tables;
+//! * [`StoreReader::label_rows`] / [`StoreReader::sample_rows`]: whole-store streams, each
+//!   part checked against the manifest before its rows are read;
+//! * [`read_label_file`] / [`read_sample_file`]: one file, without the manifest checks (for
+//!   `verify`, which reports those itself);
+//! * [`StoreReader::labelled_samples`] (in `store::join`): each sample with its label rows.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
+
+use super::decode::{
+    corrupt, decode_labels, decode_samples, LabelColumn, LabelRows, SampleColumn, SampleRow,
+};
+use super::reader::StoreReader;
+use crate::error::{Error, Result};
+use crate::schema::Table;
+
+/// Record batches of one Parquet file with a running row number, errors naming the file.
+struct FileBatches {
+    path: PathBuf,
+    reader: ParquetRecordBatchReader,
+    next_row: u64,
+}
+
+impl FileBatches {
+    /// Opens `path` projected on `names` (found by name in the file's own schema).
+    fn open(path: &Path, names: &[&str], batch_rows: usize) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+        Self::from_builder(path, builder, names, batch_rows)
+    }
+
+    fn from_builder(
+        path: &Path,
+        builder: ParquetRecordBatchReaderBuilder<File>,
+        names: &[&str],
+        batch_rows: usize,
+    ) -> Result<Self> {
+        let schema = builder.schema().clone();
+        let indices = names
+            .iter()
+            .map(|name| {
+                schema
+                    .index_of(name)
+                    .map_err(|_| corrupt(path, 0, format!("no column {name}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(batch_rows.max(1))
+            .build()
+            .map_err(|e| Error::parquet(path, e))?;
+        Ok(FileBatches {
+            path: path.to_path_buf(),
+            reader,
+            next_row: 0,
+        })
+    }
+
+    /// The next batch and the file row number of its first row.
+    fn next_batch(&mut self) -> Option<Result<(RecordBatch, u64)>> {
+        let batch = match self.reader.next()? {
+            Ok(b) => b,
+            Err(e) => {
+                return Some(Err(corrupt(
+                    &self.path,
+                    self.next_row,
+                    format!("reading rows: {e}"),
+                )))
+            }
+        };
+        let first = self.next_row;
+        self.next_row += batch.num_rows() as u64;
+        Some(Ok((batch, first)))
+    }
+}
+
+/// Walks record batches of files in order: store parts (checked against the manifest when
+/// opened) or files read as they are.
+struct Files {
+    files: std::vec::IntoIter<(PathBuf, Option<usize>)>,
+    store: Option<StoreReader>,
+    table: Table,
+    names: Vec<&'static str>,
+    batch_rows: usize,
+    current: Option<FileBatches>,
+}
+
+impl Files {
+    fn new(
+        files: Vec<(PathBuf, Option<usize>)>,
+        store: Option<StoreReader>,
+        table: Table,
+        names: Vec<&'static str>,
+        batch_rows: usize,
+    ) -> Self {
+        Files {
+            files: files.into_iter(),
+            store,
+            table,
+            names,
+            batch_rows,
+            current: None,
+        }
+    }
+
+    /// The next batch, the file row number of its first row and the file's path.
+    fn next_batch(&mut self) -> Result<Option<(RecordBatch, u64, PathBuf)>> {
+        loop {
+            if let Some(current) = self.current.as_mut() {
+                match current.next_batch() {
+                    Some(batch) => {
+                        let (batch, first) = batch?;
+                        return Ok(Some((batch, first, current.path.clone())));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let Some((path, part)) = self.files.next() else {
+                return Ok(None);
+            };
+            self.current = Some(match (&self.store, part) {
+                (Some(store), Some(part)) => {
+                    let builder = store.checked_builder(part, self.table)?;
+                    FileBatches::from_builder(&path, builder, &self.names, self.batch_rows)?
+                }
+                _ => FileBatches::open(&path, &self.names, self.batch_rows)?,
+            });
+        }
+    }
+}
+
+/// Label rows of one or more files in order, `batch_rows` at a time.
+pub struct LabelRowIter {
+    files: Files,
+    columns: Vec<LabelColumn>,
+    k: usize,
+    failed: bool,
+}
+
+impl LabelRowIter {
+    fn new(files: Files, columns: &[LabelColumn], k: usize) -> Self {
+        LabelRowIter {
+            files,
+            columns: columns.to_vec(),
+            k,
+            failed: false,
+        }
+    }
+
+    fn advance(&mut self) -> Result<Option<LabelRows>> {
+        match self.files.next_batch()? {
+            Some((batch, first, path)) => {
+                decode_labels(&batch, &self.columns, self.k, &path, first).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+impl Iterator for LabelRowIter {
+    type Item = Result<LabelRows>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let item = self.advance().transpose();
+        self.failed = matches!(item, Some(Err(_)));
+        item
+    }
+}
+
+/// Sample rows of one or more files in order.
+pub struct SampleRowIter {
+    files: Files,
+    columns: Vec<SampleColumn>,
+    pending: std::vec::IntoIter<SampleRow>,
+    failed: bool,
+}
+
+impl SampleRowIter {
+    fn new(files: Files, columns: &[SampleColumn]) -> Self {
+        SampleRowIter {
+            files,
+            columns: columns.to_vec(),
+            pending: Vec::new().into_iter(),
+            failed: false,
+        }
+    }
+
+    fn advance(&mut self) -> Result<Option<SampleRow>> {
+        loop {
+            if let Some(row) = self.pending.next() {
+                return Ok(Some(row));
+            }
+            let Some((batch, first, path)) = self.files.next_batch()? else {
+                return Ok(None);
+            };
+            self.pending = decode_samples(&batch, &self.columns, &path, first)?.into_iter();
+        }
+    }
+}
+
+impl Iterator for SampleRowIter {
+    type Item = Result<SampleRow>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let item = self.advance().transpose();
+        self.failed = matches!(item, Some(Err(_)));
+        item
+    }
+}
+
+fn label_names(columns: &[LabelColumn]) -> Vec<&'static str> {
+    columns.iter().map(|c| c.name()).collect()
+}
+
+fn sample_names(columns: &[SampleColumn]) -> Vec<&'static str> {
+    columns.iter().map(|c| c.name()).collect()
+}
+
+/// Rows decoded per batch of a samples file.
+const SAMPLE_BATCH_ROWS: usize = 8192;
+
+/// Reads one labels file as it is, without comparing it with a manifest.
+pub fn read_label_file(
+    path: &Path,
+    k: usize,
+    columns: &[LabelColumn],
+    batch_rows: usize,
+) -> LabelRowIter {
+    let files = vec![(path.to_path_buf(), None)];
+    let files = Files::new(files, None, Table::Labels, label_names(columns), batch_rows);
+    LabelRowIter::new(files, columns, k)
+}
+
+/// Reads one samples file as it is, without comparing it with a manifest.
+pub fn read_sample_file(path: &Path, columns: &[SampleColumn]) -> SampleRowIter {
+    let files = vec![(path.to_path_buf(), None)];
+    let names = sample_names(columns);
+    let files = Files::new(files, None, Table::Samples, names, SAMPLE_BATCH_ROWS);
+    SampleRowIter::new(files, columns)
+}
+
+impl StoreReader {
+    fn files(&self, table: Table, parts: std::ops::Range<usize>) -> Vec<(PathBuf, Option<usize>)> {
+        let parts = parts.start.min(self.manifest().parts.len())
+            ..parts.end.min(self.manifest().parts.len());
+        parts
+            .map(|i| {
+                (
+                    self.dir().join(&self.manifest().parts[i].file(table).file),
+                    Some(i),
+                )
+            })
+            .collect()
+    }
+
+    /// Label rows of every committed part, in order; each part's metadata and schema are
+    /// checked against the manifest before its rows are read.
+    pub fn label_rows(&self, columns: &[LabelColumn], batch_rows: usize) -> LabelRowIter {
+        self.part_label_rows(0..usize::MAX, columns, batch_rows)
+    }
+
+    /// Label rows of the committed parts in `parts` (indices into the manifest's list).
+    pub fn part_label_rows(
+        &self,
+        parts: std::ops::Range<usize>,
+        columns: &[LabelColumn],
+        batch_rows: usize,
+    ) -> LabelRowIter {
+        let files = self.files(Table::Labels, parts);
+        let names = label_names(columns);
+        let files = Files::new(files, Some(self.clone()), Table::Labels, names, batch_rows);
+        LabelRowIter::new(files, columns, self.manifest().k)
+    }
+
+    /// Sample rows of every committed part, in order (checked like [`Self::label_rows`]).
+    pub fn sample_rows(&self, columns: &[SampleColumn]) -> SampleRowIter {
+        self.part_sample_rows(0..usize::MAX, columns)
+    }
+
+    /// Sample rows of the committed parts in `parts`.
+    pub fn part_sample_rows(
+        &self,
+        parts: std::ops::Range<usize>,
+        columns: &[SampleColumn],
+    ) -> SampleRowIter {
+        let files = self.files(Table::Samples, parts);
+        let names = sample_names(columns);
+        let files = Files::new(
+            files,
+            Some(self.clone()),
+            Table::Samples,
+            names,
+            SAMPLE_BATCH_ROWS,
+        );
+        SampleRowIter::new(files, columns)
+    }
+}
