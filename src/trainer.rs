@@ -21,9 +21,11 @@ pub mod checkpoint;
 pub mod data;
 pub mod fused;
 pub mod init;
+mod layers;
 pub mod loss;
 pub mod model;
 pub mod optim;
+mod run;
 mod train;
 
 pub use data::{Batch, BatchStream, DataOptions, Sequence, SequenceReader};
@@ -31,4 +33,5 @@ pub use init::{initialise, Init, Initialised};
 pub use loss::{KdKind, LossKind, LossSpec};
 pub use model::{Student, StudentConfig};
 pub use optim::{AdamW, AdamWParams, Schedule};
-pub use train::{batch_loss, evaluate, train, Precision, StepReport, TrainOptions, TrainSummary};
+pub use run::{train, Trainer};
+pub use train::{batch_loss, evaluate, Precision, StepReport, TrainOptions, TrainSummary};

@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::fused;
+use super::layers::{DecoderLayer, Pass, Path};
 use crate::error::{Error, Result};
 
 /// Additive attention-mask value for masked keys (finite, so fully masked rows stay finite).
@@ -204,27 +205,13 @@ impl StudentConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Layer {
-    input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
-    o: Tensor,
-    post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-}
-
 /// A trainable Llama-family decoder whose weights are [`Var`]s in a [`VarMap`].
 pub struct Student {
     cfg: StudentConfig,
     varmap: VarMap,
     vars: Vec<(String, Var)>,
     embed: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
     device: Device,
@@ -316,32 +303,9 @@ impl Student {
                 .map(|(_, v)| v.as_tensor().clone())
                 .ok_or_else(|| Error::InvalidArgument(format!("missing tensor {name}")))
         };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let t = |n: &str| get(&format!("{p}.{n}"));
-            let qkv_bias = if cfg.qkv_bias() {
-                Some((
-                    t("self_attn.q_proj.bias")?,
-                    t("self_attn.k_proj.bias")?,
-                    t("self_attn.v_proj.bias")?,
-                ))
-            } else {
-                None
-            };
-            layers.push(Layer {
-                input_norm: t("input_layernorm.weight")?,
-                q: t("self_attn.q_proj.weight")?,
-                k: t("self_attn.k_proj.weight")?,
-                v: t("self_attn.v_proj.weight")?,
-                qkv_bias,
-                o: t("self_attn.o_proj.weight")?,
-                post_norm: t("post_attention_layernorm.weight")?,
-                gate: t("mlp.gate_proj.weight")?,
-                up: t("mlp.up_proj.weight")?,
-                down: t("mlp.down_proj.weight")?,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::new(&cfg, l, &get))
+            .collect::<Result<Vec<_>>>()?;
         let embed = get("model.embed_tokens.weight")?;
         let norm = get("model.norm.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -476,8 +440,17 @@ impl Student {
                 Arc::new(positions),
             );
             let windows = Arc::new(windows);
+            let pass = Pass {
+                b,
+                s,
+                dt: self.compute,
+                path: Path::Fused {
+                    windows: &windows,
+                    rope: &rope,
+                },
+            };
             for layer in &self.layers {
-                x = self.fused_block(layer, &x, b, s, &windows, &rope)?;
+                x = layer.forward(&x, &pass)?;
             }
             return Ok(fused::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?);
         }
@@ -489,8 +462,18 @@ impl Student {
         let hd = self.cfg.head_dim();
         let cos = cos.index_select(&pos, 0)?.reshape((b, 1, s, hd))?;
         let sin = sin.index_select(&pos, 0)?.reshape((b, 1, s, hd))?;
+        let pass = Pass {
+            b,
+            s,
+            dt: self.compute,
+            path: Path::Composed {
+                mask: &mask,
+                cos: &cos,
+                sin: &sin,
+            },
+        };
         for layer in &self.layers {
-            x = self.block(layer, &x, b, s, &mask, &cos, &sin)?;
+            x = layer.forward(&x, &pass)?;
         }
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
@@ -502,115 +485,6 @@ impl Student {
         let logits = h.matmul(&self.output_weight().t()?)?;
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
     }
-
-    /// [`Student::block`] with the fused CPU kernels: the same function in fewer, cheaper
-    /// graph nodes.
-    fn fused_block(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        b: usize,
-        s: usize,
-        windows: &Arc<Vec<(u32, u32)>>,
-        rope: &fused::Rope,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let group = nq / nkv;
-        let dt = self.compute;
-        let lin = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
-            if dt == DType::F32 {
-                Ok(fused::linear(x, w)?)
-            } else {
-                linear(x, w, dt)
-            }
-        };
-        let h = fused::rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-        let mut q = lin(&h, &l.q)?;
-        let mut k = lin(&h, &l.k)?;
-        let mut v = lin(&h, &l.v)?;
-        if let Some((bq, bk, bv)) = &l.qkv_bias {
-            q = q.broadcast_add(bq)?;
-            k = k.broadcast_add(bk)?;
-            v = v.broadcast_add(bv)?;
-        }
-        let q = fused::split_heads(&q, (b, s, nq, hd), Some(rope))?;
-        let k = fused::split_heads(&k, (b, s, nkv, hd), Some(rope))?;
-        let v = fused::split_heads(&v, (b, s, nkv, hd), None)?;
-        // Query heads sharing a K/V head are consecutive: fold them into the rows.
-        let q = q.reshape((b, nkv, group * s, hd))?;
-        let scores = matmul(&q, &k.t()?, dt)?; // [b, nkv, group*s, s]
-        let probs =
-            fused::causal_softmax(&scores, windows, nkv * group * s, 1.0 / (hd as f64).sqrt())?;
-        let attn = fused::merge_heads(&matmul(&probs, &v, dt)?.reshape((b, nq, s, hd))?)?;
-        let x = (x + lin(&attn, &l.o)?)?;
-        let h = fused::rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-        let act = fused::swiglu(&lin(&h, &l.gate)?, &lin(&h, &l.up)?)?;
-        Ok((x + lin(&act, &l.down)?)?)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        b: usize,
-        s: usize,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (nq, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let group = nq / nkv;
-        let h = rms_norm(x, &l.input_norm, cfg.rms_norm_eps)?;
-        let dt = self.compute;
-        let mut q = linear(&h, &l.q, dt)?;
-        let mut k = linear(&h, &l.k, dt)?;
-        let mut v = linear(&h, &l.v, dt)?;
-        if let Some((bq, bk, bv)) = &l.qkv_bias {
-            q = q.broadcast_add(bq)?;
-            k = k.broadcast_add(bk)?;
-            v = v.broadcast_add(bv)?;
-        }
-        // [b, heads, s, hd]
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = rope(&heads(q, nq)?, cos, sin)?;
-        let k = rope(&heads(k, nkv)?, cos, sin)?;
-        let v = heads(v, nkv)?;
-        // Query heads sharing a K/V head are consecutive: fold them into the rows.
-        let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = matmul(&q, &k.t()?, dt)?.broadcast_add(mask)?; // [b, nkv, group*s, s]
-        let max = scores.max_keepdim(D::Minus1)?.detach();
-        let e = scores.broadcast_sub(&max)?.exp()?;
-        let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let attn = matmul(&probs, &v, dt)?
-            .reshape((b, nq, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b * s, nq * hd))?;
-        let x = (x + linear(&attn, &l.o, dt)?)?;
-        let h = rms_norm(&x, &l.post_norm, cfg.rms_norm_eps)?;
-        let act = (linear(&h, &l.gate, dt)?.silu()? * linear(&h, &l.up, dt)?)?;
-        Ok((x + linear(&act, &l.down, dt)?)?)
-    }
-}
-
-/// `x @ w^T` for `x: [n, in]`, `w: [out, in]`, computed in `dt` (result f32).
-fn linear(x: &Tensor, w: &Tensor, dt: DType) -> Result<Tensor> {
-    matmul(x, &w.t()?, dt)
-}
-
-/// `a @ b` computed in `dt`: both sides are cast (differentiably) and the product cast back to
-/// f32, so the gradients of f32 inputs are f32.
-fn matmul(a: &Tensor, b: &Tensor, dt: DType) -> Result<Tensor> {
-    if dt == DType::F32 {
-        return Ok(a.matmul(b)?);
-    }
-    Ok(a.to_dtype(dt)?
-        .matmul(&b.to_dtype(dt)?)?
-        .to_dtype(DType::F32)?)
 }
 
 /// Differentiable RMSNorm over the last dimension.

@@ -1,19 +1,15 @@
-//! The training loop.
+//! Training settings, what a step reports, and the loss of a batch (forward pass + loss); the
+//! loop itself is [`super::Trainer`].
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{self, TrainerState};
-use super::data::{spawn_prefetch, Batch, BatchStream, DataOptions};
-use super::init::{initialise, Init};
+use super::data::{Batch, BatchStream, DataOptions};
 use super::loss::{loss_rows, student_rows, KdKind, LossKind, LossSpec};
 use super::model::Student;
-use super::optim::{clip_scale, global_norm, AdamW, AdamWParams, Schedule};
+use super::optim::AdamWParams;
 use crate::error::{Error, Result};
 use crate::store::StoreReader;
 
@@ -195,7 +191,7 @@ pub struct StepReport {
     pub valid_loss: Option<f64>,
 }
 
-/// Outcome of [`train`].
+/// Outcome of a training run ([`super::train`], [`super::Trainer::finish`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainSummary {
     /// Steps completed in total (including those before a resume).
@@ -284,7 +280,7 @@ pub fn evaluate(
     Ok((n > 0).then(|| sum / n as f64))
 }
 
-fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<LossSpec> {
+pub(super) fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<LossSpec> {
     let uses_first = opts.loss == LossKind::First
         || (opts.loss == LossKind::Mix && opts.mix_kd == KdKind::First);
     let temperature = match (opts.temperature, &reader.manifest().temperature) {
@@ -311,7 +307,7 @@ fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<LossSpec> {
     Ok(spec)
 }
 
-fn check_tokenizer(
+pub(super) fn check_tokenizer(
     student: &Student,
     tokenizer_sha256: Option<&str>,
     reader: &StoreReader,
@@ -339,288 +335,4 @@ fn check_tokenizer(
         }
     }
     Ok(())
-}
-
-fn append_json(file: &mut File, path: &Path, value: &impl Serialize) -> Result<()> {
-    let line = serde_json::to_string(value)?;
-    writeln!(file, "{line}").map_err(|e| Error::io(path, e))
-}
-
-/// Trains a student on `store`, writing checkpoints, `metrics.jsonl` and the final model
-/// (`final/`) under `out`. With `resume`, continues from the newest checkpoint in `out`
-/// (which must have been written with the same settings) and reproduces the uninterrupted
-/// run exactly; without one it starts from `init`. `observer` sees every step.
-pub fn train(
-    store: &Path,
-    init: &Init,
-    out: &Path,
-    opts: &TrainOptions,
-    resume: bool,
-    device: &Device,
-    observer: &mut dyn FnMut(&StepReport),
-) -> Result<TrainSummary> {
-    let reader = StoreReader::open(store)?;
-    let manifest = reader.manifest();
-    if manifest.parts.is_empty() || manifest.rows(crate::schema::Table::Labels) == 0 {
-        return Err(Error::NoTrainingData(format!(
-            "{} holds no labels",
-            store.display()
-        )));
-    }
-    if manifest.in_loss_rows() == 0 {
-        return Err(Error::NoTrainingData(format!(
-            "{} has no in-loss positions (every label is a prompt position)",
-            store.display()
-        )));
-    }
-    if opts.steps == 0 || opts.grad_accum == 0 {
-        return Err(Error::InvalidArgument(
-            "steps and grad accumulation must be positive".into(),
-        ));
-    }
-    let spec = resolve_spec(opts, &reader)?;
-    let k = manifest.k;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-
-    // Model and state: newest checkpoint when resuming, else the initialiser.
-    let latest = if resume {
-        checkpoint::list_checkpoints(out)?.pop()
-    } else {
-        None
-    };
-    let (mut student, state) = match &latest {
-        Some((_, dir)) => {
-            let (state, moments) = checkpoint::load_state(dir)?;
-            if !checkpoint::same_fingerprint(&state.fingerprint, &opts.fingerprint()) {
-                return Err(Error::InvalidArgument(format!(
-                    "cannot resume from {}: it was trained with different settings \
-                     ({} there, {} now)",
-                    dir.display(),
-                    state.fingerprint,
-                    opts.fingerprint()
-                )));
-            }
-            let student = checkpoint::load_model(dir, device)?;
-            check_tokenizer(&student, None, &reader, opts.ignore_tokenizer_hash)?;
-            (student, Some((state, moments)))
-        }
-        None => {
-            let made = initialise(init, device)?;
-            check_tokenizer(
-                &made.student,
-                made.tokenizer_sha256.as_deref(),
-                &reader,
-                opts.ignore_tokenizer_hash,
-            )?;
-            checkpoint::stash_tokenizer_files(out, &made.tokenizer_files)?;
-            (made.student, None)
-        }
-    };
-    student.set_compute_dtype(opts.precision.dtype())?;
-    let mut optimizer = AdamW::new(student.vars(), opts.adamw)?;
-    let (mut step, mut consumed, mut tokens_seen, mut losses) = (0u64, 0u64, 0u64, Vec::new());
-    let resumed_from = match state {
-        Some((state, moments)) => {
-            optimizer.load_state(moments, state.optimizer_steps)?;
-            step = state.step;
-            consumed = state.batches_consumed;
-            tokens_seen = state.tokens_seen;
-            losses = state.losses;
-            Some(step)
-        }
-        None => None,
-    };
-
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(resumed_from.is_some())
-        .truncate(resumed_from.is_none())
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
-
-    let max_positions = opts
-        .max_seq_len
-        .unwrap_or(opts.batch_tokens)
-        .min(opts.batch_tokens)
-        .min(student.config().max_position_embeddings)
-        .max(1);
-    let data = DataOptions {
-        split: opts.train_split.clone(),
-        batch_tokens: opts.batch_tokens,
-        max_positions,
-        shuffle_buffer: opts.shuffle_buffer,
-        seed: opts.seed,
-        epochs: opts.epochs,
-        pack: opts.pack,
-    };
-    let rx = spawn_prefetch(BatchStream::new(reader.clone(), data)?, opts.prefetch);
-    // Replay the stream up to the resume position (reads, no compute).
-    let mut data_exhausted = false;
-    for _ in 0..consumed {
-        match rx.recv() {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                data_exhausted = true;
-                break;
-            }
-        }
-    }
-
-    let schedule = Schedule {
-        lr: opts.lr,
-        warmup: opts.warmup_steps,
-        total: opts.steps,
-        min_ratio: opts.min_lr_ratio,
-    };
-    let vars = student.vars().to_vec();
-    let mut last_checkpoint: Option<PathBuf> = latest.map(|(_, d)| d);
-    let mut valid_loss = None;
-    let stop_at = opts.stop_after.unwrap_or(opts.steps).min(opts.steps);
-    let save = |step: u64,
-                consumed: u64,
-                tokens_seen: u64,
-                losses: &[f64],
-                optimizer: &AdamW|
-     -> Result<PathBuf> {
-        let dir = checkpoint::checkpoint_dir(out, step);
-        let state = TrainerState {
-            version: checkpoint::STATE_VERSION,
-            step,
-            batches_consumed: consumed,
-            tokens_seen,
-            optimizer_steps: optimizer.steps_done(),
-            fingerprint: opts.fingerprint(),
-            losses: losses.to_vec(),
-        };
-        checkpoint::save_checkpoint(out, &dir, &student, &optimizer.state_tensors()?, &state)?;
-        checkpoint::prune_checkpoints(out, opts.keep_checkpoints)?;
-        Ok(dir)
-    };
-
-    while step < stop_at && !data_exhausted {
-        let started = Instant::now();
-        let mut micro = Vec::with_capacity(opts.grad_accum);
-        while micro.len() < opts.grad_accum {
-            match rx.recv() {
-                Ok(Ok(b)) => micro.push(b),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    data_exhausted = true;
-                    break;
-                }
-            }
-        }
-        if micro.is_empty() {
-            break;
-        }
-        let n_total: usize = micro.iter().map(Batch::loss_positions).sum();
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut loss_sum = 0f64;
-        for batch in &micro {
-            let (sum, _) = batch_loss(&student, batch, &spec, k, opts.logits_chunk_rows)?;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
-            let store = (sum / n_total as f64)?.backward()?;
-            for (slot, (_, var)) in acc.iter_mut().zip(&vars) {
-                if let Some(part) = store.get(var.as_tensor()) {
-                    let part = part.detach();
-                    *slot = Some(match slot.take() {
-                        Some(g) => (g + part)?,
-                        None => part,
-                    });
-                }
-            }
-        }
-        let grads: Vec<Tensor> = acc
-            .into_iter()
-            .zip(&vars)
-            .map(|(g, (_, var))| match g {
-                Some(g) => Ok(g),
-                None => var.as_tensor().zeros_like(),
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let loss = loss_sum / n_total.max(1) as f64;
-        let diverged = |what: &str, value: f64| Error::NonFiniteLoss {
-            step: step + 1,
-            what: what.to_string(),
-            value,
-            last_checkpoint: last_checkpoint
-                .as_ref()
-                .map(|p| format!("last good checkpoint: {}", p.display()))
-                .unwrap_or_else(|| "no checkpoint was written".to_string()),
-        };
-        if !loss.is_finite() {
-            return Err(diverged("loss", loss));
-        }
-        let grad_norm = global_norm(&grads)?;
-        if !grad_norm.is_finite() {
-            return Err(diverged("gradient norm", grad_norm));
-        }
-        let lr = schedule.lr_at(step);
-        optimizer.step_scaled(&grads, lr, clip_scale(grad_norm, opts.clip_grad_norm))?;
-        step += 1;
-        consumed += micro.len() as u64;
-        let tokens: u64 = micro.iter().map(|b| b.tokens() as u64).sum();
-        tokens_seen += tokens;
-        losses.push(loss);
-        let secs = started.elapsed().as_secs_f64();
-        let mut report = StepReport {
-            step,
-            steps: opts.steps,
-            loss,
-            lr,
-            grad_norm,
-            tokens,
-            loss_tokens: n_total as u64,
-            tokens_per_s: tokens as f64 / secs.max(1e-9),
-            epoch: micro.last().map(|b| b.epoch).unwrap_or(0),
-            valid_loss: None,
-        };
-        let last = step == stop_at;
-        if opts
-            .valid_every
-            .is_some_and(|e| e > 0 && (step % e == 0 || last))
-        {
-            report.valid_loss = evaluate(
-                &student,
-                &reader,
-                &opts.valid_split,
-                &spec,
-                opts.batch_tokens,
-                max_positions,
-                opts.valid_batches,
-                opts.logits_chunk_rows,
-            )?;
-            valid_loss = report.valid_loss.or(valid_loss);
-        }
-        append_json(&mut metrics, &metrics_path, &report)?;
-        observer(&report);
-        if opts
-            .checkpoint_every
-            .is_some_and(|e| e > 0 && step % e == 0)
-            && !last
-        {
-            last_checkpoint = Some(save(step, consumed, tokens_seen, &losses, &optimizer)?);
-        }
-    }
-    // Final resumable checkpoint, and the model alone under final/ once the run is complete.
-    save(step, consumed, tokens_seen, &losses, &optimizer)?;
-    let final_dir = out.join("final");
-    if step >= opts.steps || data_exhausted {
-        checkpoint::write_atomically(&final_dir, |tmp| {
-            checkpoint::write_model_files(&student, tmp)?;
-            checkpoint::copy_tokenizer_files(out, tmp)
-        })?;
-    }
-    Ok(TrainSummary {
-        steps_done: step,
-        resumed_from,
-        losses,
-        valid_loss,
-        final_dir,
-        tokens_seen,
-        data_exhausted,
-    })
 }

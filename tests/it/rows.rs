@@ -12,8 +12,8 @@ use firstkd::store::{read_label_file, LabelColumn, SampleColumn, StoreReader};
 use firstkd::Error;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 
 use crate::util::{small_store, tempdir};
 
