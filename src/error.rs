@@ -99,6 +99,22 @@ pub enum Error {
     },
 }
 
+/// Parses the command-line spelling (name or alias) of a [`clap::ValueEnum`], so library
+/// callers and the CLI accept the same words, defined once on the enum.
+pub fn parse_value<T: clap::ValueEnum>(s: &str, what: &str) -> Result<T> {
+    T::from_str(s, false).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|p| p.get_name().to_string())
+            .collect();
+        Error::InvalidArgument(format!(
+            "unknown {what} {s:?} (expected {})",
+            names.join(", ")
+        ))
+    })
+}
+
 fn row_suffix(row: &Option<u64>) -> String {
     row.map(|r| format!(": row {r}")).unwrap_or_default()
 }

@@ -36,7 +36,7 @@ use crate::teacher::Teacher;
 use score::{Readout, ScoredSequence};
 
 /// Scoring mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Mode {
     /// Next-token probability of the option letters after a lettered prompt.
     Letter,
@@ -70,14 +70,7 @@ impl std::str::FromStr for Mode {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "letter" => Ok(Mode::Letter),
-            "cloze" => Ok(Mode::Cloze),
-            "both" => Ok(Mode::Both),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown mode {s:?} (letter, cloze, both)"
-            ))),
-        }
+        crate::parse_value(s, "mode")
     }
 }
 

@@ -16,7 +16,7 @@ use crate::teacher::{ChatTemplate, Message, Teacher, TeacherTokenizer};
 pub use records::{MultipleChoice, Record};
 
 /// The record shape of an input file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum InputFormat {
     /// Detect per record: `messages` -> Messages; `choices` -> MultipleChoice; `instruction`
     /// -> Alpaca; `prompt` (or `question` + `answer`) -> PromptResponse; `text` -> Text.
@@ -26,12 +26,15 @@ pub enum InputFormat {
     Text,
     /// `{"prompt", "response"}` (or `completion`; or GSM8K's `question` + `answer`), optional
     /// `system`; rendered with the chat template.
+    #[value(name = "prompt", alias = "prompt-response")]
     PromptResponse,
     /// `{"messages": [{"role", "content"}, ...]}` ending with assistant turn(s).
+    #[value(alias = "chat")]
     Messages,
     /// `{"instruction", "input", "output"}` (Alpaca), optional `system`.
     Alpaca,
     /// `{"question", "choices", "answer"}` and aliases, see [`MultipleChoice::from_json`].
+    #[value(name = "mc", alias = "multiple-choice")]
     MultipleChoice,
 }
 
@@ -39,24 +42,12 @@ impl std::str::FromStr for InputFormat {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "auto" => InputFormat::Auto,
-            "text" => InputFormat::Text,
-            "prompt" | "prompt-response" => InputFormat::PromptResponse,
-            "messages" | "chat" => InputFormat::Messages,
-            "alpaca" => InputFormat::Alpaca,
-            "mc" | "multiple-choice" => InputFormat::MultipleChoice,
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown input format {s:?} (auto, text, prompt, messages, alpaca, mc)"
-                )))
-            }
-        })
+        crate::parse_value(s, "input format")
     }
 }
 
 /// What the response of a multiple-choice sample is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum McResponse {
     /// `" B"`: a space and the answer's letter.
     #[default]

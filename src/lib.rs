@@ -3,8 +3,10 @@
 //! Data flows one way: input -> teacher -> store -> query / calibration / trainer -> eval.
 
 pub mod calibration;
+pub mod digest;
 pub mod error;
 pub mod eval;
+pub mod host;
 pub mod input;
 pub mod label;
 pub mod plot;
@@ -17,7 +19,7 @@ pub mod teacher;
 pub mod testing;
 pub mod trainer;
 
-pub use error::{Error, Result};
+pub use error::{parse_value, Error, Result};
 
 /// The firstkd version written into every store.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -93,13 +93,17 @@ impl Table {
 }
 
 /// Storage type of log-probability columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogprobDtype {
     /// IEEE half precision (2 bytes): the default; max probability error is documented in docs/format.md.
     #[default]
+    #[value(name = "float16", alias = "f16")]
     Float16,
     /// IEEE single precision (4 bytes).
+    #[value(name = "float32", alias = "f32")]
     Float32,
 }
 
@@ -122,13 +126,7 @@ impl LogprobDtype {
 
     /// Parses a dtype name (`float16`/`f16`, `float32`/`f32`).
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "float16" | "f16" => Ok(LogprobDtype::Float16),
-            "float32" | "f32" => Ok(LogprobDtype::Float32),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown log-prob dtype {other:?} (expected float16 or float32)"
-            ))),
-        }
+        crate::parse_value(s, "log-prob dtype")
     }
 }
 

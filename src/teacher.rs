@@ -23,11 +23,11 @@ pub mod tokenizer;
 
 use std::path::Path;
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 
+pub use crate::digest::sha256_file;
 pub use chat::{ChatTemplate, Message};
 pub(crate) use load::safetensors_shards;
-pub use load::sha256_file;
 pub use model::{Architecture, AttentionLayout, KeySpan, ModelConfig, TeacherModel};
 pub use select::{select_row, RowSelection};
 pub use tokenizer::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
@@ -296,20 +296,15 @@ fn select_rows(
     k: usize,
     owners: &[(usize, u32)],
 ) -> Result<Vec<RowSelection>> {
-    let logits = logits.to_device(&Device::Cpu)?.contiguous()?;
-    let (storage, layout) = logits.storage_and_layout();
-    let data: &[f32] = match &*storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
-        _ => {
-            return Err(Error::InvalidArgument(
-                "logits were not copied to the host".to_string(),
-            ))
-        }
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::InvalidArgument("logits are not contiguous".to_string()))?;
-    let data = &data[start..end];
+    crate::host::with_f32(logits, |data| select_host_rows(data, vocab, k, owners))?
+}
+
+fn select_host_rows(
+    data: &[f32],
+    vocab: usize,
+    k: usize,
+    owners: &[(usize, u32)],
+) -> Result<Vec<RowSelection>> {
     let n = owners.len();
     let threads = std::thread::available_parallelism()
         .map(|t| t.get())

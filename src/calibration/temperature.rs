@@ -44,15 +44,17 @@ pub const MAX_TEMPERATURE: f64 = 1e6;
 const CHUNK_POSITIONS: usize = 1 << 14;
 
 /// How the top-k distribution is renormalised after dividing by a temperature.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum TemperatureMode {
     /// Softmax of `lp_i / T` over the `k` stored entries (FIRST); exact
     /// logit temperature restricted to the top-k.
     #[default]
+    #[value(alias = "renormalised")]
     Renormalized,
     /// The mass outside the top-k is modelled as `V - k` tokens of equal
     /// probability and scaled along; exact at `T = 1` only.
+    #[value(alias = "uniform_tail")]
     UniformTail,
 }
 
@@ -103,7 +105,7 @@ pub struct RescaledTopK {
 }
 
 /// What [`fit_temperature`] minimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum FitObjective {
     /// Equal-width ECE of the top-1 confidence, with [`FitOptions::n_bins`] bins.

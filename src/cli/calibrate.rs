@@ -11,8 +11,8 @@ pub struct Args {
     /// Store directory.
     pub store: PathBuf,
     /// What to minimise: ece (15 equal-width bins) or nll (of the target token).
-    #[arg(long, default_value = "ece")]
-    pub objective: String,
+    #[arg(long, value_enum, default_value_t = FitObjective::Ece)]
+    pub objective: FitObjective,
     /// Held-out split to fit on, when the store has samples in it.
     #[arg(long, default_value = "valid")]
     pub split: String,
@@ -26,8 +26,8 @@ pub struct Args {
     #[arg(long, default_value_t = 2_000_000)]
     pub max_positions: usize,
     /// How the top-k is renormalised under T: renormalized (what FIRST teaches) or uniform-tail.
-    #[arg(long, default_value = "renormalized")]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = TemperatureMode::Renormalized)]
+    pub mode: TemperatureMode,
     /// Fit and print, but do not write the manifest.
     #[arg(long)]
     pub dry_run: bool,
@@ -51,16 +51,7 @@ fn line(out: &mut dyn Write, label: &str, r: &CalibrationReport) -> std::io::Res
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let objective = match args.objective.as_str() {
-        "ece" => FitObjective::Ece,
-        "nll" => FitObjective::Nll,
-        other => anyhow::bail!("--objective {other:?}: expected ece or nll"),
-    };
-    let mode = match args.mode.as_str() {
-        "renormalized" | "renormalised" => TemperatureMode::Renormalized,
-        "uniform-tail" => TemperatureMode::UniformTail,
-        other => anyhow::bail!("--mode {other:?}: expected renormalized or uniform-tail"),
-    };
+    let (objective, mode) = (args.objective, args.mode);
     let held_out = HeldOut {
         split: args.split.clone(),
         fraction: args.held_out_fraction,

@@ -2,7 +2,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use firstkd::eval::{read_task, reliability_svg, EvalOptions, Mode, PromptOptions, TaskFormat};
+use firstkd::eval::{
+    read_task, reliability_svg, ClozeLayout, EvalOptions, Mode, PromptOptions, TaskFormat,
+};
 
 use super::eval::{evaluate_task, load_model};
 
@@ -16,11 +18,11 @@ pub struct Args {
     #[arg(long = "task", required = true, value_parser = parse_named)]
     pub tasks: Vec<(String, PathBuf)>,
     /// Record shape of every task file: auto, generic, boolq, csqa, obqa, arc.
-    #[arg(long, default_value = "auto")]
-    pub task_format: String,
+    #[arg(long, value_enum, default_value_t = TaskFormat::Auto)]
+    pub task_format: TaskFormat,
     /// Scoring mode: cloze or letter.
-    #[arg(long, default_value = "cloze")]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Cloze)]
+    pub mode: Mode,
     /// Wrap prompts in each model's chat template.
     #[arg(long)]
     pub chat_template: bool,
@@ -32,8 +34,8 @@ pub struct Args {
     pub batch_tokens: usize,
     /// Cloze: `shared` computes each question's prompt once with every option after it;
     /// `separate` runs one full sequence per option. The scores are the same.
-    #[arg(long, default_value = "shared")]
-    pub cloze_layout: String,
+    #[arg(long, value_enum, default_value_t = ClozeLayout::Shared)]
+    pub cloze_layout: ClozeLayout,
     /// Print a Markdown table.
     #[arg(long, conflicts_with = "csv")]
     pub markdown: bool,
@@ -59,19 +61,19 @@ fn parse_named(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let mode: Mode = args.mode.parse()?;
+    let mode = args.mode;
     anyhow::ensure!(
         mode != Mode::Both,
         "--mode: compare takes one mode (cloze or letter)"
     );
-    let format: TaskFormat = args.task_format.parse()?;
+    let format = args.task_format;
     let opts = EvalOptions {
         mode,
         prompt: PromptOptions {
             chat_template: args.chat_template,
         },
         batch_tokens: args.batch_tokens,
-        cloze_layout: args.cloze_layout.parse()?,
+        cloze_layout: args.cloze_layout,
         ..EvalOptions::default()
     };
     let mut header = vec!["model".to_string()];

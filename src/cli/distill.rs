@@ -10,6 +10,14 @@ use firstkd::trainer::{
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `firstkd distill`.
+/// `--precision`: a [`Precision`], or auto (bf16 on a GPU, f32 on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    Auto,
+    F32,
+    Bf16,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The labelled store to train on.
@@ -20,8 +28,8 @@ pub struct Args {
     pub init: String,
     /// Loss: first (top-k KL at the store's fitted T), kd (T = 1), kd-tail (k ids + tail
     /// bucket), ce (next-token cross-entropy) or mix (alpha * kd + (1 - alpha) * ce).
-    #[arg(long, default_value = "first")]
-    pub loss: String,
+    #[arg(long, value_enum, default_value_t = LossKind::First)]
+    pub loss: LossKind,
     /// Teacher temperature for `first`, overriding the store's fitted one.
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -29,8 +37,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
     /// kd part of `mix`: first, kd or kd-tail.
-    #[arg(long, default_value = "first")]
-    pub mix_kd: String,
+    #[arg(long, value_enum, default_value_t = KdKind::First)]
+    pub mix_kd: KdKind,
     /// Label smoothing of the ce part.
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
@@ -119,8 +127,8 @@ pub struct Args {
     pub device: String,
     /// Matrix products of the transformer blocks: auto (bf16 on a GPU, f32 on the CPU), f32 or
     /// bf16. Weights, gradients and optimizer state are f32 either way.
-    #[arg(long, default_value = "auto")]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+    pub precision: PrecisionArg,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -131,10 +139,10 @@ pub struct Args {
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let mut opts = TrainOptions {
-        loss: LossKind::parse(&args.loss)?,
+        loss: args.loss,
         temperature: args.temperature,
         alpha: args.alpha,
-        mix_kd: KdKind::parse(&args.mix_kd)?,
+        mix_kd: args.mix_kd,
         label_smoothing: args.label_smoothing,
         teacher_smoothing: args.teacher_smoothing,
         steps: args.steps,
@@ -169,10 +177,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     };
     let init = Init::parse(&args.init, args.seed)?;
     let device = super::device(&args.device)?;
-    opts.precision = match (args.precision.as_str(), device.is_cuda()) {
-        ("auto", true) | ("bf16", _) => Precision::Bf16,
-        ("auto", false) | ("f32", _) => Precision::F32,
-        (other, _) => anyhow::bail!("--precision {other:?}: expected auto, f32 or bf16"),
+    opts.precision = match (args.precision, device.is_cuda()) {
+        (PrecisionArg::Auto, true) | (PrecisionArg::Bf16, _) => Precision::Bf16,
+        (PrecisionArg::Auto, false) | (PrecisionArg::F32, _) => Precision::F32,
     };
     let bar = if args.quiet {
         ProgressBar::hidden()

@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use firstkd::eval::{
-    evaluate, read_task, reliability_svg, EvalItem, EvalOptions, EvalResult, Mode, ModeReport,
-    PromptOptions, TaskFormat,
+    evaluate, read_task, reliability_svg, ClozeLayout, EvalItem, EvalOptions, EvalResult, Mode,
+    ModeReport, PromptOptions, TaskFormat,
 };
 use firstkd::teacher::Teacher;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,11 +21,11 @@ pub struct Args {
     #[arg(long)]
     pub task: PathBuf,
     /// Record shape: auto, generic, boolq, csqa, obqa, arc.
-    #[arg(long, default_value = "auto")]
-    pub task_format: String,
+    #[arg(long, value_enum, default_value_t = TaskFormat::Auto)]
+    pub task_format: TaskFormat,
     /// Scoring: letter (next-token letter probabilities), cloze (option log-likelihoods) or both.
-    #[arg(long, default_value = "both")]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Both)]
+    pub mode: Mode,
     /// Wrap the prompt in the model's chat template (user turn + assistant opening).
     #[arg(long)]
     pub chat_template: bool,
@@ -41,8 +41,8 @@ pub struct Args {
     pub batch_tokens: usize,
     /// Cloze: `shared` computes each question's prompt once with every option after it;
     /// `separate` runs one full sequence per option. The scores are the same.
-    #[arg(long, default_value = "shared")]
-    pub cloze_layout: String,
+    #[arg(long, value_enum, default_value_t = ClozeLayout::Shared)]
+    pub cloze_layout: ClozeLayout,
     /// Print the reports (and per-item scores) as JSON.
     #[arg(long)]
     pub json: bool,
@@ -86,15 +86,15 @@ pub(crate) fn load_model(path: &Path, device: &Device) -> anyhow::Result<Teacher
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let format: TaskFormat = args.task_format.parse()?;
+    let format = args.task_format;
     let opts = EvalOptions {
-        mode: args.mode.parse::<Mode>()?,
+        mode: args.mode,
         prompt: PromptOptions {
             chat_template: args.chat_template,
         },
         temperature: args.temperature,
         batch_tokens: args.batch_tokens,
-        cloze_layout: args.cloze_layout.parse()?,
+        cloze_layout: args.cloze_layout,
         ..EvalOptions::default()
     };
     if let Some(plot) = &args.plot {

@@ -27,8 +27,8 @@ pub struct Args {
     #[arg(long, default_value = "train")]
     pub split: String,
     /// Record shape: auto, text, prompt, messages, alpaca, mc.
-    #[arg(long, default_value = "auto")]
-    pub format: String,
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
+    pub format: InputFormat,
     /// Window length for plain text, in tokens.
     #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
@@ -36,14 +36,14 @@ pub struct Args {
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Response of multiple-choice records: letter (" B") or text (" the answer").
-    #[arg(long, default_value = "letter")]
-    pub mc_response: String,
+    #[arg(long, value_enum, default_value_t = McResponse::Letter)]
+    pub mc_response: McResponse,
     /// Teacher tokens kept per position.
     #[arg(long, default_value_t = 5)]
     pub k: usize,
     /// Log-prob storage type: float16 or float32.
-    #[arg(long, default_value = "float16")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = LogprobDtype::Float16)]
+    pub dtype: LogprobDtype,
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = 2048)]
     pub batch_tokens: usize,
@@ -81,11 +81,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let teacher = Teacher::load_with_tokenizer(&args.model, args.tokenizer.as_deref(), &device)
         .with_context(|| format!("loading teacher {}", args.model.display()))?;
     let context = teacher.identity().context_length as usize;
-    let mc_response = match args.mc_response.as_str() {
-        "letter" => McResponse::Letter,
-        "text" => McResponse::Text,
-        other => anyhow::bail!("--mc-response {other:?}: expected letter or text"),
-    };
+    let mc_response = args.mc_response;
     let mut inputs: Vec<InputSpec> = args
         .inputs
         .iter()
@@ -95,7 +91,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let cfg = LabelConfig {
         inputs,
         input: InputOptions {
-            format: args.format.parse::<InputFormat>()?,
+            format: args.format,
             seq_len: args.seq_len,
             max_len: match args.max_len {
                 Some(n) if n > context => {
@@ -107,7 +103,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             mc_response,
         },
         k: args.k,
-        logprob_dtype: LogprobDtype::parse(&args.dtype)?,
+        logprob_dtype: args.dtype,
         batch_tokens: args.batch_tokens,
         part_sequences: args.part_sequences,
         shard: parse_shard(&args.shard)?,

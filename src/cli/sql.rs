@@ -17,8 +17,8 @@ pub struct Args {
     #[arg(long, short = 'f', conflicts_with = "query")]
     pub file: Option<PathBuf>,
     /// Output format: table, csv, jsonl or parquet.
-    #[arg(long, default_value = "table")]
-    pub format: String,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
     /// Write the results to this file instead of stdout (required for parquet).
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
@@ -34,7 +34,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             .with_context(|| format!("reading SQL from {}", path.display()))?,
         _ => bail!("give a query or --file FILE"),
     };
-    let format = OutputFormat::parse(&args.format)?;
+    let format = args.format;
     let options = QueryOptions {
         allow_incomplete: args.allow_incomplete,
         ..QueryOptions::default()

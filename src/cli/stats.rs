@@ -7,20 +7,28 @@ use firstkd::query::stats::{self, CalibrationStats, CoverageReport, StatsOptions
 use firstkd::query::{QueryOptions, QuerySession};
 
 /// Arguments of `firstkd stats`.
+/// Which reports `stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Report {
+    All,
+    Coverage,
+    Calibration,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Store directory.
     pub store: PathBuf,
     /// Which report: coverage, calibration or all.
-    #[arg(long, default_value = "all")]
-    pub report: String,
+    #[arg(long, value_enum, default_value_t = Report::All)]
+    pub report: Report,
     /// Temperature applied to the stored log-probs before the reports (1 = as stored).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Calibration renormalisation at the temperature: uniform-tail (exact at T = 1:
     /// full-vocabulary confidence and NLL) or renormalized (over the top-k, as FIRST).
-    #[arg(long, default_value = "uniform-tail")]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = TemperatureMode::UniformTail)]
+    pub mode: TemperatureMode,
     /// Equal-width bins of the calibration report.
     #[arg(long, default_value_t = 15)]
     pub bins: usize,
@@ -40,18 +48,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let mode = match args.mode.as_str() {
-        "uniform-tail" | "uniform_tail" => TemperatureMode::UniformTail,
-        "renormalized" | "renormalised" => TemperatureMode::Renormalized,
-        other => anyhow::bail!("unknown --mode {other:?} (expected uniform-tail or renormalized)"),
-    };
-    let (want_coverage, want_calibration) = match args.report.as_str() {
-        "all" => (true, true),
-        "coverage" => (true, false),
-        "calibration" => (false, true),
-        other => {
-            anyhow::bail!("unknown --report {other:?} (expected coverage, calibration or all)")
-        }
+    let mode = args.mode;
+    let (want_coverage, want_calibration) = match args.report {
+        Report::All => (true, true),
+        Report::Coverage => (true, false),
+        Report::Calibration => (false, true),
     };
     let opts = StatsOptions {
         temperature: args.temperature,

@@ -24,8 +24,8 @@ pub struct Args {
     #[arg(long, default_value_t = 49152)]
     pub vocab: u32,
     /// Log-prob storage type: float16 or float32.
-    #[arg(long, default_value = "float16")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = LogprobDtype::Float16)]
+    pub dtype: LogprobDtype,
     /// Sharpening of the stored distribution relative to the truth (1 = calibrated teacher).
     #[arg(long, default_value_t = 1.5)]
     pub overconfidence: f64,
@@ -40,7 +40,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         seed: args.seed,
         k: args.k,
         vocab_size: args.vocab,
-        logprob_dtype: LogprobDtype::parse(&args.dtype)?,
+        logprob_dtype: args.dtype,
         overconfidence: args.overconfidence,
         part_rows: args.part_rows,
         ..SyntheticConfig::default()

@@ -13,7 +13,7 @@
 //!   sequence per option (the lm-evaluation-harness way); both give the same scores. The
 //!   options of a question always go in the same forward pass.
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::task::EvalItem;
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ use crate::input::{answer_letter, multiple_choice_prompt_with_context};
 use crate::teacher::{AttentionLayout, KeySpan, Message, Teacher};
 
 /// How cloze options are laid out for the forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ClozeLayout {
     /// One sequence per question: the prompt once, the options after it, each attending to the
     /// prompt and itself.
@@ -45,13 +45,7 @@ impl std::str::FromStr for ClozeLayout {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "shared" => Ok(ClozeLayout::Shared),
-            "separate" => Ok(ClozeLayout::Separate),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown cloze layout {s:?} (shared, separate)"
-            ))),
-        }
+        crate::parse_value(s, "cloze layout")
     }
 }
 
@@ -351,21 +345,20 @@ pub(crate) fn run_batch(
     let logits = model
         .logits(&hidden.index_select(&index, 0)?)?
         .to_device(&Device::Cpu)?
-        .contiguous()?;
-    let (storage, layout) = logits.storage_and_layout();
-    let data: &[f32] = match &*storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
-        _ => {
-            return Err(Error::InvalidArgument(
-                "logits are not on the host".to_string(),
-            ))
-        }
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::InvalidArgument("logits are not contiguous".to_string()))?;
-    let data = &data[start..end];
+        .to_dtype(candle_core::DType::F32)?;
     let vocab = cfg.vocab_size;
+    Ok(crate::host::with_f32(&logits, |data| {
+        read_out(data, batch, vocab, temperature)
+    })?)
+}
+
+/// The scores of each sequence of `batch` from the logits rows `run_batch` selected, in order.
+fn read_out(
+    data: &[f32],
+    batch: &[(&ScoredSequence, &Readout)],
+    vocab: usize,
+    temperature: f64,
+) -> Vec<Vec<f64>> {
     let mut row = 0usize;
     let mut out = Vec::with_capacity(batch.len());
     for (s, readout) in batch {
@@ -396,7 +389,7 @@ pub(crate) fn run_batch(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// `log(sum_j exp(scale * x_j))`, in f64.

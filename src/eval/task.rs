@@ -10,25 +10,30 @@ use crate::error::{Error, Result};
 use crate::input::MultipleChoice;
 
 /// The record shape of a task file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum TaskFormat {
     /// Detect per record (see [`parse_item`]).
     #[default]
     Auto,
     /// `{"question", "choices", "answer", "context"?}` and the aliases of
     /// [`MultipleChoice::from_json`]; `context` or `passage` is an optional passage.
+    #[value(alias = "mc")]
     Generic,
     /// BoolQ: `{"question", "passage", "answer": true|false}` (original), `{"query":
     /// "Passage: ...\nQuestion: ...", "choices", "gold"}` (llm-foundry) or the question-only
     /// `{"instruction": "... question: ...", "answer": "true"|"false"}` (LLM-Adapters).
     /// Choices are `["no", "yes"]`.
+    #[value(name = "boolq")]
     BoolQ,
     /// CommonsenseQA: `{"question": {"stem", "choices": [{"label", "text"}]}, "answerKey"}`.
+    #[value(name = "csqa", alias = "commonsenseqa")]
     CommonsenseQa,
     /// OpenBookQA: original, llm-foundry (`query`/`choices`/`gold`) or LLM-Adapters
     /// (`instruction` with `Answer1: ...`, `answer: "answerN"`).
+    #[value(name = "obqa", alias = "openbookqa")]
     OpenBookQa,
     /// ARC: original (`question.stem`, `answerKey`) or LLM-Adapters (as OpenBookQA).
+    #[value(alias = "arc-easy", alias = "arc_easy")]
     Arc,
 }
 
@@ -50,19 +55,7 @@ impl std::str::FromStr for TaskFormat {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "auto" => TaskFormat::Auto,
-            "generic" | "mc" => TaskFormat::Generic,
-            "boolq" => TaskFormat::BoolQ,
-            "csqa" | "commonsenseqa" => TaskFormat::CommonsenseQa,
-            "obqa" | "openbookqa" => TaskFormat::OpenBookQa,
-            "arc" | "arc-easy" | "arc_easy" => TaskFormat::Arc,
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown task format {s:?} (auto, generic, boolq, csqa, obqa, arc)"
-                )))
-            }
-        })
+        crate::parse_value(s, "task format")
     }
 }
 

@@ -17,7 +17,7 @@ use parquet::file::properties::WriterProperties;
 use crate::error::{Error, Result};
 
 /// Output format of query results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {
     /// Aligned text table (collects each result in memory before printing it).
     #[default]
@@ -25,6 +25,7 @@ pub enum OutputFormat {
     /// CSV with a header row; list columns are written as text such as `[1, 2, 3]`.
     Csv,
     /// One JSON object per row (lists as JSON arrays).
+    #[value(alias = "json", alias = "ndjson")]
     Jsonl,
     /// A zstd-compressed Parquet file (needs a file path; one result only).
     Parquet,
@@ -33,15 +34,7 @@ pub enum OutputFormat {
 impl OutputFormat {
     /// Parses `table`, `csv`, `jsonl` (or `json`), `parquet`.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "table" => Ok(OutputFormat::Table),
-            "csv" => Ok(OutputFormat::Csv),
-            "jsonl" | "json" | "ndjson" => Ok(OutputFormat::Jsonl),
-            "parquet" => Ok(OutputFormat::Parquet),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown output format {other:?} (expected table, csv, jsonl or parquet)"
-            ))),
-        }
+        crate::parse_value(s, "output format")
     }
 }
 

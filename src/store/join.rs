@@ -178,7 +178,7 @@ impl<F: FnMut(&SampleRow) -> bool> LabelledSamples<F> {
             done += take;
         }
         Ok(if keep {
-            Step::Sample(LabelledSample { sample, labels })
+            Step::Sample(Box::new(LabelledSample { sample, labels }))
         } else {
             Step::Skipped
         })
@@ -190,7 +190,7 @@ impl<F: FnMut(&SampleRow) -> bool> LabelledSamples<F> {
                 return Ok(None);
             }
             match self.next_in_part()? {
-                Step::Sample(s) => return Ok(Some(s)),
+                Step::Sample(s) => return Ok(Some(*s)),
                 Step::Skipped => {}
                 Step::PartDone => self.part = None,
             }
@@ -200,7 +200,7 @@ impl<F: FnMut(&SampleRow) -> bool> LabelledSamples<F> {
 
 /// What the join found next in a part.
 enum Step {
-    Sample(LabelledSample),
+    Sample(Box<LabelledSample>),
     Skipped,
     PartDone,
 }

@@ -4,7 +4,7 @@
 //! masked half of causal attention and split rows across threads. Other devices fall back to
 //! candle ops.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 
@@ -57,12 +57,7 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if t.dtype() != DType::F32 || !matches!(t.device(), Device::Cpu) {
         return None;
     }
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok().map(|d| f(&d[start..end])),
-        _ => None,
-    }
+    crate::host::with_f32(t, f).ok()
 }
 
 /// Calls `f(row_index, row)` for every `row_len`-long row of `out`, split across threads.

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -13,6 +13,7 @@ use super::chat::ChatTemplate;
 use super::model::{to_f32, unpermute_qk, Architecture, LayerWeights, ModelConfig, TeacherModel};
 use super::tokenizer::{BpeSpec, TeacherTokenizer};
 use super::TeacherIdentity;
+use crate::digest::sha256_file;
 use crate::error::{Error, Result};
 
 /// Everything a loader produces.
@@ -45,22 +46,6 @@ fn model_err(path: &Path, reason: impl Into<String>) -> Error {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
-}
-
-/// Hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Names llama.cpp's `general.file_type` (`llama_ftype`).

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -43,12 +43,10 @@ fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f32]> 
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
 fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(cpu_slice(s, layout, op)?),
-        _ => bail!("{op}: the fused kernels run on the CPU only"),
+    if !t.device().is_cpu() {
+        bail!("{op}: the fused kernels run on the CPU only");
     }
+    crate::host::with_f32(t, f)?
 }
 
 fn cpu_tensor(data: Vec<f32>, shape: &Shape) -> CResult<Tensor> {

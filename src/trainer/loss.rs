@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 const PROB_FLOOR: f64 = 1e-12;
 
 /// Which distillation target the kd part of a loss uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum KdKind {
     /// Top-k renormalised, teacher at the fitted temperature.
@@ -43,7 +43,7 @@ pub enum KdKind {
 }
 
 /// The loss to train with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     /// [`KdKind::First`].
@@ -61,30 +61,14 @@ pub enum LossKind {
 impl LossKind {
     /// Parses `first`, `kd`, `kd-tail`, `ce` or `mix`.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "first" => Ok(LossKind::First),
-            "kd" => Ok(LossKind::Kd),
-            "kd-tail" => Ok(LossKind::KdTail),
-            "ce" => Ok(LossKind::Ce),
-            "mix" => Ok(LossKind::Mix),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown loss {other:?} (first, kd, kd-tail, ce, mix)"
-            ))),
-        }
+        crate::parse_value(s, "loss")
     }
 }
 
 impl KdKind {
     /// Parses `first`, `kd` or `kd-tail`.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "first" => Ok(KdKind::First),
-            "kd" => Ok(KdKind::Kd),
-            "kd-tail" => Ok(KdKind::KdTail),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown kd loss {other:?} (first, kd, kd-tail)"
-            ))),
-        }
+        crate::parse_value(s, "kd loss")
     }
 }
 

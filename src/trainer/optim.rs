@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -80,18 +80,7 @@ pub struct AdamW {
 
 /// Runs `f` on the contiguous f32 host slice of `t`.
 fn with_host_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => {
-            let data = cpu.as_slice::<f32>()?;
-            let (a, b) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| Error::InvalidArgument("tensor is not contiguous".into()))?;
-            Ok(f(&data[a..b]))
-        }
-        _ => Err(Error::InvalidArgument("tensor is not on the host".into())),
-    }
+    Ok(crate::host::with_f32(t, f)?)
 }
 
 /// Per-update constants of the fused host update.

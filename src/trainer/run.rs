@@ -329,7 +329,7 @@ impl Trainer {
             valid_loss: None,
         };
         let last = self.step == self.stop_at;
-        let due = |every: Option<u64>| every.is_some_and(|e| e > 0 && self.step % e == 0);
+        let due = |every: Option<u64>| every.is_some_and(|e| e > 0 && self.step.is_multiple_of(e));
         if due(self.opts.valid_every) || (last && self.opts.valid_every.is_some_and(|e| e > 0)) {
             report.valid_loss = self.evaluate()?;
             self.valid_loss = report.valid_loss.or(self.valid_loss);

@@ -81,7 +81,12 @@ fn bad_paths_fail_cleanly() {
         "--dtype",
         "int8",
     ]);
-    assert!(text(&out).contains("unknown log-prob dtype"));
+    assert_eq!(out.status.code(), Some(2));
+    let t = text(&out);
+    assert!(
+        t.contains("invalid value 'int8' for '--dtype") && t.contains("float16, float32"),
+        "{t}"
+    );
 }
 
 /// The documented columns and metadata are visible to pyarrow (and DuckDB when installed).
