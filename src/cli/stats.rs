@@ -252,8 +252,6 @@ fn write_plots(
     opts: &StatsOptions,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use arrow::array::AsArray;
-    use arrow::datatypes::Int64Type;
     use firstkd::plot::{histogram_svg, reliability_svg, Panel};
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -288,26 +286,10 @@ fn write_plots(
     std::fs::write(&path, reliability_svg(&title, &panels))
         .with_context(|| format!("writing {}", path.display()))?;
 
-    const BINS: i64 = 20;
     let k = session.manifest().k;
-    let sql = format!(
-        "SELECT CAST(floor(topk_mass(topk_logprobs) * {BINS}) AS BIGINT) AS bin, count(*) AS n \
-         FROM labels WHERE in_loss GROUP BY 1"
-    );
-    let result = session
-        .sql(&sql)
+    let counts = stats::coverage_histogram(session, 20)
         .map_err(super::sql::query_error)
         .context("coverage histogram")?;
-    let mut counts = vec![0u64; BINS as usize];
-    for batch in &result.batches {
-        let bins = batch.column(0).as_primitive::<Int64Type>();
-        let n = batch.column(1).as_primitive::<Int64Type>();
-        for i in 0..batch.num_rows() {
-            // float16 rounding can put the mass a hair above 1: it belongs in the last bin.
-            let b = bins.value(i).clamp(0, BINS - 1) as usize;
-            counts[b] += n.value(i) as u64;
-        }
-    }
     let path = dir.join("coverage.svg");
     let svg = histogram_svg(
         &format!("top-{k} probability mass, in-loss positions"),

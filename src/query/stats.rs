@@ -13,7 +13,7 @@
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float32Type, Float64Type, UInt32Type};
+use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, UInt32Type};
 use serde::{Deserialize, Serialize};
 
 use super::QuerySession;
@@ -201,6 +201,35 @@ pub fn coverage(session: &QuerySession, opts: &StatsOptions) -> Result<CoverageR
         rows,
         sql,
     })
+}
+
+/// Counts of in-loss positions by top-k probability mass, in `bins` equal-width bins over
+/// [0, 1] (stored masses a hair above 1 from float16 rounding go to the last bin).
+pub fn coverage_histogram(session: &QuerySession, bins: usize) -> Result<Vec<u64>> {
+    if bins == 0 {
+        return Err(Error::InvalidArgument(
+            "a histogram needs at least one bin".into(),
+        ));
+    }
+    let sql = format!(
+        "SELECT CAST(floor(topk_mass(topk_logprobs) * {bins}) AS BIGINT) AS bin, count(*) AS n \
+         FROM labels WHERE in_loss GROUP BY 1"
+    );
+    let result = session.sql(&sql)?;
+    let mut counts = vec![0u64; bins];
+    for batch in &result.batches {
+        let bin = cast(column(batch, "bin")?, &DataType::Int64)?;
+        let n = cast(column(batch, "n")?, &DataType::Int64)?;
+        let (bin, n) = (
+            bin.as_primitive::<Int64Type>(),
+            n.as_primitive::<Int64Type>(),
+        );
+        for i in 0..batch.num_rows() {
+            let b = bin.value(i).clamp(0, bins as i64 - 1) as usize;
+            counts[b] += n.value(i).max(0) as u64;
+        }
+    }
+    Ok(counts)
 }
 
 fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b std::sync::Arc<dyn Array>> {

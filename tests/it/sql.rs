@@ -614,3 +614,28 @@ fn stats_cli_json_and_coverage() {
         "{t}"
     );
 }
+
+/// The coverage histogram counts every in-loss position once, in the bin of its top-k mass
+/// (computed here from the rows the store reader returns).
+#[test]
+fn coverage_histogram_matches_the_rows() {
+    let tmp = tempdir();
+    let (dir, manifest) = small_store(tmp.path(), "s", LogprobDtype::Float16);
+    let counts = stats::coverage_histogram(&open(&dir), 10).unwrap();
+    assert_eq!(counts.iter().sum::<u64>(), manifest.in_loss_rows());
+    let mut want = vec![0u64; 10];
+    let reader = StoreReader::open(&dir).unwrap();
+    let cols = [
+        firstkd::store::LabelColumn::InLoss,
+        firstkd::store::LabelColumn::TopkLogprobs,
+    ];
+    for rows in reader.label_rows(&cols, 4096) {
+        let rows = rows.unwrap();
+        for i in (0..rows.len()).filter(|&i| rows.in_loss[i]) {
+            let mass: f64 = rows.logprobs(i).iter().map(|&l| f64::from(l).exp()).sum();
+            want[((mass * 10.0).floor() as usize).min(9)] += 1;
+        }
+    }
+    assert_eq!(counts, want);
+    assert!(stats::coverage_histogram(&open(&dir), 0).is_err());
+}
