@@ -53,8 +53,13 @@ pub enum Error {
     #[error("tokenizer mismatch: store has {store}, model has {model}")]
     TokenizerMismatch { store: String, model: String },
 
+    /// A value the caller passed (an option, a spec, a file's settings) that cannot work.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A broken invariant of firstkd itself, not of the input: a bug to report.
+    #[error("internal error: {0} (a bug in firstkd; please report it)")]
+    Internal(String),
 
     #[error("{path}: parquet: {source}")]
     Parquet {
@@ -83,9 +88,6 @@ pub enum Error {
 
     #[error("chat template: {0}")]
     ChatTemplate(String),
-
-    #[error("interrupted")]
-    Interrupted,
 
     #[error("no training data: {0}")]
     NoTrainingData(String),

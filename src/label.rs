@@ -336,7 +336,7 @@ pub fn label(
         }
         for (p, labels) in chunk.iter().zip(results) {
             let labels =
-                labels.ok_or_else(|| Error::InvalidArgument("sequence left unlabelled".into()))?;
+                labels.ok_or_else(|| Error::Internal("sequence left unlabelled".into()))?;
             let spec = &cfg.inputs[p.input];
             let record = SampleRecord {
                 sample_id: p.seq_no,

@@ -331,9 +331,7 @@ fn select_host_rows(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument(
-                        "selection thread panicked".to_string(),
-                    ))
+                    Err(Error::Internal("selection thread panicked".to_string()))
                 })
             })
             .collect()

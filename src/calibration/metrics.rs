@@ -487,7 +487,7 @@ pub fn mce(confidence: &[f64], correct: &[bool], n_bins: usize) -> Result<f64> {
 pub fn adaptive_ece(confidence: &[f64], correct: &[bool], n_bins: usize) -> Result<f64> {
     calibration_report(confidence, correct, None, n_bins)?
         .adaptive_ece
-        .ok_or_else(|| Error::InvalidArgument("adaptive ECE was not computed".into()))
+        .ok_or_else(|| Error::Internal("adaptive ECE was not computed".into()))
 }
 
 /// Top-label Brier score: the mean of `(confidence - correct)^2`, with

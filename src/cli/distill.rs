@@ -137,6 +137,23 @@ pub struct Args {
     pub out: PathBuf,
 }
 
+/// Adds the command-line flag that addresses an error (library messages name no flags).
+fn flag_hint(err: firstkd::Error) -> anyhow::Error {
+    let hint = match &err {
+        firstkd::Error::TokenizerMismatch { store, .. } if store.contains("sha256") => {
+            Some("pass --ignore-tokenizer-hash if the two tokenizers give the same ids")
+        }
+        firstkd::Error::InvalidArgument(m) if m.contains("needs a teacher temperature") => {
+            Some("or pass --temperature T")
+        }
+        _ => None,
+    };
+    match hint {
+        Some(hint) => anyhow::anyhow!("{err}; {hint}"),
+        None => err.into(),
+    }
+}
+
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let mut opts = TrainOptions {
         loss: args.loss,
@@ -214,6 +231,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         &device,
         &mut observer,
     )
+    .map_err(flag_hint)
     .with_context(|| format!("distilling from {}", args.store.display()))?;
     bar.finish_and_clear();
     if let Some(from) = summary.resumed_from {

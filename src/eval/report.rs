@@ -79,11 +79,7 @@ impl ModeReport {
             let (option_scores, option_temperature) = match mode {
                 Mode::Letter => (item.letter_logprobs.as_ref(), 1.0),
                 Mode::Cloze => (item.cloze_logprobs.as_ref(), temperature),
-                Mode::Both => {
-                    return Err(Error::InvalidArgument(
-                        "a report covers one mode".to_string(),
-                    ))
-                }
+                Mode::Both => return Err(Error::Internal("a report covers one mode".to_string())),
             };
             let option_scores = option_scores.ok_or_else(|| {
                 Error::InvalidArgument(format!(

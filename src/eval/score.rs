@@ -129,7 +129,9 @@ fn encode_prompt(teacher: &Teacher, text: &str, opts: &PromptOptions) -> Result<
     let tok = teacher.tokenizer();
     let (prompt_text, add_bos, separator) = if opts.chat_template {
         let template = teacher.chat_template().ok_or_else(|| {
-            Error::InvalidArgument("--chat-template: the model has no chat template".to_string())
+            Error::InvalidArgument(
+                "the model has no chat template to wrap the prompt in".to_string(),
+            )
         })?;
         // The rendering carries its own BOS text when the template wants one.
         (

@@ -76,7 +76,7 @@ impl<'a> ResultWriter<'a> {
         let sink = match destination {
             Destination::Stream(_) if format == OutputFormat::Parquet => {
                 return Err(Error::InvalidArgument(
-                    "Parquet output needs a file (--output FILE)".into(),
+                    "Parquet output needs a file to write to, not a stream".into(),
                 ))
             }
             Destination::Stream(w) => Sink::Stream(w),
@@ -114,7 +114,7 @@ impl<'a> ResultWriter<'a> {
                 }
                 match file {
                     Some(f) => Ok(f),
-                    None => Err(Error::InvalidArgument("output file not open".into())),
+                    None => Err(Error::Internal("output file not open".into())),
                 }
             }
         }

@@ -335,7 +335,7 @@ impl StoreWriter {
         }
         self.open_part
             .as_mut()
-            .ok_or_else(|| Error::InvalidArgument("no open part".into()))
+            .ok_or_else(|| Error::Internal("no open part".into()))
     }
 
     fn arrow_writer(&self, path: &Path, table: Table, index: u32) -> Result<ArrowWriter<File>> {

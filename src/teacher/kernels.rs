@@ -184,7 +184,7 @@ pub(crate) fn span_softmax(
         out
     })
     .ok_or_else(|| {
-        crate::error::Error::InvalidArgument(
+        crate::error::Error::Internal(
             "span softmax needs contiguous f32 scores on the CPU".to_string(),
         )
     })?;

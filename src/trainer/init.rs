@@ -40,7 +40,7 @@ impl Init {
             .or_else(|| spec.split_once(' '))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "--init {spec:?}: expected random:CONFIG.json, gguf:PATH, hf:DIR or \
+                    "init {spec:?}: expected random:CONFIG.json, gguf:PATH, hf:DIR or \
                      teacher-layers:PATH:0,2,4"
                 ))
             })?;
@@ -55,21 +55,19 @@ impl Init {
             "teacher-layers" => {
                 let (path, list) = rest.rsplit_once(':').ok_or_else(|| {
                     Error::InvalidArgument(format!(
-                        "--init {spec:?}: expected teacher-layers:PATH:0,2,4"
+                        "init {spec:?}: expected teacher-layers:PATH:0,2,4"
                     ))
                 })?;
                 let layers = list
                     .split(',')
                     .map(|x| {
                         x.trim().parse::<usize>().map_err(|_| {
-                            Error::InvalidArgument(format!("--init {spec:?}: bad layer {x:?}"))
+                            Error::InvalidArgument(format!("init {spec:?}: bad layer {x:?}"))
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 if layers.is_empty() {
-                    return Err(Error::InvalidArgument(format!(
-                        "--init {spec:?}: no layers"
-                    )));
+                    return Err(Error::InvalidArgument(format!("init {spec:?}: no layers")));
                 }
                 Ok(Init::TeacherLayers {
                     path: path.into(),
@@ -77,7 +75,7 @@ impl Init {
                 })
             }
             other => Err(Error::InvalidArgument(format!(
-                "--init kind {other:?} unknown (random, gguf, hf, teacher-layers)"
+                "init kind {other:?} unknown (random, gguf, hf, teacher-layers)"
             ))),
         }
     }

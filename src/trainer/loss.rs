@@ -256,7 +256,7 @@ pub fn rows_from_logits(
 
 fn need<'a>(t: &'a Option<Tensor>, what: &str) -> Result<&'a Tensor> {
     t.as_ref()
-        .ok_or_else(|| Error::InvalidArgument(format!("loss needs the student's {what}")))
+        .ok_or_else(|| Error::Internal(format!("loss needs the student's {what}")))
 }
 
 /// Per-row `first`/`kd` loss `[n]`: KL(t || softmax(z_topk)) with
@@ -338,7 +338,7 @@ pub fn loss_rows(rows: &StudentRows, topk_logprobs: &Tensor, spec: &LossSpec) ->
             Ok(((kd * spec.alpha)? + (ce * (1.0 - spec.alpha))?)?)
         }
         (_, Some(kd)) => Ok(kd),
-        (_, None) => Err(Error::InvalidArgument("loss has no kd part".into())),
+        (_, None) => Err(Error::Internal("loss has no kd part".into())),
     }
 }
 

@@ -293,7 +293,7 @@ impl Student {
                 Ok(mut data) => {
                     data.insert(name.clone(), var.clone());
                 }
-                Err(_) => return Err(Error::InvalidArgument("var map lock poisoned".into())),
+                Err(_) => return Err(Error::Internal("var map lock poisoned".into())),
             }
             vars.push((name, var));
         }
@@ -301,7 +301,7 @@ impl Student {
             vars.iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_tensor().clone())
-                .ok_or_else(|| Error::InvalidArgument(format!("missing tensor {name}")))
+                .ok_or_else(|| Error::Internal(format!("missing tensor {name}")))
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| DecoderLayer::new(&cfg, l, &get))

@@ -197,7 +197,7 @@ impl AdamW {
     /// another pass over the gradients).
     pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "{} gradients for {} variables",
                 grads.len(),
                 self.vars.len()

@@ -289,7 +289,7 @@ pub(super) fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<
         (None, None) if uses_first => {
             return Err(Error::InvalidArgument(format!(
                 "loss first needs a teacher temperature but {} has none fitted: run \
-                 `firstkd calibrate` on it or pass --temperature",
+                 `firstkd calibrate` on it or give a temperature",
                 reader.dir().display()
             )))
         }
@@ -329,7 +329,7 @@ pub(super) fn check_tokenizer(
             return Err(Error::TokenizerMismatch {
                 store: format!("tokenizer sha256 {}", tok.sha256),
                 model: format!(
-                    "tokenizer sha256 {sha} (pass --ignore-tokenizer-hash if the ids agree)"
+                    "tokenizer sha256 {sha} (the hash check can be turned off if the ids agree)"
                 ),
             });
         }
