@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::teacher::{ChatTemplate, Message, Teacher, TeacherTokenizer};
+use crate::tokenize::{ChatTemplate, Message, TeacherTokenizer};
 pub use records::{MultipleChoice, Record};
 
 /// The record shape of an input file.
@@ -106,14 +106,6 @@ pub struct Encoder<'a> {
 }
 
 impl<'a> Encoder<'a> {
-    /// The teacher's tokenizer and chat template.
-    pub fn from_teacher(teacher: &'a Teacher) -> Self {
-        Self {
-            tokenizer: teacher.tokenizer(),
-            chat_template: teacher.chat_template(),
-        }
-    }
-
     /// Turns one parsed record into samples (several windows for text). Errors are reasons,
     /// without the file position.
     pub fn encode(

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::input::{Encoder, InputOptions, SampleReader};
+use crate::input::{InputOptions, SampleReader};
 use crate::schema::LogprobDtype;
 use crate::store::manifest::{SpecialToken, TokenizerInfo};
 use crate::store::writer::Opened;
@@ -196,7 +196,7 @@ fn plan(
     cfg: &LabelConfig,
     start: u64,
 ) -> Result<(Vec<Planned>, LabelProgress, Vec<String>, u64)> {
-    let encoder = Encoder::from_teacher(teacher);
+    let encoder = teacher.encoder();
     let (index, count) = cfg.shard;
     let mut planned = Vec::new();
     let mut progress = LabelProgress::default();

@@ -17,6 +17,7 @@ pub mod store;
 pub mod teacher;
 #[doc(hidden)]
 pub mod testing;
+pub mod tokenize;
 pub mod trainer;
 
 pub use error::{parse_value, Error, Result};

@@ -14,23 +14,22 @@
 //!
 //! Design notes live in `docs/teacher.md`.
 
-pub mod chat;
 mod kernels;
 mod load;
 pub mod model;
 pub mod select;
-pub mod tokenizer;
 
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
 pub use crate::digest::sha256_file;
-pub use chat::{ChatTemplate, Message};
+pub use crate::tokenize::{chat, tokenizer};
+pub use crate::tokenize::{ChatTemplate, Message};
+pub use crate::tokenize::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
 pub(crate) use load::safetensors_shards;
 pub use model::{Architecture, AttentionLayout, KeySpan, ModelConfig, TeacherModel};
 pub use select::{select_row, RowSelection};
-pub use tokenizer::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
 
 use crate::error::{Error, Result};
 
@@ -181,6 +180,14 @@ impl Teacher {
     /// The chat template, if the model ships one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// The tokenizer and chat template, to turn input records into sequences.
+    pub fn encoder(&self) -> crate::input::Encoder<'_> {
+        crate::input::Encoder {
+            tokenizer: self.tokenizer(),
+            chat_template: self.chat_template(),
+        }
     }
 
     /// Provenance of the model file.

@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use super::InputFormat;
-use crate::teacher::Message;
+use crate::tokenize::Message;
 
 /// One parsed record, before tokenisation.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 use candle_core::Device;
 
 use super::*;
-use crate::teacher::tokenizer::BpeSpec;
+use crate::teacher::Teacher;
+use crate::tokenize::tokenizer::BpeSpec;
 
 const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -280,7 +281,7 @@ fn real_teacher() -> Option<&'static Teacher> {
 #[test]
 fn real_chat_prompt_len_matches_reference_rendering() {
     let Some(t) = real_teacher() else { return };
-    let enc = Encoder::from_teacher(t);
+    let enc = t.encoder();
     let record = Record::Chat(vec![
         Message::new("user", "Name a primary colour."),
         Message::new("assistant", "Red."),
@@ -300,7 +301,7 @@ fn real_chat_prompt_len_matches_reference_rendering() {
 #[test]
 fn real_shared_data_files_read_cleanly() {
     let Some(t) = real_teacher() else { return };
-    let enc = Encoder::from_teacher(t);
+    let enc = t.encoder();
     let opts = InputOptions {
         max_len: 8192,
         ..InputOptions::default()

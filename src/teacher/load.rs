@@ -9,12 +9,12 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::chat::ChatTemplate;
 use super::model::{to_f32, unpermute_qk, Architecture, LayerWeights, ModelConfig, TeacherModel};
-use super::tokenizer::{BpeSpec, TeacherTokenizer};
 use super::TeacherIdentity;
 use crate::digest::sha256_file;
 use crate::error::{Error, Result};
+use crate::tokenize::chat::ChatTemplate;
+use crate::tokenize::tokenizer::{BpeSpec, TeacherTokenizer};
 
 /// Everything a loader produces.
 pub(crate) struct Loaded {
