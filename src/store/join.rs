@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::decode::{corrupt, LabelColumn, LabelRows, SampleColumn, SampleRow};
 use super::reader::StoreReader;
-use super::rows::LabelRowIter;
+use super::rows::{next_or_stop, LabelRowIter};
 use crate::error::Result;
 
 impl StoreReader {
@@ -209,11 +209,6 @@ impl<F: FnMut(&SampleRow) -> bool> Iterator for LabelledSamples<F> {
     type Item = Result<LabelledSample>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = self.advance().transpose();
-        self.failed = matches!(item, Some(Err(_)));
-        item
+        next_or_stop!(self)
     }
 }

@@ -86,6 +86,20 @@ impl FileBatches {
     }
 }
 
+/// `Iterator::next` of a fallible stream whose `advance` returns `Ok(None)` at its end: the
+/// stream stops for good after its first error.
+macro_rules! next_or_stop {
+    ($self:ident) => {{
+        if $self.failed {
+            return None;
+        }
+        let item = $self.advance().transpose();
+        $self.failed = matches!(item, Some(Err(_)));
+        item
+    }};
+}
+pub(crate) use next_or_stop;
+
 /// Walks record batches of files in order: store parts (checked against the manifest when
 /// opened) or files read as they are.
 struct Files {
@@ -173,12 +187,7 @@ impl Iterator for LabelRowIter {
     type Item = Result<LabelRows>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = self.advance().transpose();
-        self.failed = matches!(item, Some(Err(_)));
-        item
+        next_or_stop!(self)
     }
 }
 
@@ -217,12 +226,7 @@ impl Iterator for SampleRowIter {
     type Item = Result<SampleRow>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = self.advance().transpose();
-        self.failed = matches!(item, Some(Err(_)));
-        item
+        next_or_stop!(self)
     }
 }
 

@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::store::rows::next_or_stop;
 use crate::store::LabelledSamples;
 use crate::store::{LabelColumn, SampleRow, StoreReader};
 
@@ -229,12 +230,7 @@ impl Iterator for SequenceReader {
     type Item = Result<Sequence>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = self.advance().transpose();
-        self.failed = matches!(item, Some(Err(_)));
-        item
+        next_or_stop!(self)
     }
 }
 

@@ -10,29 +10,11 @@ use arrow::datatypes::{DataType, Field, Schema};
 use firstkd::schema::{LogprobDtype, Table};
 use firstkd::store::{read_label_file, LabelColumn, SampleColumn, StoreReader};
 use firstkd::Error;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use crate::util::{small_store, tempdir};
-
-/// All rows and the key-value metadata of one Parquet file.
-fn read_file(path: &Path) -> (RecordBatch, Vec<KeyValue>) {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
-    let kv = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .cloned()
-        .unwrap_or_default();
-    let schema = builder.schema().clone();
-    let batches: Vec<RecordBatch> = builder.build().unwrap().map(|b| b.unwrap()).collect();
-    (
-        arrow::compute::concat_batches(&schema, &batches).unwrap(),
-        kv,
-    )
-}
+use crate::util::{read_parquet, small_store, tempdir};
 
 /// Replaces `path` with `batch`, keeping the file's key-value metadata.
 fn write_file(path: &Path, batch: &RecordBatch, kv: Vec<KeyValue>) {
@@ -43,6 +25,21 @@ fn write_file(path: &Path, batch: &RecordBatch, kv: Vec<KeyValue>) {
         ArrowWriter::try_new(File::create(path).unwrap(), batch.schema(), Some(props)).unwrap();
     w.write(batch).unwrap();
     w.close().unwrap();
+}
+
+/// `batch` with column `name` replaced by `array` of type `field`.
+fn with_column(batch: &RecordBatch, name: &str, array: ArrayRef, field: Field) -> RecordBatch {
+    let i = batch.schema().index_of(name).unwrap();
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    cols[i] = array;
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields[i] = field;
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
 }
 
 fn first_labels_file(dir: &Path) -> PathBuf {
@@ -76,20 +73,12 @@ fn a_mistyped_column_names_the_file_and_column() {
     let tmp = tempdir();
     let (dir, manifest) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     let path = first_labels_file(&dir);
-    let (batch, kv) = read_file(&path);
+    let (batch, kv) = read_parquet(&path);
     // sample_id as int64 instead of uint64.
     let i = batch.schema().index_of("sample_id").unwrap();
     let ids = arrow::compute::cast(batch.column(i), &DataType::Int64).unwrap();
-    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-    cols[i] = ids;
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields[i] = Field::new("sample_id", DataType::Int64, false);
-    let bad = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+    let field = Field::new("sample_id", DataType::Int64, false);
+    let bad = with_column(&batch, "sample_id", ids, field);
     write_file(&path, &bad, kv);
     let (row, reason) = expect_corrupt(collect_labels(&path, manifest.k), &path);
     assert_eq!(row, Some(0));
@@ -111,7 +100,7 @@ fn a_null_names_its_row() {
     let tmp = tempdir();
     let (dir, manifest) = small_store(tmp.path(), "s", LogprobDtype::Float32);
     let path = first_labels_file(&dir);
-    let (batch, kv) = read_file(&path);
+    let (batch, kv) = read_parquet(&path);
     let i = batch.schema().index_of("position").unwrap();
     let n = batch.num_rows();
     let null_at = 1234.min(n - 1);
@@ -126,16 +115,8 @@ fn a_null_names_its_row() {
             (r != null_at).then_some(v)
         })
         .collect();
-    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-    cols[i] = Arc::new(positions);
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields[i] = Field::new("position", DataType::UInt32, true);
-    let bad = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+    let field = Field::new("position", DataType::UInt32, true);
+    let bad = with_column(&batch, "position", Arc::new(positions), field);
     write_file(&path, &bad, kv);
     let (row, reason) = expect_corrupt(collect_labels(&path, manifest.k), &path);
     assert_eq!(row, Some(null_at as u64), "{reason}");
@@ -160,7 +141,7 @@ fn a_missing_column_is_named() {
     let tmp = tempdir();
     let (dir, manifest) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     let path = first_labels_file(&dir);
-    let (batch, kv) = read_file(&path);
+    let (batch, kv) = read_parquet(&path);
     let mut batch = batch;
     batch.remove_column(batch.schema().index_of("entropy").unwrap());
     write_file(&path, &batch, kv);
@@ -179,7 +160,7 @@ fn a_missing_column_is_named() {
 /// the row indices (so the manifest checks pass and only the join can notice).
 fn edit_label_rows(dir: &Path, edit: impl Fn(&mut Vec<u32>)) -> PathBuf {
     let path = first_labels_file(dir);
-    let (batch, kv) = read_file(&path);
+    let (batch, kv) = read_parquet(&path);
     let mut take: Vec<u32> = (0..batch.num_rows() as u32).collect();
     edit(&mut take);
     let take = UInt32Array::from(take);
@@ -230,7 +211,7 @@ fn the_join_refuses_label_rows_left_over() {
         rows.push(last);
     });
     let (row, reason) = expect_corrupt(Err::<(), _>(join_error(&dir)), &path);
-    let rows = read_file(&path).0.num_rows() as u64;
+    let rows = read_parquet(&path).0.num_rows() as u64;
     assert_eq!(row, Some(rows - 1), "{reason}");
     assert!(reason.contains("after the last sample"), "{reason}");
 }

@@ -61,3 +61,31 @@ pub fn in_ci() -> bool {
 pub fn teacher_path() -> Option<PathBuf> {
     firstkd::testing::require_model("smollm2-135m")
 }
+
+/// All rows and the key-value metadata of one Parquet file.
+pub fn read_parquet(
+    path: &Path,
+) -> (
+    arrow::array::RecordBatch,
+    Vec<parquet::file::metadata::KeyValue>,
+) {
+    let file = std::fs::File::open(path).expect("open parquet file");
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("parquet footer");
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
+    let schema = builder.schema().clone();
+    let batches: Vec<_> = builder
+        .build()
+        .expect("parquet reader")
+        .collect::<Result<_, _>>()
+        .expect("parquet rows");
+    (
+        arrow::compute::concat_batches(&schema, &batches).expect("concat"),
+        kv,
+    )
+}

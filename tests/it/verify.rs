@@ -8,17 +8,16 @@ use arrow::array::{
     ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, RecordBatch,
     UInt32Array, UInt64Array,
 };
-use arrow::compute::{cast, concat_batches};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Float32Type, UInt32Type, UInt64Type};
 use firstkd::schema::{LogprobDtype, Table};
 use firstkd::store::{sha256_file, verify, Manifest, StoreReader};
 use firstkd::Error;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use crate::util::{small_store, tempdir};
+use crate::util::{read_parquet, small_store, tempdir};
 
 /// The labels table of one part as plain vectors.
 struct Cols {
@@ -30,19 +29,6 @@ struct Cols {
     lps: Vec<f32>,
     tlp: Vec<f32>,
     ent: Vec<f32>,
-}
-
-fn read_part(path: &Path) -> (RecordBatch, Vec<KeyValue>) {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
-    let kv = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .cloned()
-        .unwrap_or_default();
-    let schema = builder.schema().clone();
-    let batches: Vec<_> = builder.build().unwrap().collect::<Result<_, _>>().unwrap();
-    (concat_batches(&schema, &batches).unwrap(), kv)
 }
 
 fn to_cols(b: &RecordBatch) -> Cols {
@@ -139,7 +125,7 @@ fn rewrite_row(mutate: impl Fn(&mut Cols, usize, usize)) -> firstkd::store::Veri
     let tmp = tempdir();
     let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     let path = dir.join(&m.parts[1].labels.file);
-    let (batch, kv) = read_part(&path);
+    let (batch, kv) = read_parquet(&path);
     let mut cols = to_cols(&batch);
     mutate(&mut cols, 10, m.k);
     let batch = to_batch(cols, &batch, m.k as i32, m.logprob_dtype);
@@ -347,7 +333,7 @@ fn refuses_unknown_major_version_in_parquet_metadata() {
     let tmp = tempdir();
     let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
     let path = dir.join(&m.parts[0].labels.file);
-    let (batch, kv) = read_part(&path);
+    let (batch, kv) = read_parquet(&path);
     let kv = kv
         .into_iter()
         .map(|e| {
