@@ -343,6 +343,13 @@ pub fn decode_labels(
     Ok(rows)
 }
 
+/// Stores `values[i]` into row `i` of `rows` with `put`.
+fn set<T>(rows: &mut [SampleRow], values: Vec<T>, put: impl Fn(&mut SampleRow, T)) {
+    for (r, v) in rows.iter_mut().zip(values) {
+        put(r, v);
+    }
+}
+
 /// Decodes the `columns` of one record batch of a samples file.
 pub fn decode_samples(
     batch: &RecordBatch,
@@ -360,40 +367,36 @@ pub fn decode_samples(
     for &c in columns {
         let name = c.name();
         match c {
-            SampleColumn::SampleId => {
-                for (r, v) in out.iter_mut().zip(u64s(batch, name, path, first_row)?) {
-                    r.sample_id = v;
-                }
-            }
+            SampleColumn::SampleId => set(&mut out, u64s(batch, name, path, first_row)?, |r, v| {
+                r.sample_id = v
+            }),
             SampleColumn::RecordIndex => {
-                for (r, v) in out.iter_mut().zip(u64s(batch, name, path, first_row)?) {
-                    r.record_index = v;
-                }
+                set(&mut out, u64s(batch, name, path, first_row)?, |r, v| {
+                    r.record_index = v
+                })
             }
             SampleColumn::Source => {
-                for (r, v) in out.iter_mut().zip(strings(batch, name, path, first_row)?) {
-                    r.source = v;
-                }
+                set(&mut out, strings(batch, name, path, first_row)?, |r, v| {
+                    r.source = v
+                })
             }
-            SampleColumn::Split => {
-                for (r, v) in out.iter_mut().zip(strings(batch, name, path, first_row)?) {
-                    r.split = v;
-                }
-            }
+            SampleColumn::Split => set(&mut out, strings(batch, name, path, first_row)?, |r, v| {
+                r.split = v
+            }),
             SampleColumn::WindowIndex => {
-                for (r, v) in out.iter_mut().zip(u32s(batch, name, path, first_row)?) {
-                    r.window_index = v;
-                }
+                set(&mut out, u32s(batch, name, path, first_row)?, |r, v| {
+                    r.window_index = v
+                })
             }
             SampleColumn::PromptLen => {
-                for (r, v) in out.iter_mut().zip(u32s(batch, name, path, first_row)?) {
-                    r.prompt_len = v;
-                }
+                set(&mut out, u32s(batch, name, path, first_row)?, |r, v| {
+                    r.prompt_len = v
+                })
             }
             SampleColumn::NumPositions => {
-                for (r, v) in out.iter_mut().zip(u32s(batch, name, path, first_row)?) {
-                    r.num_positions = v;
-                }
+                set(&mut out, u32s(batch, name, path, first_row)?, |r, v| {
+                    r.num_positions = v
+                })
             }
             SampleColumn::InputIds => {
                 let col = column(batch, name, path, first_row)?;
