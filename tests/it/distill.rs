@@ -962,3 +962,54 @@ mod cuda {
         assert!(out.join("final").join("model.safetensors").exists());
     }
 }
+
+/// The library's error names no flag; the CLI adds the one that fixes it.
+#[test]
+fn missing_temperature_names_the_flag_that_gives_one() {
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let manifest = firstkd::store::Manifest::load(&store).unwrap();
+    assert!(
+        manifest.temperature.is_none(),
+        "the test store has no fitted T"
+    );
+    let out = firstkd(&[
+        "distill",
+        "--store",
+        store.to_str().unwrap(),
+        "--init",
+        "random:missing.json",
+        "--loss",
+        "first",
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("needs a teacher temperature") && t.contains("pass --temperature T"),
+        "{t}"
+    );
+    assert!(!t.contains("panicked"), "{t}");
+    // Library callers get the message without any flag in it.
+    let opts = TrainOptions {
+        loss: LossKind::First,
+        steps: 1,
+        ..TrainOptions::default()
+    };
+    let init = Init::parse("random:missing.json", 0).unwrap();
+    let err = train(
+        &store,
+        &init,
+        &tmp.path().join("o2"),
+        &opts,
+        false,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(!err.to_string().contains("--"), "{err}");
+}
