@@ -163,7 +163,7 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
             sha256: id.sha256.clone(),
             architecture: id.architecture.clone(),
             quantization: id.quantization.clone(),
-            compute_dtype: "f32".into(),
+            compute_dtype: teacher.model().compute().as_str().into(),
             compute_mode: id.compute.clone(),
         },
         tokenizer: TokenizerInfo {

@@ -17,7 +17,9 @@
 mod kernels;
 mod load;
 pub mod model;
+pub mod qgemm;
 pub mod select;
+pub mod sgemm;
 
 use std::path::Path;
 
@@ -28,7 +30,7 @@ pub use crate::tokenize::{chat, tokenizer};
 pub use crate::tokenize::{ChatTemplate, Message};
 pub use crate::tokenize::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
 pub(crate) use load::safetensors_shards;
-pub use model::{Architecture, AttentionLayout, KeySpan, ModelConfig, TeacherModel};
+pub use model::{Architecture, AttentionLayout, Compute, KeySpan, ModelConfig, TeacherModel};
 pub use select::{select_row, RowSelection};
 
 use crate::error::{Error, Result};
@@ -165,6 +167,23 @@ impl Teacher {
             chat_template: loaded.chat_template,
             identity: loaded.identity,
         })
+    }
+
+    /// Switches the matrix products to `compute` ([`TeacherModel::set_compute`]) and records
+    /// it in [`identity`](Self::identity)`.compute`.
+    pub fn set_compute(&mut self, compute: Compute) -> Result<()> {
+        if compute == self.model.compute() {
+            return Ok(());
+        }
+        let desc = self.model.set_compute(compute)?;
+        let on = self
+            .identity
+            .compute
+            .rsplit_once(" on ")
+            .map(|(_, dev)| dev.to_string())
+            .unwrap_or_else(|| "cpu".to_string());
+        self.identity.compute = format!("{desc} on {on}");
+        Ok(())
     }
 
     /// The decoder.

@@ -5,7 +5,7 @@ use anyhow::Context;
 use firstkd::input::{InputFormat, InputOptions, McResponse};
 use firstkd::label::{label, InputSpec, LabelConfig};
 use firstkd::schema::LogprobDtype;
-use firstkd::teacher::Teacher;
+use firstkd::teacher::{Compute, Teacher};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `firstkd label`.
@@ -65,6 +65,11 @@ pub struct Args {
     /// cpu, or cuda[:N] (needs the `cuda` cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Matrix products: f32 (the reference), int16 (12-bit weights, 13-bit activations in
+    /// blocks of 64, CPU only: faster, labels within f32 noise), or int8 (W8A8, CPU only: the
+    /// fastest, labels measurably different). Measured in docs/benchmarks.md.
+    #[arg(long, value_enum, default_value_t = Compute::F32)]
+    pub compute: Compute,
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
@@ -78,8 +83,11 @@ fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let device = super::device(&args.device)?;
-    let teacher = Teacher::load_with_tokenizer(&args.model, args.tokenizer.as_deref(), &device)
+    let mut teacher = Teacher::load_with_tokenizer(&args.model, args.tokenizer.as_deref(), &device)
         .with_context(|| format!("loading teacher {}", args.model.display()))?;
+    teacher
+        .set_compute(args.compute)
+        .with_context(|| format!("--compute {}", args.compute.as_str()))?;
     let context = teacher.identity().context_length as usize;
     let mc_response = args.mc_response;
     let mut inputs: Vec<InputSpec> = args

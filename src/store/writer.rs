@@ -221,7 +221,18 @@ impl StoreWriter {
             ));
         }
         if manifest.teacher != meta.teacher {
-            diffs.push("teacher".into());
+            let (a, b) = (&manifest.teacher, &meta.teacher);
+            let mut what = Vec::new();
+            if a.sha256 != b.sha256 || a.file_name != b.file_name {
+                what.push(format!("model {} vs {}", a.file_name, b.file_name));
+            }
+            if a.compute_dtype != b.compute_dtype || a.compute_mode != b.compute_mode {
+                what.push(format!("compute {} vs {}", a.compute_mode, b.compute_mode));
+            }
+            if what.is_empty() {
+                what.push("model description".to_string());
+            }
+            diffs.push(format!("teacher: {}", what.join(", ")));
         }
         if manifest.tokenizer != meta.tokenizer {
             diffs.push("tokenizer".into());

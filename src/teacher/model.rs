@@ -6,8 +6,12 @@
 //! Q/K rows interleaved for llama.cpp's RoPE; the loader undoes that permutation, so one RoPE
 //! kernel serves every source.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
+use super::qgemm::{self, Kernel, Precision, QWeight};
+use super::sgemm::PackedF32;
 use crate::error::{Error, Result};
 
 /// Architectures the teacher can run.
@@ -92,16 +96,120 @@ pub struct LayerWeights {
     pub down: Tensor,
 }
 
+/// How the teacher's matrix products are computed.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// f32 weights and products (weights dequantised from GGUF): the reference path.
+    #[default]
+    F32,
+    /// Weights quantised to 12 bits and activations to 13 bits (int16) in blocks of 64 along
+    /// the reduction axis, products in i32 with AVX-512 VNNI or AVX2 (CPU only): twice the
+    /// f32 multiply rate, labels within f32 rounding noise (docs/benchmarks.md).
+    Int16,
+    /// Weights and activations quantised to int8 in blocks of 64 (W8A8), products in i32
+    /// (CPU only). The fastest, but its labels differ measurably from f32
+    /// (docs/benchmarks.md): for throughput experiments, not for corpora.
+    Int8,
+}
+
+impl Compute {
+    /// The command-line spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compute::F32 => "f32",
+            Compute::Int16 => "int16",
+            Compute::Int8 => "int8",
+        }
+    }
+}
+
+/// A `[out, in]` projection: f32 for candle's `matmul`, f32 packed for the AVX-512 kernel
+/// ([`PackedF32`]), or packed int8 / int16 for [`qgemm`].
+#[derive(Debug, Clone)]
+enum Linear {
+    F32(Tensor),
+    Packed(Arc<PackedF32>, Device),
+    Quantized(Arc<QWeight>, Kernel),
+}
+
+impl Linear {
+    /// `x W^T` for `x` of `[rows, in]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::F32(w) => Ok(x.matmul(&w.t()?)?),
+            Linear::Packed(w, _) => {
+                let (rows, _) = x.dims2()?;
+                let out = crate::host::with_f32(x, |xs| w.matmul(xs, rows))??;
+                Ok(Tensor::from_vec(out, (rows, w.rows()), x.device())?)
+            }
+            Linear::Quantized(w, kernel) => {
+                let (rows, _) = x.dims2()?;
+                let out = crate::host::with_f32(x, |xs| qgemm::matmul(xs, rows, w, *kernel))??;
+                Ok(Tensor::from_vec(out, (rows, w.rows()), x.device())?)
+            }
+        }
+    }
+
+    /// An f32 projection, packed for the AVX-512 kernel on a CPU that has it.
+    fn f32(w: Tensor) -> Result<Self> {
+        if !matches!(w.device(), Device::Cpu) || !PackedF32::available() {
+            return Ok(Linear::F32(w.contiguous()?));
+        }
+        let (n, k) = w.dims2()?;
+        let p = crate::host::with_f32(&w, |ws| PackedF32::pack(ws, n, k))??;
+        Ok(Linear::Packed(Arc::new(p), w.device().clone()))
+    }
+
+    /// The f32 weights `[out, in]`.
+    fn weights(&self) -> Result<Tensor> {
+        match self {
+            Linear::F32(w) => Ok(w.clone()),
+            Linear::Packed(p, device) => {
+                Ok(Tensor::from_vec(p.unpack(), (p.rows(), p.cols()), device)?)
+            }
+            Linear::Quantized(..) => {
+                Err(Error::Internal("int8 weights have no f32 form".to_string()))
+            }
+        }
+    }
+
+    /// The integer form of an f32 projection.
+    fn quantized(&self, kernel: Kernel, precision: Precision) -> Result<Self> {
+        match self {
+            Linear::Packed(..) => Linear::F32(self.weights()?).quantized(kernel, precision),
+            Linear::F32(w) => {
+                let (n, k) = w.dims2()?;
+                let q = crate::host::with_f32(w, |ws| QWeight::quantize(ws, n, k, precision))??;
+                Ok(Linear::Quantized(Arc::new(q), kernel))
+            }
+            Linear::Quantized(..) => Err(Error::Internal(
+                "the weights are already quantised".to_string(),
+            )),
+        }
+    }
+}
+
 /// A block with fused projections: one `[q+k+v, hidden]` and one `[2*inter, hidden]` matmul.
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Tensor,
-    wqkv: Tensor,
+    wqkv: Linear,
     bqkv: Option<Tensor>,
-    wo: Tensor,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
+    w_gate_up: Linear,
+    w_down: Linear,
 }
 
 /// The decoder, ready for inference.
@@ -111,10 +219,11 @@ pub struct TeacherModel {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
-    output: Tensor,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    compute: Compute,
 }
 
 impl TeacherModel {
@@ -153,12 +262,12 @@ impl TeacherModel {
                 let w_gate_up = Tensor::cat(&[&l.gate, &l.up], 0)?.contiguous()?;
                 Ok(Block {
                     attn_norm: l.attn_norm,
-                    wqkv,
+                    wqkv: Linear::f32(wqkv)?,
                     bqkv,
-                    wo: l.o.contiguous()?,
+                    wo: Linear::f32(l.o)?,
                     ffn_norm: l.ffn_norm,
-                    w_gate_up,
-                    w_down: l.down.contiguous()?,
+                    w_gate_up: Linear::f32(w_gate_up)?,
+                    w_down: Linear::f32(l.down)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -172,11 +281,72 @@ impl TeacherModel {
             embed,
             blocks,
             norm,
-            output,
+            output: Linear::f32(output)?,
             cos,
             sin,
             device: device.clone(),
+            compute: Compute::F32,
         })
+    }
+
+    /// Switches the matrix products to `compute`. Int8 needs the CPU; it quantises every
+    /// projection and the output matrix once (the f32 copies are dropped, the embedding
+    /// table stays f32) and picks the best kernel this CPU has ([`Kernel::detect`]).
+    /// Returns the description recorded in the store's provenance.
+    pub fn set_compute(&mut self, compute: Compute) -> Result<String> {
+        if compute == self.compute {
+            return Ok(self.compute_description());
+        }
+        let precision = match (self.compute, compute) {
+            (Compute::F32, Compute::Int16) => Precision::Int16,
+            (Compute::F32, Compute::Int8) => Precision::Int8,
+            (from, to) => {
+                return Err(Error::InvalidArgument(format!(
+                    "a model quantised for {} cannot switch to {}; load it again",
+                    from.as_str(),
+                    to.as_str()
+                )))
+            }
+        };
+        if !matches!(self.device, Device::Cpu) {
+            return Err(Error::InvalidArgument(format!(
+                "{} products run on the CPU only; use f32 on an accelerator",
+                compute.as_str()
+            )));
+        }
+        let kernel = Kernel::detect();
+        for b in &mut self.blocks {
+            b.wqkv = b.wqkv.quantized(kernel, precision)?;
+            b.wo = b.wo.quantized(kernel, precision)?;
+            b.w_gate_up = b.w_gate_up.quantized(kernel, precision)?;
+            b.w_down = b.w_down.quantized(kernel, precision)?;
+        }
+        self.output = self.output.quantized(kernel, precision)?;
+        self.compute = compute;
+        Ok(self.compute_description())
+    }
+
+    /// How the products are computed, e.g. `int16 (w12a13, blocks of 64, avx512-vnni)`.
+    pub fn compute_description(&self) -> String {
+        match &self.output {
+            Linear::F32(_) => "f32".to_string(),
+            Linear::Packed(..) => "f32 (avx512 kernel)".to_string(),
+            Linear::Quantized(w, kernel) => format!(
+                "{} ({}, blocks of {}, {})",
+                w.precision().as_str(),
+                match w.precision() {
+                    Precision::Int16 => "w12a13",
+                    Precision::Int8 => "w8a8",
+                },
+                qgemm::QB,
+                kernel.as_str()
+            ),
+        }
+    }
+
+    /// The compute mode.
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 
     /// The model's hyper-parameters.
@@ -244,7 +414,7 @@ impl TeacherModel {
 
     /// Logits `[rows, vocab]` for hidden-state rows `[rows, hidden]`.
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
-        Ok(hidden_rows.matmul(&self.output.t()?)?)
+        self.output.forward(hidden_rows)
     }
 
     /// Logits of every position, `[batch, seq, vocab]`. Convenient for tests and short inputs;
@@ -274,7 +444,7 @@ impl TeacherModel {
         let eps = cfg.rms_norm_eps as f32;
 
         let h = candle_nn::ops::rms_norm(x, &block.attn_norm, eps)?;
-        let mut qkv = h.matmul(&block.wqkv.t()?)?; // [b*s, (nq + 2 nkv) hd]
+        let mut qkv = block.wqkv.forward(&h)?; // [b*s, (nq + 2 nkv) hd]
         if let Some(bias) = &block.bqkv {
             qkv = qkv.broadcast_add(bias)?;
         }
@@ -305,13 +475,13 @@ impl TeacherModel {
             .reshape((b, nq, s, hd))?
             .transpose(1, 2)?
             .reshape((b * s, nq * hd))?;
-        let x = (x + attn.matmul(&block.wo.t()?)?)?;
+        let x = (x + block.wo.forward(&attn)?)?;
 
         let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-        let gate_up = h.matmul(&block.w_gate_up.t()?)?; // [b*s, 2*inter]
+        let gate_up = block.w_gate_up.forward(&h)?; // [b*s, 2*inter]
         let inter = cfg.intermediate_size;
         let act = super::kernels::swiglu(&gate_up, inter)?;
-        Ok((x + act.matmul(&block.w_down.t()?)?)?)
+        Ok((x + block.w_down.forward(&act)?)?)
     }
 }
 

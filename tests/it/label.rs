@@ -76,6 +76,71 @@ fn rows(dir: &Path) -> Rows {
     out
 }
 
+/// `--compute int16` / `int8`: recorded in the manifest, close to the f32 labels
+/// (docs/benchmarks.md measures how close on a larger text), and never mixed with f32 labels
+/// in one store.
+#[test]
+fn integer_compute_is_recorded_close_to_f32_and_never_mixed_into_an_f32_store() {
+    let Some(model) = teacher_path() else { return };
+    let tmp = tempdir();
+    let f32_dir = tmp.path().join("f32");
+    let input = data("text.jsonl");
+    let o = label(&model, &f32_dir, &["--input", &input]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        Manifest::load(&f32_dir).unwrap().teacher.compute_dtype,
+        "f32"
+    );
+    let a = rows(&f32_dir);
+    assert!(a.len() > 50, "{} positions", a.len());
+    // (mode, provenance prefix, least top-1 agreement, largest mean top-1 log-prob difference)
+    for (mode, desc, min_agree, max_diff) in [
+        ("int16", "int16 (w12a13, blocks of 64", 0.95, 0.02),
+        ("int8", "int8 (w8a8, blocks of 64", 0.85, 0.2),
+    ] {
+        let dir = tmp.path().join(mode);
+        let o = label(&model, &dir, &["--input", &input, "--compute", mode]);
+        assert!(o.status.success(), "{}", text(&o));
+        let m = Manifest::load(&dir).unwrap();
+        assert_eq!(m.teacher.compute_dtype, mode);
+        assert!(
+            m.teacher.compute_mode.starts_with(desc),
+            "{}",
+            m.teacher.compute_mode
+        );
+        verify(&dir).unwrap();
+        let b = rows(&dir);
+        assert_eq!(a.len(), b.len());
+        let same_top1 = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.0 == y.0 && x.1 .2[0] == y.1 .2[0])
+            .count();
+        let mean_diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x.1 .3[0] - y.1 .3[0]).abs() as f64)
+            .sum::<f64>()
+            / a.len() as f64;
+        let agree = same_top1 as f64 / a.len() as f64;
+        assert!(
+            agree >= min_agree,
+            "{mode} top-1 agrees with f32 at {agree}"
+        );
+        assert!(
+            mean_diff < max_diff,
+            "{mode}: mean top-1 log-prob difference {mean_diff}"
+        );
+        assert!(mean_diff > 0.0, "{mode} labels are bit-identical to f32");
+    }
+
+    // Resuming the f32 store with int8 would mix two kinds of labels: refused, saying why.
+    let o = label(&model, &f32_dir, &["--input", &input, "--compute", "int8"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("compute f32"), "{}", text(&o));
+    assert_eq!(rows(&f32_dir), a);
+}
+
 #[test]
 fn labels_every_input_kind_into_a_valid_store() {
     let Some(model) = teacher_path() else { return };
