@@ -76,6 +76,30 @@ impl PackedF32 {
         Ok(Self { n, k, data })
     }
 
+    /// Packs `W^T` for a row-major `[k, n]` matrix `v` (so that [`matmul`](Self::matmul)
+    /// computes `x v`): the layout's rows of 32 columns are contiguous in `v`, so this is a
+    /// sequence of 128-byte copies.
+    pub fn pack_transposed(v: &[f32], k: usize, n: usize) -> Result<Self> {
+        use rayon::prelude::*;
+        if n == 0 || k == 0 || v.len() != n * k {
+            return Err(Error::InvalidArgument(format!(
+                "f32 matrix of {} values cannot be [{k}, {n}]",
+                v.len()
+            )));
+        }
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let (c0, width) = (p * NR, NR.min(n - p * NR));
+                for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                    dst[..width].copy_from_slice(&v[i * n + c0..i * n + c0 + width]);
+                }
+            });
+        Ok(Self { n, k, data })
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         self.n
@@ -104,6 +128,16 @@ impl PackedF32 {
 
     /// `x W^T` for row-major `x` of `[m, k]`: row-major `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.matmul_with(x, m, false)
+    }
+
+    /// `x^T W^T` for row-major `x` of `[k, m]` (the weight gradient `dY^T X` of a linear
+    /// layer, with this matrix packed from `X` by [`pack_transposed`](Self::pack_transposed)).
+    pub fn matmul_transposed(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.matmul_with(x, m, true)
+    }
+
+    fn matmul_with(&self, x: &[f32], m: usize, transposed: bool) -> Result<Vec<f32>> {
         if x.len() != m * self.k {
             return Err(Error::InvalidArgument(format!(
                 "f32 product of {} activations with a [{}, {}] weight",
@@ -120,7 +154,7 @@ impl PackedF32 {
         let ld = self.panels() * NR;
         let mut out: Vec<f32> = Vec::with_capacity(m * ld);
         if m > 0 {
-            let a = pack_rows(x, m, self.k);
+            let a = pack_rows(x, m, self.k, transposed);
             // SAFETY: `out` has room for m * ld floats; run writes every one of them (the first
             // chunk of the reduction axis stores every tile) before the length is set.
             unsafe {
@@ -193,14 +227,22 @@ impl PackedF32 {
     }
 }
 
-/// Activations `[m, k]` rearranged into tiles of [`MR`] rows, `[tile][k][MR]` (rows past `m`
-/// zero), so that a micro-tile reads one contiguous stream.
-fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+/// Activations `[m, k]` (or, `transposed`, the transpose of a row-major `[k, m]`) rearranged
+/// into tiles of [`MR`] rows, `[tile][k][MR]` (rows past `m` zero), so that a micro-tile reads
+/// one contiguous stream.
+fn pack_rows(x: &[f32], m: usize, k: usize, transposed: bool) -> Vec<f32> {
     use rayon::prelude::*;
     let tiles = m.div_ceil(MR);
     let mut a = vec![0f32; tiles * k * MR];
     a.par_chunks_mut(k * MR).enumerate().for_each(|(t, tile)| {
-        for r in 0..MR.min(m - t * MR) {
+        let rows = MR.min(m - t * MR);
+        if transposed {
+            for (i, dst) in tile.chunks_exact_mut(MR).enumerate() {
+                dst[..rows].copy_from_slice(&x[i * m + t * MR..i * m + t * MR + rows]);
+            }
+            return;
+        }
+        for r in 0..rows {
             let src = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
             for (i, &v) in src.iter().enumerate() {
                 tile[i * MR + r] = v;
@@ -303,6 +345,29 @@ mod tests {
                         (g - want).abs() < 1e-5 * (k as f64).sqrt(),
                         "[{m},{n},{k}] ({r},{c}): {g} vs {want}"
                     );
+                }
+            }
+        }
+        // The transposed forms: x v for v [k, n], and x^T v for x [k, m].
+        let (m, n, k) = (13, 37, 29);
+        let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+        let got = PackedF32::pack_transposed(&v, k, n)
+            .unwrap()
+            .matmul(&x, m)
+            .unwrap();
+        let xt: Vec<f32> = (0..k * m).map(|j| x[(j % m) * k + j / m]).collect();
+        let got_t = PackedF32::pack_transposed(&v, k, n)
+            .unwrap()
+            .matmul_transposed(&xt, m)
+            .unwrap();
+        for r in 0..m {
+            for c in 0..n {
+                let want: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * v[i * n + c] as f64)
+                    .sum();
+                for g in [got[r * n + c], got_t[r * n + c]] {
+                    assert!((g as f64 - want).abs() < 1e-5, "({r},{c}): {g} vs {want}");
                 }
             }
         }

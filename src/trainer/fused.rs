@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use crate::teacher::sgemm::PackedF32;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -82,6 +83,13 @@ impl CustomOp2 for Linear {
         if k != k2 {
             bail!("linear: input width {k} but weight [{m}, {k2}]");
         }
+        if PackedF32::available() {
+            let (x, w) = (cpu_slice(xs, xl, "linear")?, cpu_slice(ws, wl, "linear")?);
+            let out = PackedF32::pack(w, m, k)
+                .and_then(|p| p.matmul(x, n))
+                .map_err(candle_core::Error::wrap)?;
+            return Ok((CpuStorage::F32(out), Shape::from((n, m))));
+        }
         let out = xs.matmul(ws, (1, n, m, k), xl, &wl.transpose(0, 1)?)?;
         Ok((out, Shape::from((n, m))))
     }
@@ -93,6 +101,30 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        if grad.device().is_cpu() && PackedF32::available() {
+            let (n, m) = grad.dims2()?;
+            let (_, k) = w.dims2()?;
+            let grad = grad.contiguous()?;
+            let (dx, dw) = with_data(&grad, "linear backward", |g| {
+                // dX = dY W: W [m, k] is the transposed layout of a packed [k, m] weight.
+                let dx = with_data(w, "linear backward", |w| {
+                    PackedF32::pack_transposed(w, m, k)
+                        .and_then(|p| p.matmul(g, n))
+                        .map_err(candle_core::Error::wrap)
+                })?;
+                // dW = dY^T X: X [n, k] packed transposed, dY read transposed.
+                let dw = with_data(x, "linear backward", |x| {
+                    PackedF32::pack_transposed(x, n, k)
+                        .and_then(|p| p.matmul_transposed(g, m))
+                        .map_err(candle_core::Error::wrap)
+                })?;
+                Ok((dx, dw))
+            })?;
+            return Ok((
+                Some(cpu_tensor(dx, &Shape::from((n, k)))?),
+                Some(cpu_tensor(dw, &Shape::from((m, k)))?),
+            ));
+        }
         let dx = grad.matmul(&w.detach())?;
         let dw = grad.t()?.matmul(&x.detach())?;
         Ok((Some(dx), Some(dw)))

@@ -194,7 +194,12 @@ pub fn student_rows(
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = hidden.narrow(0, start, len)?.matmul(&output.t()?)?;
+        let rows = hidden.narrow(0, start, len)?;
+        let logits = if rows.device().is_cpu() && rows.dtype() == candle_core::DType::F32 {
+            super::fused::linear(&rows, output)?
+        } else {
+            rows.matmul(&output.t()?)?
+        };
         let stats = rows_from_logits(
             &logits,
             &topk_ids.narrow(0, start, len)?,
