@@ -435,14 +435,7 @@ pub fn matmul(x: &[f32], m: usize, w: &QWeight, kernel: Kernel) -> Result<Vec<f3
         run_panels(&acts, w, kernel, out.as_mut_ptr(), ld);
         out.set_len(m * ld);
     }
-    if ld == w.n {
-        return Ok(out);
-    }
-    let mut packed = Vec::with_capacity(m * w.n);
-    for row in out.chunks_exact(ld) {
-        packed.extend_from_slice(&row[..w.n]);
-    }
-    Ok(packed)
+    Ok(super::sgemm::drop_padding(out, ld, w.n))
 }
 
 /// A pointer to the output that tasks writing disjoint columns share.

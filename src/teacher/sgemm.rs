@@ -54,49 +54,46 @@ impl PackedF32 {
 
     /// Packs a row-major `[n, k]` matrix.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Result<Self> {
-        use rayon::prelude::*;
-        if n == 0 || k == 0 || w.len() != n * k {
-            return Err(Error::InvalidArgument(format!(
-                "f32 weight of {} values cannot be a [{n}, {k}] matrix",
-                w.len()
-            )));
-        }
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for c in 0..NR.min(n - p * NR) {
-                    let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
-                    for (i, &v) in row.iter().enumerate() {
-                        panel[i * NR + c] = v;
-                    }
+        Self::pack_with(w, n, k, |panel, p| {
+            for c in 0..NR.min(n - p * NR) {
+                let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
+                for (i, &v) in row.iter().enumerate() {
+                    panel[i * NR + c] = v;
                 }
-            });
-        Ok(Self { n, k, data })
+            }
+        })
     }
 
     /// Packs `W^T` for a row-major `[k, n]` matrix `v` (so that [`matmul`](Self::matmul)
     /// computes `x v`): the layout's rows of 32 columns are contiguous in `v`, so this is a
     /// sequence of 128-byte copies.
     pub fn pack_transposed(v: &[f32], k: usize, n: usize) -> Result<Self> {
+        Self::pack_with(v, n, k, |panel, p| {
+            let (c0, width) = (p * NR, NR.min(n - p * NR));
+            for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..width].copy_from_slice(&v[i * n + c0..i * n + c0 + width]);
+            }
+        })
+    }
+
+    /// Checks the shape and fills each panel (`[k][NR]`, zeroed) with `fill(panel, index)`.
+    fn pack_with(
+        values: &[f32],
+        n: usize,
+        k: usize,
+        fill: impl Fn(&mut [f32], usize) + Sync,
+    ) -> Result<Self> {
         use rayon::prelude::*;
-        if n == 0 || k == 0 || v.len() != n * k {
+        if n == 0 || k == 0 || values.len() != n * k {
             return Err(Error::InvalidArgument(format!(
-                "f32 matrix of {} values cannot be [{k}, {n}]",
-                v.len()
+                "f32 matrix of {} values cannot hold {n} x {k}",
+                values.len()
             )));
         }
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
+        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
         data.par_chunks_mut(k * NR)
             .enumerate()
-            .for_each(|(p, panel)| {
-                let (c0, width) = (p * NR, NR.min(n - p * NR));
-                for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                    dst[..width].copy_from_slice(&v[i * n + c0..i * n + c0 + width]);
-                }
-            });
+            .for_each(|(p, panel)| fill(panel, p));
         Ok(Self { n, k, data })
     }
 
@@ -162,14 +159,7 @@ impl PackedF32 {
                 out.set_len(m * ld);
             }
         }
-        if ld == self.n {
-            return Ok(out);
-        }
-        let mut packed = Vec::with_capacity(m * self.n);
-        for row in out.chunks_exact(ld) {
-            packed.extend_from_slice(&row[..self.n]);
-        }
-        Ok(packed)
+        Ok(drop_padding(out, ld, self.n))
     }
 
     /// # Safety
@@ -225,6 +215,19 @@ impl PackedF32 {
             }
         });
     }
+}
+
+/// Rows of `ld` values cut to their first `n` (the zero columns that pad a matrix to whole
+/// panels); `out` itself when there are none.
+pub(crate) fn drop_padding(out: Vec<f32>, ld: usize, n: usize) -> Vec<f32> {
+    if ld == n {
+        return out;
+    }
+    let mut packed = Vec::with_capacity(out.len() / ld.max(1) * n);
+    for row in out.chunks_exact(ld) {
+        packed.extend_from_slice(&row[..n]);
+    }
+    packed
 }
 
 /// Activations `[m, k]` (or, `transposed`, the transpose of a row-major `[k, m]`) rearranged
