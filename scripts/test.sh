@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/firstkd-target}"
 python3 -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+# Spark (a reader of the store in tests/it/format_v2.rs) runs on Java 17 or 21.
+if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless; } \
+    >/dev/null || echo "test.sh: could not install Java; the Spark reader test will fail under CI" >&2
+fi
 for model in smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b; do
   scripts/fetch-model.sh "$model" >/dev/null
 done

@@ -15,11 +15,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("{path}: unsupported store schema version {found} (this firstkd reads major version {supported})")]
+    #[error("{path}: unsupported store schema version {found} (this firstkd reads major versions {supported})")]
     UnsupportedSchemaVersion {
         path: PathBuf,
         found: String,
-        supported: u32,
+        supported: &'static str,
     },
 
     #[error("{path}: not a firstkd store: {reason}")]

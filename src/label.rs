@@ -84,7 +84,7 @@ impl Default for LabelConfig {
             inputs: Vec::new(),
             input: InputOptions::default(),
             k: 5,
-            logprob_dtype: LogprobDtype::Float16,
+            logprob_dtype: LogprobDtype::Quantized,
             batch_tokens: 2048,
             part_sequences: 256,
             shard: (0, 1),

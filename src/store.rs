@@ -11,6 +11,7 @@
 //! recorded in the manifest (itself replaced atomically), so an interrupted writer
 //! never leaves a part that looks complete. See docs/format.md.
 
+pub mod convert;
 pub mod decode;
 pub mod inspect;
 pub mod join;
@@ -21,6 +22,7 @@ pub mod synthetic;
 pub mod verify;
 pub mod writer;
 
+pub use convert::{convert, ConvertReport};
 pub use decode::{LabelColumn, LabelRows, SampleColumn, SampleRow};
 pub use join::{LabelledSample, LabelledSamples};
 pub use manifest::{

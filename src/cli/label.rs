@@ -41,8 +41,8 @@ pub struct Args {
     /// Teacher tokens kept per position.
     #[arg(long, default_value_t = 5)]
     pub k: usize,
-    /// Log-prob storage type: float16 or float32.
-    #[arg(long, value_enum, default_value_t = LogprobDtype::Float16)]
+    /// Log-prob storage: quantized (format 2.0, the default), float32 or float16 (format 1.0).
+    #[arg(long, value_enum, default_value_t = LogprobDtype::Quantized)]
     pub dtype: LogprobDtype,
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = 2048)]

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod calibrate;
 mod compare;
+mod convert;
 mod distill;
 mod eval;
 mod inspect;
@@ -42,6 +43,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Write a seeded synthetic store (for tests and benchmarks).
     Synth(synth::Args),
+    /// Rewrite a store into another layout (quantized 2.0 <-> float32 / float16 1.0).
+    Convert(convert::Args),
     /// Run SQL over a store (tables labels, samples; view tokens; see docs/sql.md).
     Sql(sql::Args),
     /// Built-in reports: top-k coverage and teacher calibration.
@@ -60,6 +63,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
         Command::Verify(args) => verify::run(args, out),
         Command::Inspect(args) => inspect::run(args, out),
         Command::Synth(args) => synth::run(args, out),
+        Command::Convert(args) => convert::run(args, out),
         Command::Sql(args) => sql::run(args, out),
         Command::Stats(args) => stats::run(args, out),
         Command::Distill(args) => distill::run(args, out),

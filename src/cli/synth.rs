@@ -23,8 +23,8 @@ pub struct Args {
     /// Vocabulary size.
     #[arg(long, default_value_t = 49152)]
     pub vocab: u32,
-    /// Log-prob storage type: float16 or float32.
-    #[arg(long, value_enum, default_value_t = LogprobDtype::Float16)]
+    /// Log-prob storage: quantized (format 2.0, the default), float32 or float16 (format 1.0).
+    #[arg(long, value_enum, default_value_t = LogprobDtype::Quantized)]
     pub dtype: LogprobDtype,
     /// Sharpening of the stored distribution relative to the truth (1 = calibrated teacher).
     #[arg(long, default_value_t = 1.5)]

@@ -4,15 +4,27 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, UInt32Array, UInt64Array,
+};
+use arrow::datatypes::{Field, SchemaRef};
+use arrow::record_batch::{RecordBatch, RecordBatchOptions};
+use datafusion::catalog::Session;
+use datafusion::common::{DataFusionError, Result as DfResult};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::datasource::{MemTable, TableProvider};
+use datafusion::datasource::{MemTable, TableProvider, TableType};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::{Error, Result};
-use crate::schema::Table;
-use crate::store::StoreReader;
+use crate::schema::{labels_schema, LogprobDtype, Table};
+use crate::store::{LabelColumn, LabelRows, StoreReader};
 
 /// A table provider for `table` of the store: a Parquet listing table over the manifest's
 /// part files (never a directory listing, so unlisted or temporary files are ignored), with
@@ -21,6 +33,9 @@ use crate::store::StoreReader;
 pub fn table_provider(reader: &StoreReader, table: Table) -> Result<Arc<dyn TableProvider>> {
     let schema = reader.schema(table);
     let manifest = reader.manifest();
+    if table == Table::Labels && manifest.quantization.is_some() {
+        return Ok(Arc::new(DecodedLabels::new(reader)?));
+    }
     if manifest.parts.is_empty() {
         return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
     }
@@ -50,4 +65,138 @@ fn file_url(path: &Path) -> Result<ListingTableUrl> {
         ))
     })?;
     Ok(ListingTableUrl::try_new(url, None)?)
+}
+
+/// The logical `labels` table of a 2.0 store: the stored fixed-point columns decoded by the
+/// store's typed reader (so SQL sees exactly the 1.0 table, log-probs as float32), one
+/// DataFusion partition per committed part, decoding only the columns a query reads.
+#[derive(Debug)]
+pub struct DecodedLabels {
+    reader: StoreReader,
+    schema: SchemaRef,
+}
+
+impl DecodedLabels {
+    /// The table over the committed parts of `reader` (every part checked first).
+    pub fn new(reader: &StoreReader) -> Result<Self> {
+        for i in 0..reader.manifest().parts.len() {
+            reader.checked_builder(i, Table::Labels)?;
+        }
+        Ok(DecodedLabels {
+            reader: reader.clone(),
+            schema: labels_schema(reader.manifest().k, LogprobDtype::Float32),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for DecodedLabels {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let indices: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let columns: Vec<LabelColumn> = indices
+            .iter()
+            .filter_map(|&i| LabelColumn::ALL.get(i).copied())
+            .collect();
+        let schema = Arc::new(self.schema.project(&indices)?);
+        let partitions: Vec<Arc<dyn PartitionStream>> = (0..self.reader.manifest().parts.len())
+            .map(|part| {
+                Arc::new(LabelPart {
+                    reader: self.reader.clone(),
+                    part,
+                    columns: columns.clone(),
+                    schema: Arc::clone(&schema),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
+        let exec = StreamingTableExec::try_new(schema, partitions, None, [], false, limit)?;
+        Ok(Arc::new(exec))
+    }
+}
+
+/// One committed part of a [`DecodedLabels`] table, decoded `columns` only.
+#[derive(Debug)]
+struct LabelPart {
+    reader: StoreReader,
+    part: usize,
+    columns: Vec<LabelColumn>,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for LabelPart {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        let columns = self.columns.clone();
+        let rows = self
+            .reader
+            .part_label_rows(self.part..self.part + 1, &columns, 8192);
+        let batches = rows.map(move |rows| {
+            rows.and_then(|rows| logical_batch(&rows, &columns, &schema))
+                .map_err(|e| DataFusionError::External(Box::new(e)))
+        });
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            futures::stream::iter(batches),
+        ))
+    }
+}
+
+/// Decoded rows as a batch of the logical `labels` table (projected on `columns`).
+fn logical_batch(
+    rows: &LabelRows,
+    columns: &[LabelColumn],
+    schema: &SchemaRef,
+) -> Result<RecordBatch> {
+    let k = i32::try_from(rows.k).map_err(|_| Error::InvalidArgument("k too large".into()))?;
+    let list = |values: ArrayRef| -> Result<ArrayRef> {
+        let field = Arc::new(Field::new("item", values.data_type().clone(), false));
+        Ok(Arc::new(FixedSizeListArray::try_new(
+            field, k, values, None,
+        )?))
+    };
+    let arrays = columns
+        .iter()
+        .map(|c| -> Result<ArrayRef> {
+            Ok(match c {
+                LabelColumn::SampleId => Arc::new(UInt64Array::from(rows.sample_id.clone())),
+                LabelColumn::Position => Arc::new(UInt32Array::from(rows.position.clone())),
+                LabelColumn::TargetId => Arc::new(UInt32Array::from(rows.target_id.clone())),
+                LabelColumn::InLoss => Arc::new(BooleanArray::from(rows.in_loss.clone())),
+                LabelColumn::TopkIds => list(Arc::new(UInt32Array::from(rows.topk_ids.clone())))?,
+                LabelColumn::TopkLogprobs => {
+                    list(Arc::new(Float32Array::from(rows.topk_logprobs.clone())))?
+                }
+                LabelColumn::TargetLogprob => {
+                    Arc::new(Float32Array::from(rows.target_logprob.clone()))
+                }
+                LabelColumn::Entropy => Arc::new(Float32Array::from(rows.entropy.clone())),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = RecordBatchOptions::new().with_row_count(Some(rows.len()));
+    Ok(RecordBatch::try_new_with_options(
+        Arc::clone(schema),
+        arrays,
+        &options,
+    )?)
 }

@@ -103,8 +103,11 @@ pub struct Manifest {
     pub schema_version: String,
     /// Teacher tokens kept per position.
     pub k: usize,
-    /// Storage type of log-probability columns.
+    /// Storage type of log-probability columns (`quantized`: the 2.0 layout).
     pub logprob_dtype: LogprobDtype,
+    /// Fixed-point scales of a 2.0 store (absent in 1.0 stores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::schema::Quantization>,
     /// True once the writer finished; an incomplete store is being written or was interrupted.
     pub complete: bool,
     /// firstkd version that created the store.
@@ -164,11 +167,12 @@ impl Manifest {
         let version = raw
             .get("schema_version")
             .and_then(|v| v.as_str())
+            .map(str::to_string)
             .ok_or_else(|| Error::InvalidManifest {
                 path: path.clone(),
                 reason: "missing schema_version".into(),
             })?;
-        schema::check_version(version, &path)?;
+        let (major, _) = schema::check_version(&version, &path)?;
         let manifest: Manifest =
             serde_json::from_value(raw).map_err(|e| Error::InvalidManifest {
                 path: path.clone(),
@@ -178,6 +182,26 @@ impl Manifest {
             return Err(Error::InvalidManifest {
                 path,
                 reason: "k must be at least 1".into(),
+            });
+        }
+        if manifest.logprob_dtype.major() != major {
+            return Err(Error::InvalidManifest {
+                path,
+                reason: format!(
+                    "schema_version {version} with logprob_dtype {} (a {} store)",
+                    manifest.logprob_dtype.name(),
+                    manifest.logprob_dtype.schema_version()
+                ),
+            });
+        }
+        let want = (major == 2).then_some(schema::Quantization::V2);
+        if manifest.quantization != want {
+            return Err(Error::InvalidManifest {
+                path,
+                reason: format!(
+                    "quantization {:?}, format {version} has {:?}",
+                    manifest.quantization, want
+                ),
             });
         }
         Ok(manifest)

@@ -175,7 +175,26 @@ pub fn check_part_metadata(
     let version = kv
         .get(meta_keys::SCHEMA_VERSION)
         .ok_or_else(|| mismatch(format!("no {} metadata", meta_keys::SCHEMA_VERSION)))?;
-    schema::check_version(version, path)?;
+    let (major, _) = schema::check_version(version, path)?;
+    if major != manifest.logprob_dtype.major() {
+        return Err(mismatch(format!(
+            "metadata {} is {version:?}, manifest says {}",
+            meta_keys::SCHEMA_VERSION,
+            manifest.schema_version
+        )));
+    }
+    if let Some(q) = manifest.quantization {
+        let found = kv
+            .get(meta_keys::QUANTIZATION)
+            .and_then(|v| serde_json::from_str::<schema::Quantization>(v).ok());
+        if found != Some(q) {
+            return Err(mismatch(format!(
+                "metadata {} is {:?}, manifest expects {q:?}",
+                meta_keys::QUANTIZATION,
+                kv.get(meta_keys::QUANTIZATION)
+            )));
+        }
+    }
     let expect = [
         (meta_keys::TABLE, table.name().to_string()),
         (meta_keys::K, manifest.k.to_string()),

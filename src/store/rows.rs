@@ -17,12 +17,15 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 
+use std::collections::HashMap;
+
 use super::decode::{
-    corrupt, decode_labels, decode_samples, LabelColumn, LabelRows, SampleColumn, SampleRow,
+    corrupt, decode_labels, decode_labels_v2, decode_samples, physical_label_names, LabelColumn,
+    LabelRows, SampleColumn, SampleRow, V2Inputs,
 };
 use super::reader::StoreReader;
 use crate::error::{Error, Result};
-use crate::schema::Table;
+use crate::schema::{Quantization, Table};
 
 /// Record batches of one Parquet file with a running row number, errors naming the file.
 struct FileBatches {
@@ -160,26 +163,59 @@ pub struct LabelRowIter {
     files: Files,
     columns: Vec<LabelColumn>,
     k: usize,
+    /// Set for a 2.0 store: the scales, and the inputs of the current part's samples.
+    quant: Option<Quantization>,
+    inputs: HashMap<u64, Vec<u32>>,
+    inputs_of: Option<PathBuf>,
     failed: bool,
 }
 
+/// The samples file of the same part as a labels file (`labels/part-N` -> `samples/part-N`).
+pub fn samples_file_of(labels_path: &Path) -> PathBuf {
+    let name = labels_path.file_name().unwrap_or_default();
+    labels_path.parent().and_then(Path::parent).map_or_else(
+        || PathBuf::from(name),
+        |dir| dir.join(Table::Samples.name()).join(name),
+    )
+}
+
 impl LabelRowIter {
-    fn new(files: Files, columns: &[LabelColumn], k: usize) -> Self {
+    fn new(files: Files, columns: &[LabelColumn], k: usize, quant: Option<Quantization>) -> Self {
         LabelRowIter {
             files,
             columns: columns.to_vec(),
             k,
+            quant,
+            inputs: HashMap::new(),
+            inputs_of: None,
             failed: false,
         }
     }
 
     fn advance(&mut self) -> Result<Option<LabelRows>> {
-        match self.files.next_batch()? {
-            Some((batch, first, path)) => {
-                decode_labels(&batch, &self.columns, self.k, &path, first).map(Some)
+        let Some((batch, first, path)) = self.files.next_batch()? else {
+            return Ok(None);
+        };
+        let Some(quant) = self.quant else {
+            return decode_labels(&batch, &self.columns, self.k, &path, first).map(Some);
+        };
+        let samples_path = samples_file_of(&path);
+        let needs_inputs = self.columns.iter().any(|c| c.needs_inputs());
+        if needs_inputs && self.inputs_of.as_deref() != Some(path.as_path()) {
+            self.inputs.clear();
+            let columns = [SampleColumn::SampleId, SampleColumn::InputIds];
+            for row in read_sample_file(&samples_path, &columns) {
+                let row = row?;
+                self.inputs.insert(row.sample_id, row.input_ids);
             }
-            None => Ok(None),
+            self.inputs_of = Some(path.clone());
         }
+        let v2 = V2Inputs {
+            quant,
+            inputs: &self.inputs,
+            samples_path: &samples_path,
+        };
+        decode_labels_v2(&batch, &self.columns, self.k, &path, first, v2).map(Some)
     }
 }
 
@@ -230,10 +266,6 @@ impl Iterator for SampleRowIter {
     }
 }
 
-fn label_names(columns: &[LabelColumn]) -> Vec<&'static str> {
-    columns.iter().map(|c| c.name()).collect()
-}
-
 fn sample_names(columns: &[SampleColumn]) -> Vec<&'static str> {
     columns.iter().map(|c| c.name()).collect()
 }
@@ -241,16 +273,20 @@ fn sample_names(columns: &[SampleColumn]) -> Vec<&'static str> {
 /// Rows decoded per batch of a samples file.
 const SAMPLE_BATCH_ROWS: usize = 8192;
 
-/// Reads one labels file as it is, without comparing it with a manifest.
+/// Reads one labels file as it is, without comparing it with a manifest (`quant`: the
+/// store's 2.0 scales, `None` for a 1.0 store). The 2.0 target columns are decoded with the
+/// samples file of the same part.
 pub fn read_label_file(
     path: &Path,
     k: usize,
+    quant: Option<Quantization>,
     columns: &[LabelColumn],
     batch_rows: usize,
 ) -> LabelRowIter {
     let files = vec![(path.to_path_buf(), None)];
-    let files = Files::new(files, None, Table::Labels, label_names(columns), batch_rows);
-    LabelRowIter::new(files, columns, k)
+    let names = physical_label_names(columns, quant.is_some());
+    let files = Files::new(files, None, Table::Labels, names, batch_rows);
+    LabelRowIter::new(files, columns, k, quant)
 }
 
 /// Reads one samples file as it is, without comparing it with a manifest.
@@ -289,9 +325,10 @@ impl StoreReader {
         batch_rows: usize,
     ) -> LabelRowIter {
         let files = self.files(Table::Labels, parts);
-        let names = label_names(columns);
+        let quant = self.manifest().quantization;
+        let names = physical_label_names(columns, quant.is_some());
         let files = Files::new(files, Some(self.clone()), Table::Labels, names, batch_rows);
-        LabelRowIter::new(files, columns, self.manifest().k)
+        LabelRowIter::new(files, columns, self.manifest().k, quant)
     }
 
     /// Sample rows of every committed part, in order (checked like [`Self::label_rows`]).

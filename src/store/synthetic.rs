@@ -43,7 +43,7 @@ impl Default for SyntheticConfig {
             seed: 0,
             k: 5,
             vocab_size: 49152,
-            logprob_dtype: LogprobDtype::Float16,
+            logprob_dtype: LogprobDtype::Quantized,
             overconfidence: 1.5,
             min_len: 64,
             max_len: 512,

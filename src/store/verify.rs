@@ -309,7 +309,13 @@ fn check_rows(
     let labels_name = part.labels.file.as_str();
     let mut checker = LabelChecker::new(manifest, labels_name);
     let labels_path = dir.join(labels_name);
-    for rows in read_label_file(&labels_path, manifest.k, &LabelColumn::ALL, 65536) {
+    for rows in read_label_file(
+        &labels_path,
+        manifest.k,
+        manifest.quantization,
+        &LabelColumn::ALL,
+        65536,
+    ) {
         checker.check_rows(&rows?, &samples, report);
     }
     checker.finish(&samples, report);
@@ -319,6 +325,7 @@ fn check_rows(
 struct LabelChecker<'a> {
     file: &'a str,
     vocab: u32,
+    prob_slack: f32,
     row: u64,
     listed: usize,
     suppressed: u64,
@@ -331,6 +338,8 @@ impl<'a> LabelChecker<'a> {
         LabelChecker {
             file,
             vocab: manifest.tokenizer.vocab_size,
+            // The quantized layout's bound, also for a 1.0 store converted from one.
+            prob_slack: 1e-3,
             row: 0,
             listed: 0,
             suppressed: 0,
@@ -401,7 +410,13 @@ impl<'a> LabelChecker<'a> {
             }
             let (ids, lps) = (rows.ids(i), rows.logprobs(i));
             check_topk(ids, lps, self.vocab, &mut messages);
-            check_target(target, rows.target_logprob[i], ids, lps, &mut messages);
+            check_target(
+                target,
+                rows.target_logprob[i],
+                (ids, lps),
+                self.prob_slack,
+                &mut messages,
+            );
             let h = rows.entropy[i];
             if !h.is_finite() || h < -1e-3 {
                 messages.push(format!("entropy {h} is not a finite value >= 0"));
@@ -493,7 +508,15 @@ pub fn check_topk(ids: &[u32], lps: &[f32], vocab: u32, messages: &mut Vec<Strin
     }
 }
 
-fn check_target(target: u32, lp: f32, ids: &[u32], lps: &[f32], messages: &mut Vec<String>) {
+/// `prob_slack`: how far above the k-th probability a target outside the list may decode
+/// (the 2.0 layout stores list probabilities within 1e-3, the target's in fine log steps).
+fn check_target(
+    target: u32,
+    lp: f32,
+    (ids, lps): (&[u32], &[f32]),
+    prob_slack: f32,
+    messages: &mut Vec<String>,
+) {
     if lp.is_nan() || lp > 0.0 {
         messages.push(format!("target_logprob {lp} is not <= 0"));
         return;
@@ -510,7 +533,7 @@ fn check_target(target: u32, lp: f32, ids: &[u32], lps: &[f32], messages: &mut V
         }
         None => {
             if let Some(&last) = lps.last() {
-                if lp > last + tolerance(last) {
+                if lp > last + tolerance(last) && lp.exp() > last.exp() + prob_slack {
                     messages.push(format!(
                         "target {target} is outside the top-k but its log-prob {lp} exceeds the k-th {last}"
                     ));

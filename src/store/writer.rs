@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float16Array, Float32Array, ListArray, StringArray,
-    UInt32Array, UInt64Array,
+    UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{Field, SchemaRef};
@@ -16,11 +16,12 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use super::manifest::{sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo};
 use super::sha256_file;
 use crate::error::{Error, Result};
-use crate::schema::{self, meta_keys, LogprobDtype, Table};
+use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Table};
 
 /// What a new store records about itself; fixed for the store's lifetime.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +41,8 @@ pub struct WriterOptions {
     pub batch_rows: usize,
     /// Maximum rows per Parquet row group.
     pub row_group_rows: usize,
-    /// zstd level of every column.
+    /// zstd level of every column (19 by default: the labels are written far slower than
+    /// zstd compresses, and level 19 finds repeated top-k lists that level 3 misses).
     pub zstd_level: i32,
 }
 
@@ -49,7 +51,7 @@ impl Default for WriterOptions {
         WriterOptions {
             batch_rows: 64 * 1024,
             row_group_rows: 128 * 1024,
-            zstd_level: 3,
+            zstd_level: 19,
         }
     }
 }
@@ -99,6 +101,10 @@ struct Buffers {
     topk_logprobs: Vec<f32>,
     target_logprob: Vec<f32>,
     entropy: Vec<f32>,
+    /// 2.0 layout: probabilities, target log-prob (None when in the list), entropy.
+    topk_q: Vec<u16>,
+    target_q: Vec<Option<u16>>,
+    entropy_q: Vec<u16>,
     s_sample_id: Vec<u64>,
     s_source: Vec<String>,
     s_split: Vec<String>,
@@ -169,9 +175,11 @@ impl StoreWriter {
         }
         let manifest = Manifest {
             format: schema::FORMAT_NAME.into(),
-            schema_version: schema::SCHEMA_VERSION.into(),
+            schema_version: meta.logprob_dtype.schema_version().into(),
             k: meta.k,
             logprob_dtype: meta.logprob_dtype,
+            quantization: (meta.logprob_dtype == LogprobDtype::Quantized)
+                .then_some(Quantization::V2),
             complete: false,
             created_by: format!("firstkd {}", crate::VERSION),
             teacher: meta.teacher,
@@ -294,17 +302,34 @@ impl StoreWriter {
         }
         let start = b.topk_ids.len();
         b.topk_ids.extend_from_slice(&labels.topk_ids[..n * k]);
-        b.topk_logprobs
-            .extend_from_slice(&labels.topk_logprobs[..n * k]);
-        canonicalize(
-            &mut b.topk_ids[start..],
-            &mut b.topk_logprobs[start..],
-            k,
-            self.manifest.logprob_dtype,
-        );
-        b.target_logprob
-            .extend_from_slice(&labels.target_logprobs[..n]);
-        b.entropy.extend_from_slice(&labels.entropy[..n]);
+        if let Some(q) = self.manifest.quantization {
+            b.topk_q.resize(b.topk_ids.len(), 0);
+            for p in 0..n {
+                let row = start + p * k..start + (p + 1) * k;
+                q.quantize_row(
+                    &labels.topk_logprobs[p * k..(p + 1) * k],
+                    &mut b.topk_q[row.clone()],
+                );
+                sort_quantized(&mut b.topk_ids[row.clone()], &mut b.topk_q[row.clone()]);
+                let target = sample.input_ids[p + 1];
+                let in_list = b.topk_ids[row].contains(&target);
+                b.target_q
+                    .push((!in_list).then(|| q.target_q(labels.target_logprobs[p])));
+                b.entropy_q.push(q.entropy_q(labels.entropy[p]));
+            }
+        } else {
+            b.topk_logprobs
+                .extend_from_slice(&labels.topk_logprobs[..n * k]);
+            canonicalize(
+                &mut b.topk_ids[start..],
+                &mut b.topk_logprobs[start..],
+                k,
+                self.manifest.logprob_dtype,
+            );
+            b.target_logprob
+                .extend_from_slice(&labels.target_logprobs[..n]);
+            b.entropy.extend_from_slice(&labels.entropy[..n]);
+        }
         b.s_sample_id.push(sample.sample_id);
         b.s_source.push(sample.source.clone());
         b.s_split.push(sample.split.clone());
@@ -365,14 +390,30 @@ impl StoreWriter {
             ),
             kv(meta_keys::PART_INDEX, index.to_string()),
         ];
+        let mut metadata = metadata;
+        if let Some(q) = m.quantization {
+            metadata.push(kv(meta_keys::QUANTIZATION, serde_json::to_string(&q)?));
+        }
         let level =
             ZstdLevel::try_new(self.opts.zstd_level).map_err(|e| Error::parquet(path, e))?;
-        let props = WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(self.opts.row_group_rows.max(1)))
             .set_key_value_metadata(Some(metadata))
-            .set_created_by(format!("firstkd {}", crate::VERSION))
-            .build();
+            .set_created_by(format!("firstkd {}", crate::VERSION));
+        if m.quantization.is_some() && table == Table::Labels {
+            // Measured on real labels (docs/format.md): plain values + zstd beat dictionary
+            // pages for the lists and the sparse target column.
+            for column in [
+                vec![schema::labels::TOPK_IDS, "list", "item"],
+                vec![labels_v2::TOPK_PROBS_Q, "list", "item"],
+                vec![labels_v2::TARGET_LOGPROB_Q],
+            ] {
+                let path = ColumnPath::new(column.into_iter().map(String::from).collect());
+                props = props.set_column_dictionary_enabled(path, false);
+            }
+        }
+        let props = props.build();
         let schema = match table {
             Table::Labels => self.labels_schema.clone(),
             Table::Samples => self.samples_schema.clone(),
@@ -390,9 +431,8 @@ impl StoreWriter {
         let labels = labels_batch(&mut buffers, &self.labels_schema, &self.manifest)?;
         let samples = samples_batch(buffers, &self.samples_schema)?;
         let in_loss = labels
-            .column(3)
-            .as_any()
-            .downcast_ref::<BooleanArray>()
+            .column_by_name(schema::labels::IN_LOSS)
+            .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
             .map_or(0, |a| a.true_count() as u64);
         let part = self.open_part()?;
         part.labels
@@ -511,6 +551,16 @@ fn canonicalize(ids: &mut [u32], lps: &mut [f32], k: usize, dtype: LogprobDtype)
     }
 }
 
+/// Orders a quantized row by descending stored probability, ties by smaller id.
+fn sort_quantized(ids: &mut [u32], qs: &mut [u16]) {
+    let mut row: Vec<(u16, u32)> = qs.iter().copied().zip(ids.iter().copied()).collect();
+    row.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (j, (q, id)) in row.into_iter().enumerate() {
+        qs[j] = q;
+        ids[j] = id;
+    }
+}
+
 fn validate(sample: &SampleRecord, labels: &SampleLabels, k: usize, vocab: u32) -> Result<()> {
     let bad = |reason: String| {
         Err(Error::InvalidArgument(format!(
@@ -571,14 +621,43 @@ fn fixed_list(values: ArrayRef, k: usize) -> Result<ArrayRef> {
 
 fn logprob_array(values: &[f32], dtype: LogprobDtype) -> ArrayRef {
     match dtype {
-        LogprobDtype::Float32 => Arc::new(Float32Array::from(values.to_vec())),
+        LogprobDtype::Float32 | LogprobDtype::Quantized => {
+            Arc::new(Float32Array::from(values.to_vec()))
+        }
         LogprobDtype::Float16 => Arc::new(Float16Array::from(
             values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
         )),
     }
 }
 
+/// A variable-length list column of rows of `k` values each.
+fn k_list(values: ArrayRef, k: usize) -> Result<ArrayRef> {
+    let field = Arc::new(Field::new("item", values.data_type().clone(), false));
+    let rows = values.len() / k.max(1);
+    let offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(k, rows));
+    Ok(Arc::new(ListArray::try_new(field, offsets, values, None)?))
+}
+
 fn labels_batch(b: &mut Buffers, schema: &SchemaRef, m: &Manifest) -> Result<RecordBatch> {
+    if m.quantization.is_some() {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt64Array::from(std::mem::take(&mut b.sample_id))),
+            Arc::new(UInt32Array::from(std::mem::take(&mut b.position))),
+            Arc::new(BooleanArray::from(std::mem::take(&mut b.in_loss))),
+            k_list(
+                Arc::new(UInt32Array::from(std::mem::take(&mut b.topk_ids))),
+                m.k,
+            )?,
+            k_list(
+                Arc::new(UInt16Array::from(std::mem::take(&mut b.topk_q))),
+                m.k,
+            )?,
+            Arc::new(UInt16Array::from(std::mem::take(&mut b.target_q))),
+            Arc::new(UInt16Array::from(std::mem::take(&mut b.entropy_q))),
+        ];
+        b.target_id.clear();
+        return Ok(RecordBatch::try_new(schema.clone(), columns)?);
+    }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from(std::mem::take(&mut b.sample_id))),
         Arc::new(UInt32Array::from(std::mem::take(&mut b.position))),

@@ -424,6 +424,8 @@ mod tests {
             max_len: 120,
             part_rows: 700,
             valid_fraction: 0.2,
+            // The test reads the files with arrow directly, in the 1.0 layout.
+            logprob_dtype: crate::schema::LogprobDtype::Float16,
             ..SyntheticConfig::default()
         };
         generate(

@@ -36,7 +36,8 @@ fn synth_verify_inspect() {
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("inspect --json is JSON");
     assert_eq!(json["manifest"]["k"], 5);
-    assert_eq!(json["manifest"]["logprob_dtype"], "float16");
+    assert_eq!(json["manifest"]["logprob_dtype"], "quantized");
+    assert_eq!(json["manifest"]["schema_version"], "2.0");
     assert!(json["label_rows"].as_u64().unwrap() >= 3000);
     assert!(json["labels_bytes_per_token"].as_f64().unwrap() > 0.0);
 }

@@ -5,10 +5,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arrow::array::AsArray;
-use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float32Type, UInt32Type, UInt64Type};
+use arrow::datatypes::{UInt32Type, UInt64Type};
 use firstkd::schema::Table;
-use firstkd::store::{verify, Manifest, StoreReader};
+use firstkd::store::{verify, LabelColumn, Manifest, StoreReader};
 
 use crate::util::{firstkd, teacher_path, tempdir, text};
 
@@ -37,37 +36,19 @@ type Rows = Vec<((u64, u32), (u32, bool, Vec<u32>, Vec<f32>, f32, f32))>;
 
 fn rows(dir: &Path) -> Rows {
     let reader = StoreReader::open(dir).unwrap();
-    let k = reader.manifest().k;
     let mut out = Vec::new();
-    for b in reader.batches(Table::Labels, None, 4096).unwrap() {
-        let b = b.unwrap();
-        let lps = cast(
-            b.column(5).as_fixed_size_list().values(),
-            &DataType::Float32,
-        )
-        .unwrap();
-        let lps = lps.as_primitive::<Float32Type>();
-        let ids = b
-            .column(4)
-            .as_fixed_size_list()
-            .values()
-            .as_primitive::<UInt32Type>()
-            .clone();
-        let tlp = cast(b.column(6), &DataType::Float32).unwrap();
-        let tlp = tlp.as_primitive::<Float32Type>();
-        for i in 0..b.num_rows() {
+    for r in reader.label_rows(&LabelColumn::ALL, 4096) {
+        let r = r.unwrap();
+        for i in 0..r.len() {
             out.push((
+                (r.sample_id[i], r.position[i]),
                 (
-                    b.column(0).as_primitive::<UInt64Type>().value(i),
-                    b.column(1).as_primitive::<UInt32Type>().value(i),
-                ),
-                (
-                    b.column(2).as_primitive::<UInt32Type>().value(i),
-                    b.column(3).as_boolean().value(i),
-                    ids.values()[i * k..(i + 1) * k].to_vec(),
-                    lps.values()[i * k..(i + 1) * k].to_vec(),
-                    tlp.value(i),
-                    b.column(7).as_primitive::<Float32Type>().value(i),
+                    r.target_id[i],
+                    r.in_loss[i],
+                    r.ids(i).to_vec(),
+                    r.logprobs(i).to_vec(),
+                    r.target_logprob[i],
+                    r.entropy[i],
                 ),
             ));
         }

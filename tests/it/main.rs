@@ -4,6 +4,7 @@ mod cli;
 mod distill;
 mod eval;
 mod fetch;
+mod format_v2;
 mod label;
 mod qwen;
 mod rows;

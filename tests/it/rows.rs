@@ -65,7 +65,7 @@ fn expect_corrupt<T: std::fmt::Debug>(
 }
 
 fn collect_labels(path: &Path, k: usize) -> Result<Vec<firstkd::store::LabelRows>, Error> {
-    read_label_file(path, k, &LabelColumn::ALL, 500).collect()
+    read_label_file(path, k, None, &LabelColumn::ALL, 500).collect()
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn a_missing_column_is_named() {
     assert!(reason.contains("no column entropy"), "{reason}");
     // Columns that are there still read.
     let ok: Result<Vec<_>, _> =
-        read_label_file(&path, manifest.k, &[LabelColumn::TopkIds], 500).collect();
+        read_label_file(&path, manifest.k, None, &[LabelColumn::TopkIds], 500).collect();
     assert!(ok
         .unwrap()
         .iter()
@@ -262,4 +262,137 @@ fn samples_decode_by_name_with_row_numbers() {
     assert!(ids
         .iter()
         .all(|r| r.input_ids.is_empty() && r.split.is_empty()));
+}
+
+/// A 2.0 (quantized) labels file with one edit; returns what reading all columns gives.
+fn edit_v2(
+    edit: impl Fn(&RecordBatch) -> RecordBatch,
+) -> (PathBuf, Result<Vec<firstkd::store::LabelRows>, Error>) {
+    let tmp = tempdir();
+    let (dir, manifest) = small_store(tmp.path(), "q", LogprobDtype::Quantized);
+    let path = first_labels_file(&dir);
+    let (batch, kv) = read_parquet(&path);
+    write_file(&path, &edit(&batch), kv);
+    let rows = read_label_file(
+        &path,
+        manifest.k,
+        manifest.quantization,
+        &LabelColumn::ALL,
+        500,
+    )
+    .collect();
+    // Keep the directory alive while the rows are read.
+    drop(tmp);
+    (path, rows)
+}
+
+#[test]
+fn a_quantized_file_with_a_contradictory_target_column_names_the_file_and_row() {
+    use arrow::array::{AsArray, UInt16Array};
+    use arrow::datatypes::UInt16Type;
+    // Set target_logprob_q on the first row whose target is in the list (it must be null).
+    let (path, rows) = edit_v2(|b| {
+        let t = b
+            .column_by_name("target_logprob_q")
+            .unwrap()
+            .as_primitive::<UInt16Type>();
+        let row = (0..t.len())
+            .find(|&i| t.is_null(i))
+            .expect("a target in its list");
+        let values: UInt16Array = (0..t.len())
+            .map(|i| {
+                if i == row {
+                    Some(7)
+                } else {
+                    (!t.is_null(i)).then(|| t.value(i))
+                }
+            })
+            .collect();
+        with_column(
+            b,
+            "target_logprob_q",
+            Arc::new(values),
+            Field::new("target_logprob_q", DataType::UInt16, true),
+        )
+    });
+    let (row, reason) = expect_corrupt(rows, &path);
+    assert!(
+        row.is_some() && reason.contains("is set but the target"),
+        "{row:?} {reason}"
+    );
+
+    // Null where the target is outside the list: nothing to decode the log-prob from.
+    let (path, rows) = edit_v2(|b| {
+        let n = b.num_rows();
+        let values: UInt16Array = (0..n).map(|_| None::<u16>).collect();
+        with_column(
+            b,
+            "target_logprob_q",
+            Arc::new(values),
+            Field::new("target_logprob_q", DataType::UInt16, true),
+        )
+    });
+    let (_, reason) = expect_corrupt(rows, &path);
+    assert!(reason.contains("is null but the target"), "{reason}");
+}
+
+#[test]
+fn a_quantized_file_with_a_short_list_or_missing_samples_names_the_file() {
+    use arrow::array::{AsArray, ListArray, UInt16Array};
+    use arrow::buffer::OffsetBuffer;
+    // The probability list of row 3 loses an item.
+    let (path, rows) = edit_v2(|b| {
+        let l = b.column_by_name("topk_probs_q").unwrap().as_list::<i32>();
+        let mut lengths: Vec<usize> = (0..l.len()).map(|i| l.value_length(i) as usize).collect();
+        lengths[3] -= 1;
+        let total: usize = lengths.iter().sum();
+        let item = Arc::new(Field::new("item", DataType::UInt16, false));
+        let values = l.values().as_primitive::<arrow::datatypes::UInt16Type>();
+        let values = UInt16Array::from(values.values()[..total].to_vec());
+        let list = ListArray::new(
+            item,
+            OffsetBuffer::from_lengths(lengths),
+            Arc::new(values),
+            None,
+        );
+        let field = b.schema().field_with_name("topk_probs_q").unwrap().clone();
+        with_column(b, "topk_probs_q", Arc::new(list), field)
+    });
+    let (row, reason) = expect_corrupt(rows, &path);
+    assert_eq!(row, Some(3), "{reason}");
+    assert!(reason.contains("list of 4"), "{reason}");
+
+    // Without its samples file a 2.0 labels file cannot give its targets: a clean error.
+    let tmp = tempdir();
+    let (dir, manifest) = small_store(tmp.path(), "q", LogprobDtype::Quantized);
+    let path = first_labels_file(&dir);
+    let samples = dir.join("samples").join(path.file_name().unwrap());
+    std::fs::remove_file(&samples).unwrap();
+    let rows: Result<Vec<_>, _> = read_label_file(
+        &path,
+        manifest.k,
+        manifest.quantization,
+        &LabelColumn::ALL,
+        500,
+    )
+    .collect();
+    let err = rows.unwrap_err().to_string();
+    assert!(
+        err.contains(samples.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    // Columns that do not need the targets still read.
+    let ok: Result<Vec<_>, _> = read_label_file(
+        &path,
+        manifest.k,
+        manifest.quantization,
+        &[
+            LabelColumn::TopkIds,
+            LabelColumn::TopkLogprobs,
+            LabelColumn::Entropy,
+        ],
+        500,
+    )
+    .collect();
+    assert!(ok.is_ok(), "{ok:?}");
 }

@@ -288,7 +288,7 @@ fn manifest_function_returns_k_and_version() {
     assert_eq!(get("k").as_deref(), Some("5"));
     assert_eq!(
         get("schema_version").as_deref(),
-        Some(firstkd::schema::SCHEMA_VERSION)
+        Some(firstkd::schema::SCHEMA_VERSION_1)
     );
     assert_eq!(get("logprob_dtype").as_deref(), Some("float16"));
     assert_eq!(get("num_parts"), Some(manifest.parts.len().to_string()));

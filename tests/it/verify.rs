@@ -69,6 +69,7 @@ fn to_batch(c: Cols, like: &RecordBatch, k: i32, dtype: LogprobDtype) -> RecordB
                 v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(),
             )),
             LogprobDtype::Float32 => Arc::new(Float32Array::from(v)),
+            LogprobDtype::Quantized => panic!("these edits are of 1.0 files"),
         }
     };
     let list = |values: ArrayRef| -> ArrayRef {
@@ -316,7 +317,7 @@ fn refuses_unknown_major_version_in_manifest() {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path)
         .unwrap()
-        .replace("\"schema_version\": \"1.0\"", "\"schema_version\": \"2.0\"");
+        .replace("\"schema_version\": \"1.0\"", "\"schema_version\": \"3.0\"");
     std::fs::write(&path, text).unwrap();
     assert!(matches!(
         StoreReader::open(&dir),
@@ -325,7 +326,7 @@ fn refuses_unknown_major_version_in_manifest() {
     let report = verify(&dir).unwrap();
     assert!(report.problems[0]
         .message
-        .contains("unsupported store schema version 2.0"));
+        .contains("unsupported store schema version 3.0"));
 }
 
 #[test]
