@@ -64,7 +64,10 @@ impl InputSpec {
 pub struct LabelConfig {
     pub inputs: Vec<InputSpec>,
     pub input: InputOptions,
+    /// Tokens kept per position when `select` is None (top-k).
     pub k: usize,
+    /// Knowledge selection (None: top-k with `k`).
+    pub select: Option<crate::schema::Selection>,
     pub logprob_dtype: LogprobDtype,
     /// Padded tokens per forward pass.
     pub batch_tokens: usize,
@@ -78,12 +81,21 @@ pub struct LabelConfig {
     pub limit_records: Option<u64>,
 }
 
+impl LabelConfig {
+    /// The selection this run labels with.
+    pub fn selection(&self) -> crate::schema::Selection {
+        self.select
+            .unwrap_or(crate::schema::Selection::TopK { k: self.k })
+    }
+}
+
 impl Default for LabelConfig {
     fn default() -> Self {
         LabelConfig {
             inputs: Vec::new(),
             input: InputOptions::default(),
             k: 5,
+            select: None,
             logprob_dtype: LogprobDtype::Quantized,
             batch_tokens: 2048,
             part_sequences: 256,
@@ -155,8 +167,10 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
     }
     let fmt = format!("{:?}", cfg.input.format);
     let mc = format!("{:?}", cfg.input.mc_response);
+    let selection = cfg.selection();
     Ok(StoreMeta {
-        k: cfg.k,
+        k: selection.max_len(),
+        selection,
         logprob_dtype: cfg.logprob_dtype,
         teacher: TeacherInfo {
             file_name: id.file_name.clone(),
@@ -307,6 +321,7 @@ pub fn label(
     on_progress(&progress);
     let opts = LabelOptions {
         k: cfg.k,
+        select: Some(cfg.selection()),
         ..LabelOptions::default()
     };
     let (mut labelled, mut tokens) = (0u64, 0u64);
@@ -321,7 +336,8 @@ pub fn label(
                     prompt_len: chunk[i].prompt_len,
                 })
                 .collect();
-            let labels = teacher.label_batch(&inputs, &opts)?;
+            let ids: Vec<u64> = batch.iter().map(|&i| chunk[i].seq_no).collect();
+            let labels = teacher.label_batch_seeded(&inputs, &opts, &ids)?;
             for (&i, l) in batch.iter().zip(labels) {
                 progress.sequences_done += 1;
                 progress.tokens_done += chunk[i].input_ids.len() as u64;
@@ -330,6 +346,8 @@ pub fn label(
                     topk_logprobs: l.topk_logprobs,
                     target_logprobs: l.target_logprobs,
                     entropy: l.entropy,
+                    lengths: l.lengths,
+                    counts: l.counts,
                 });
             }
             on_progress(&progress);

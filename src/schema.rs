@@ -44,6 +44,8 @@ pub mod labels_v2 {
     pub const TOPK_PROBS_Q: &str = "topk_probs_q";
     pub const TARGET_LOGPROB_Q: &str = "target_logprob_q";
     pub const ENTROPY_Q: &str = "entropy_q";
+    /// Only in stores labelled with `--select sample:N`: draws of each id.
+    pub const TOPK_COUNTS: &str = "topk_counts";
 }
 
 /// The fixed-point scales of the 2.0 layout (part of the format: a reader refuses others).
@@ -202,6 +204,122 @@ pub mod meta_keys {
     ];
 }
 
+/// How the teacher's tokens are chosen per position (`label --select`, recorded in the
+/// manifest). Every mode also keeps the full-vocabulary target log-prob and the entropy, and
+/// the stored probabilities are the teacher's own, so the tail mass is `1 - sum`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum Selection {
+    /// The `k` most probable tokens.
+    TopK { k: usize },
+    /// The smallest set of most probable tokens whose mass reaches `p`, at most `max`.
+    TopP { p: f64, max: usize },
+    /// Sparse Logit Sampling: `draws` draws with replacement from the teacher's distribution
+    /// at `temperature`, stored as the distinct ids with their counts (the estimate of a
+    /// token's probability is count / draws), seeded per (store seed, sample id, position).
+    Sample {
+        draws: u32,
+        temperature: f64,
+        seed: u64,
+    },
+}
+
+impl Selection {
+    /// Longest list a position can have (the manifest's `k`).
+    pub fn max_len(&self) -> usize {
+        match *self {
+            Selection::TopK { k } => k,
+            Selection::TopP { max, .. } => max,
+            Selection::Sample { draws, .. } => draws as usize,
+        }
+    }
+
+    /// Whether every list has exactly `max_len` items.
+    pub fn fixed_len(&self) -> bool {
+        matches!(self, Selection::TopK { .. })
+    }
+
+    /// Parses `top-k:K`, `top-p:P,max=K` or `sample:N[,t=T][,seed=S]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Error::InvalidArgument(format!(
+                "selection {s:?}: {why} (expected top-k:K, top-p:P,max=K or sample:N[,t=T][,seed=S])"
+            ))
+        };
+        let (mode, rest) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let mut parts = rest.split(',');
+        let first = parts.next().unwrap_or_default().trim();
+        let mut named = std::collections::HashMap::new();
+        for p in parts {
+            let (key, value) = p
+                .split_once('=')
+                .ok_or_else(|| bad("options are key=value"))?;
+            named.insert(key.trim().to_string(), value.trim().to_string());
+        }
+        let take =
+            |named: &mut std::collections::HashMap<String, String>, key: &str| named.remove(key);
+        let sel = match mode.trim() {
+            "top-k" => {
+                let k: usize = first.parse().map_err(|_| bad("K is not a whole number"))?;
+                Selection::TopK { k }
+            }
+            "top-p" => {
+                let p: f64 = first.parse().map_err(|_| bad("P is not a number"))?;
+                let max = take(&mut named, "max").ok_or_else(|| bad("top-p needs max=K"))?;
+                let max: usize = max.parse().map_err(|_| bad("max is not a whole number"))?;
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(bad("P must be in (0, 1]"));
+                }
+                Selection::TopP { p, max }
+            }
+            "sample" => {
+                let draws: u32 = first.parse().map_err(|_| bad("N is not a whole number"))?;
+                let temperature = match take(&mut named, "t") {
+                    Some(t) => t.parse().map_err(|_| bad("t is not a number"))?,
+                    None => 1.0,
+                };
+                let seed = match take(&mut named, "seed") {
+                    Some(v) => v.parse().map_err(|_| bad("seed is not a whole number"))?,
+                    None => 0,
+                };
+                if !(temperature > 0.0 && f64::is_finite(temperature)) {
+                    return Err(bad("t must be positive"));
+                }
+                if draws > u32::from(u16::MAX) {
+                    return Err(bad("at most 65535 draws"));
+                }
+                Selection::Sample {
+                    draws,
+                    temperature,
+                    seed,
+                }
+            }
+            _ => return Err(bad("unknown mode")),
+        };
+        if let Some(key) = named.keys().next() {
+            return Err(bad(&format!("unknown option {key}")));
+        }
+        if sel.max_len() == 0 {
+            return Err(bad("lists need at least one token"));
+        }
+        Ok(sel)
+    }
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Selection::TopK { k } => write!(f, "top-k:{k}"),
+            Selection::TopP { p, max } => write!(f, "top-p:{p},max={max}"),
+            Selection::Sample {
+                draws,
+                temperature,
+                seed,
+            } => write!(f, "sample:{draws},t={temperature},seed={seed}"),
+        }
+    }
+}
+
 /// The two tables of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -291,7 +409,7 @@ fn list_item(data_type: DataType) -> Arc<Field> {
 /// `quantized`, the 2.0 layout; the logical table is the same for every dtype).
 pub fn labels_schema(k: usize, dtype: LogprobDtype) -> SchemaRef {
     if dtype == LogprobDtype::Quantized {
-        return labels_schema_v2();
+        return labels_schema_v2(false);
     }
     let k = i32::try_from(k).unwrap_or(i32::MAX);
     Arc::new(Schema::new(vec![
@@ -317,8 +435,8 @@ pub fn labels_schema(k: usize, dtype: LogprobDtype) -> SchemaRef {
 /// Physical schema of 2.0 `labels` files: `target_id` is `input_ids[position + 1]` of the
 /// sample and not stored; lists are variable-length (every list of a top-k store has k
 /// items); log-probs, target log-prob and entropy are fixed point ([`Quantization::V2`]).
-pub fn labels_schema_v2() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+pub fn labels_schema_v2(counts: bool) -> SchemaRef {
+    let mut fields = vec![
         Field::new(labels::SAMPLE_ID, DataType::UInt64, false),
         Field::new(labels::POSITION, DataType::UInt32, false),
         Field::new(labels::IN_LOSS, DataType::Boolean, false),
@@ -334,7 +452,15 @@ pub fn labels_schema_v2() -> SchemaRef {
         ),
         Field::new(labels_v2::TARGET_LOGPROB_Q, DataType::UInt16, true),
         Field::new(labels_v2::ENTROPY_Q, DataType::UInt16, false),
-    ]))
+    ];
+    if counts {
+        fields.push(Field::new(
+            labels_v2::TOPK_COUNTS,
+            DataType::List(list_item(DataType::UInt16)),
+            false,
+        ));
+    }
+    Arc::new(Schema::new(fields))
 }
 
 /// Arrow schema of the `samples` table.

@@ -82,6 +82,8 @@ pub struct LabelOptions {
     pub positions: Positions,
     /// Rows of logits computed at once (bounds memory at `chunk_rows * vocab * 4` bytes).
     pub chunk_rows: usize,
+    /// Knowledge selection (None: top-k with `k`).
+    pub select: Option<crate::schema::Selection>,
 }
 
 impl Default for LabelOptions {
@@ -91,6 +93,7 @@ impl Default for LabelOptions {
             temperature: 1.0,
             positions: Positions::All,
             chunk_rows: 64,
+            select: None,
         }
     }
 }
@@ -118,6 +121,10 @@ pub struct SequenceLabels {
     pub target_logprobs: Vec<f32>,
     /// `n` entropies (nats).
     pub entropy: Vec<f32>,
+    /// Entries per position (top-p and sample selections; empty for top-k: `k` each).
+    pub lengths: Vec<u32>,
+    /// Draws of each entry (sample selection only).
+    pub counts: Vec<u16>,
 }
 
 impl SequenceLabels {
@@ -223,11 +230,34 @@ impl Teacher {
         batch: &[LabelInput<'_>],
         opts: &LabelOptions,
     ) -> Result<Vec<SequenceLabels>> {
+        let ids: Vec<u64> = (0..batch.len() as u64).collect();
+        self.label_batch_seeded(batch, opts, &ids)
+    }
+
+    /// [`Self::label_batch`] with the sample id of each sequence, which seeds the per-position
+    /// draws of a sample selection (so a resumed or sharded run draws the same tokens).
+    pub fn label_batch_seeded(
+        &self,
+        batch: &[LabelInput<'_>],
+        opts: &LabelOptions,
+        sample_ids: &[u64],
+    ) -> Result<Vec<SequenceLabels>> {
         let cfg = self.model.config();
-        if opts.k == 0 || opts.k > cfg.vocab_size {
+        let select = opts
+            .select
+            .unwrap_or(crate::schema::Selection::TopK { k: opts.k });
+        if sample_ids.len() != batch.len() {
+            return Err(Error::Internal(format!(
+                "{} sample ids for {} sequences",
+                sample_ids.len(),
+                batch.len()
+            )));
+        }
+        let k = select.max_len();
+        if k == 0 || k > cfg.vocab_size {
             return Err(Error::InvalidArgument(format!(
-                "k = {} must be in 1..={}",
-                opts.k, cfg.vocab_size
+                "k = {k} must be in 1..={}",
+                cfg.vocab_size
             )));
         }
         if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
@@ -271,6 +301,7 @@ impl Teacher {
         // Rows to label and, for each, (sequence, target id).
         let mut rows: Vec<u32> = Vec::new();
         let mut owners: Vec<(usize, u32)> = Vec::new();
+        let mut seeds: Vec<u64> = Vec::new();
         let mut out: Vec<SequenceLabels> = Vec::with_capacity(batch.len());
         for (b, s) in batch.iter().enumerate() {
             let len = s.input_ids.len();
@@ -282,13 +313,16 @@ impl Teacher {
             for p in first..len - 1 {
                 rows.push((b * seq + p) as u32);
                 owners.push((b, s.input_ids[p + 1]));
+                seeds.push(select::position_seed(&select, sample_ids[b], p as u64));
             }
             out.push(SequenceLabels {
                 first_position: first as u32,
-                topk_ids: Vec::with_capacity(n * opts.k),
-                topk_logprobs: Vec::with_capacity(n * opts.k),
+                topk_ids: Vec::with_capacity(n * k),
+                topk_logprobs: Vec::with_capacity(n * k),
                 target_logprobs: Vec::with_capacity(n),
                 entropy: Vec::with_capacity(n),
+                lengths: Vec::new(),
+                counts: Vec::new(),
             });
         }
         let chunk_rows = opts.chunk_rows.max(1);
@@ -299,12 +333,17 @@ impl Teacher {
             if opts.temperature != 1.0 {
                 logits = (logits * inv_t)?;
             }
-            let owners = &owners[chunk_idx * chunk_rows..chunk_idx * chunk_rows + row_chunk.len()];
-            let selections = select_rows(&logits, cfg.vocab_size, opts.k, owners)?;
+            let span = chunk_idx * chunk_rows..chunk_idx * chunk_rows + row_chunk.len();
+            let owners = &owners[span.clone()];
+            let selections = select_rows(&logits, cfg.vocab_size, &select, owners, &seeds[span])?;
             for ((b, _), sel) in owners.iter().zip(selections) {
                 let o = &mut out[*b];
                 o.topk_ids.extend_from_slice(&sel.topk_ids);
                 o.topk_logprobs.extend_from_slice(&sel.topk_logprobs);
+                if !select.fixed_len() {
+                    o.lengths.push(sel.topk_ids.len() as u32);
+                    o.counts.extend_from_slice(&sel.counts);
+                }
                 o.target_logprobs
                     .push(sel.target_logprob.unwrap_or(f32::NEG_INFINITY));
                 o.entropy.push(sel.entropy);
@@ -319,17 +358,21 @@ impl Teacher {
 fn select_rows(
     logits: &Tensor,
     vocab: usize,
-    k: usize,
+    select: &crate::schema::Selection,
     owners: &[(usize, u32)],
+    seeds: &[u64],
 ) -> Result<Vec<RowSelection>> {
-    crate::host::with_f32(logits, |data| select_host_rows(data, vocab, k, owners))?
+    crate::host::with_f32(logits, |data| {
+        select_host_rows(data, vocab, select, owners, seeds)
+    })?
 }
 
 fn select_host_rows(
     data: &[f32],
     vocab: usize,
-    k: usize,
+    select: &crate::schema::Selection,
     owners: &[(usize, u32)],
+    seeds: &[u64],
 ) -> Result<Vec<RowSelection>> {
     let n = owners.len();
     let threads = std::thread::available_parallelism()
@@ -339,7 +382,14 @@ fn select_host_rows(
     let per = n.div_ceil(threads.max(1)).max(1);
     let work = |lo: usize, hi: usize| -> Result<Vec<RowSelection>> {
         (lo..hi)
-            .map(|r| select_row(&data[r * vocab..(r + 1) * vocab], k, Some(owners[r].1)))
+            .map(|r| {
+                select::select_row_with(
+                    &data[r * vocab..(r + 1) * vocab],
+                    select,
+                    Some(owners[r].1),
+                    seeds[r],
+                )
+            })
             .collect()
     };
     if threads <= 1 {

@@ -38,9 +38,14 @@ pub struct Args {
     /// Response of multiple-choice records: letter (" B") or text (" the answer").
     #[arg(long, value_enum, default_value_t = McResponse::Letter)]
     pub mc_response: McResponse,
-    /// Teacher tokens kept per position.
+    /// Teacher tokens kept per position (top-k; see --select for other selections).
     #[arg(long, default_value_t = 5)]
     pub k: usize,
+    /// Knowledge selection: top-k:K (as --k), top-p:P,max=K (smallest set reaching mass P, at
+    /// most K) or sample:N[,t=T][,seed=S] (N draws from the teacher at temperature T, stored
+    /// as ids with counts). Top-p and sample need the quantized layout. See docs/format.md.
+    #[arg(long, value_parser = parse_selection)]
+    pub select: Option<firstkd::schema::Selection>,
     /// Log-prob storage: quantized (format 2.0, the default), float32 or float16 (format 1.0).
     #[arg(long, value_enum, default_value_t = LogprobDtype::Quantized)]
     pub dtype: LogprobDtype,
@@ -96,7 +101,13 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         .map(|p| InputSpec::new(p, &args.split))
         .collect();
     InputSpec::distinct_sources(&mut inputs);
+    if let Some(sel) = args.select {
+        if args.k != 5 && args.k != sel.max_len() {
+            anyhow::bail!("--k {} and --select {sel} disagree; give one", args.k);
+        }
+    }
     let cfg = LabelConfig {
+        select: args.select,
         inputs,
         input: InputOptions {
             format: args.format,
@@ -192,4 +203,8 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         m.in_loss_rows()
     )?;
     Ok(0)
+}
+
+fn parse_selection(s: &str) -> Result<firstkd::schema::Selection, String> {
+    firstkd::schema::Selection::parse(s).map_err(|e| e.to_string())
 }

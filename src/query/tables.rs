@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, UInt32Array, UInt64Array,
 };
-use arrow::datatypes::{Field, SchemaRef};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use datafusion::catalog::Session;
 use datafusion::common::{DataFusionError, Result as DfResult};
@@ -23,7 +23,7 @@ use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::error::{Error, Result};
-use crate::schema::{labels_schema, LogprobDtype, Table};
+use crate::schema::{labels_schema, LogprobDtype, Selection, Table};
 use crate::store::{LabelColumn, LabelRows, StoreReader};
 
 /// A table provider for `table` of the store: a Parquet listing table over the manifest's
@@ -82,9 +82,34 @@ impl DecodedLabels {
         for i in 0..reader.manifest().parts.len() {
             reader.checked_builder(i, Table::Labels)?;
         }
+        let m = reader.manifest();
+        let schema = if m.selection().fixed_len() {
+            labels_schema(m.k, LogprobDtype::Float32)
+        } else {
+            // Top-p and sample stores: variable-length lists, and the draws of a sample store.
+            let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
+            let mut fields: Vec<Field> = labels_schema(m.k, LogprobDtype::Float32)
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    DataType::FixedSizeList(item, _) => {
+                        Field::new(f.name(), list(item.data_type().clone()), false)
+                    }
+                    _ => f.as_ref().clone(),
+                })
+                .collect();
+            if matches!(m.selection(), Selection::Sample { .. }) {
+                fields.push(Field::new(
+                    crate::schema::labels_v2::TOPK_COUNTS,
+                    list(DataType::UInt16),
+                    false,
+                ));
+            }
+            Arc::new(arrow::datatypes::Schema::new(fields))
+        };
         Ok(DecodedLabels {
             reader: reader.clone(),
-            schema: labels_schema(reader.manifest().k, LogprobDtype::Float32),
+            schema,
         })
     }
 }
@@ -112,7 +137,12 @@ impl TableProvider for DecodedLabels {
         };
         let columns: Vec<LabelColumn> = indices
             .iter()
-            .filter_map(|&i| LabelColumn::ALL.get(i).copied())
+            .map(|&i| {
+                LabelColumn::ALL
+                    .get(i)
+                    .copied()
+                    .unwrap_or(LabelColumn::TopkCounts)
+            })
             .collect();
         let schema = Arc::new(self.schema.project(&indices)?);
         let partitions: Vec<Arc<dyn PartitionStream>> = (0..self.reader.manifest().parts.len())
@@ -170,8 +200,15 @@ fn logical_batch(
     let k = i32::try_from(rows.k).map_err(|_| Error::InvalidArgument("k too large".into()))?;
     let list = |values: ArrayRef| -> Result<ArrayRef> {
         let field = Arc::new(Field::new("item", values.data_type().clone(), false));
-        Ok(Arc::new(FixedSizeListArray::try_new(
-            field, k, values, None,
+        if rows.offsets.is_empty() {
+            return Ok(Arc::new(FixedSizeListArray::try_new(
+                field, k, values, None,
+            )?));
+        }
+        let offsets =
+            arrow::buffer::OffsetBuffer::from_lengths(rows.offsets.windows(2).map(|w| w[1] - w[0]));
+        Ok(Arc::new(arrow::array::ListArray::try_new(
+            field, offsets, values, None,
         )?))
     };
     let arrays = columns
@@ -190,6 +227,9 @@ fn logical_batch(
                     Arc::new(Float32Array::from(rows.target_logprob.clone()))
                 }
                 LabelColumn::Entropy => Arc::new(Float32Array::from(rows.entropy.clone())),
+                LabelColumn::TopkCounts => list(Arc::new(arrow::array::UInt16Array::from(
+                    rows.topk_counts.clone(),
+                )))?,
             })
         })
         .collect::<Result<Vec<_>>>()?;

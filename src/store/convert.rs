@@ -43,6 +43,7 @@ pub fn convert(
     }
     let meta = StoreMeta {
         k: m.k,
+        selection: m.selection(),
         logprob_dtype: dtype,
         teacher: m.teacher.clone(),
         tokenizer: m.tokenizer.clone(),
@@ -71,12 +72,15 @@ pub fn convert(
         samples_written: 0,
         already_complete: false,
     };
-    let columns = [
+    let mut columns = vec![
         LabelColumn::TopkIds,
         LabelColumn::TopkLogprobs,
         LabelColumn::TargetLogprob,
         LabelColumn::Entropy,
     ];
+    if matches!(m.selection(), crate::schema::Selection::Sample { .. }) {
+        columns.push(LabelColumn::TopkCounts);
+    }
     let sample_columns = SampleColumn::ALL;
     for part in done..total {
         let mut samples = reader.part_sample_rows(part..part + 1, &sample_columns);
@@ -107,6 +111,8 @@ pub fn convert(
                 for i in offset..offset + take {
                     out.topk_ids.extend_from_slice(rows.ids(i));
                     out.topk_logprobs.extend_from_slice(rows.logprobs(i));
+                    out.lengths.push(rows.ids(i).len() as u32);
+                    out.counts.extend_from_slice(rows.counts(i));
                     out.target_logprobs.push(rows.target_logprob[i]);
                     out.entropy.push(rows.entropy[i]);
                 }

@@ -26,6 +26,8 @@ pub enum LabelColumn {
     TopkLogprobs,
     TargetLogprob,
     Entropy,
+    /// Draws of each entry: only in stores of a sample selection (not in [`Self::ALL`]).
+    TopkCounts,
 }
 
 impl LabelColumn {
@@ -52,6 +54,7 @@ impl LabelColumn {
             LabelColumn::TopkLogprobs => labels::TOPK_LOGPROBS,
             LabelColumn::TargetLogprob => labels::TARGET_LOGPROB,
             LabelColumn::Entropy => labels::ENTROPY,
+            LabelColumn::TopkCounts => labels_v2::TOPK_COUNTS,
         }
     }
 }
@@ -82,6 +85,7 @@ pub fn physical_label_names(columns: &[LabelColumn], v2: bool) -> Vec<&'static s
             LabelColumn::TopkIds => add(labels::TOPK_IDS),
             LabelColumn::TopkLogprobs => add(labels_v2::TOPK_PROBS_Q),
             LabelColumn::Entropy => add(labels_v2::ENTROPY_Q),
+            LabelColumn::TopkCounts => add(labels_v2::TOPK_COUNTS),
             LabelColumn::TargetId => {
                 add(labels::SAMPLE_ID);
                 add(labels::POSITION);
@@ -103,6 +107,8 @@ pub fn physical_label_names(columns: &[LabelColumn], v2: bool) -> Vec<&'static s
 #[derive(Debug, Clone, Copy)]
 pub struct V2Inputs<'a> {
     pub quant: Quantization,
+    /// Every list has exactly k items (top-k); else 1..=k (top-p, sample).
+    pub fixed_len: bool,
     pub inputs: &'a HashMap<u64, Vec<u32>>,
     /// The samples file the inputs come from (named in errors).
     pub samples_path: &'a Path,
@@ -150,7 +156,9 @@ impl SampleColumn {
 }
 
 /// Consecutive rows of one `labels` file, decoded. Columns that were not asked for are empty;
-/// `topk_*` are row-major `len() * k`, log-probs widened to f32 whatever the stored dtype.
+/// `topk_*` are row-major, `k` entries per row for top-k (then `offsets` is empty) or
+/// `offsets[i]..offsets[i + 1]` for row `i` of a top-p or sample store; log-probs widened to
+/// f32 whatever the stored dtype.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LabelRows {
     /// The file the rows come from.
@@ -168,9 +176,29 @@ pub struct LabelRows {
     pub topk_logprobs: Vec<f32>,
     pub target_logprob: Vec<f32>,
     pub entropy: Vec<f32>,
+    /// Row starts into `topk_*` (`len() + 1` values) when lists vary in length, else empty.
+    pub offsets: Vec<usize>,
+    /// Draws per entry, parallel to `topk_ids` (sample selections only).
+    pub topk_counts: Vec<u16>,
 }
 
 impl LabelRows {
+    /// Entries of row `i` in `topk_*`.
+    fn span(&self, i: usize) -> std::ops::Range<usize> {
+        if self.offsets.is_empty() {
+            i * self.k..(i + 1) * self.k
+        } else {
+            match (self.offsets.get(i), self.offsets.get(i + 1)) {
+                (Some(&a), Some(&b)) => a..b,
+                _ => 0..0,
+            }
+        }
+    }
+
+    /// Draw counts of row `i` (empty when not a sample store or not read).
+    pub fn counts(&self, i: usize) -> &[u16] {
+        self.topk_counts.get(self.span(i)).unwrap_or(&[])
+    }
     /// Number of rows.
     pub fn len(&self) -> usize {
         self.rows
@@ -183,16 +211,12 @@ impl LabelRows {
 
     /// Top-k ids of row `i` (empty when the column was not read).
     pub fn ids(&self, i: usize) -> &[u32] {
-        self.topk_ids
-            .get(i * self.k..(i + 1) * self.k)
-            .unwrap_or(&[])
+        self.topk_ids.get(self.span(i)).unwrap_or(&[])
     }
 
     /// Top-k log-probs of row `i` (empty when the column was not read).
     pub fn logprobs(&self, i: usize) -> &[f32] {
-        self.topk_logprobs
-            .get(i * self.k..(i + 1) * self.k)
-            .unwrap_or(&[])
+        self.topk_logprobs.get(self.span(i)).unwrap_or(&[])
     }
 
     /// Appends rows `range` of `other` (same k, same columns read).
@@ -203,6 +227,42 @@ impl LabelRows {
             }
         }
         let k = self.k;
+        if !other.offsets.is_empty() {
+            // Variable-length lists: copy the entries of the rows and extend the offsets.
+            let (a, b) = (
+                other.offsets.get(range.start).copied().unwrap_or(0),
+                other.offsets.get(range.end).copied().unwrap_or(0),
+            );
+            if self.offsets.is_empty() {
+                self.offsets.push(0);
+            }
+            let base = *self.offsets.last().unwrap_or(&0);
+            for r in range.clone() {
+                self.offsets.push(base + other.offsets[r + 1] - a);
+            }
+            if let Some(s) = other.topk_ids.get(a..b) {
+                self.topk_ids.extend_from_slice(s);
+            }
+            if let Some(s) = other.topk_logprobs.get(a..b) {
+                self.topk_logprobs.extend_from_slice(s);
+            }
+            if let Some(s) = other.topk_counts.get(a..b) {
+                self.topk_counts.extend_from_slice(s);
+            }
+            part(&mut self.sample_id, &other.sample_id, range.clone(), 1);
+            part(&mut self.position, &other.position, range.clone(), 1);
+            part(&mut self.target_id, &other.target_id, range.clone(), 1);
+            part(&mut self.in_loss, &other.in_loss, range.clone(), 1);
+            part(
+                &mut self.target_logprob,
+                &other.target_logprob,
+                range.clone(),
+                1,
+            );
+            part(&mut self.entropy, &other.entropy, range.clone(), 1);
+            self.rows += range.len();
+            return;
+        }
         part(&mut self.sample_id, &other.sample_id, range.clone(), 1);
         part(&mut self.position, &other.position, range.clone(), 1);
         part(&mut self.target_id, &other.target_id, range.clone(), 1);
@@ -391,44 +451,61 @@ pub fn decode_labels(
                 let col = column(batch, name, path, first_row)?;
                 rows.entropy = floats(col, name, path, first_row)?;
             }
+            // 1.0 stores are top-k: no draws.
+            LabelColumn::TopkCounts => {}
         }
     }
     Ok(rows)
 }
 
-/// The flat values of a list column whose every row has `k` items.
+/// The flat values of a list column and its row offsets (relative to the values); every row
+/// has exactly `k` items when `fixed`, else 1..=k.
 fn k_list<'a>(
     batch: &'a RecordBatch,
     name: &str,
-    k: usize,
+    (k, fixed): (usize, bool),
     path: &Path,
     first_row: u64,
-) -> Result<&'a ArrayRef> {
+) -> Result<(&'a ArrayRef, Vec<usize>)> {
     let col = column(batch, name, path, first_row)?;
     let list = col
         .as_list_opt::<i32>()
         .ok_or_else(|| mistyped(name, col, path, first_row))?;
     let offsets = list.value_offsets();
+    let start = usize::try_from(offsets[0]).unwrap_or(usize::MAX);
+    let mut rel = Vec::with_capacity(list.len() + 1);
+    rel.push(0);
     for i in 0..list.len() {
         let len = usize::try_from(offsets[i + 1] - offsets[i]).unwrap_or(usize::MAX);
-        if len != k {
+        let ok = if fixed {
+            len == k
+        } else {
+            (1..=k).contains(&len)
+        };
+        if !ok {
+            let want = if fixed {
+                format!("{k}")
+            } else {
+                format!("1..={k}")
+            };
             return Err(corrupt(
                 path,
                 first_row + i as u64,
-                format!("column {name} has a list of {len}, the store's k is {k}"),
+                format!("column {name} has a list of {len}, the store allows {want}"),
             ));
         }
+        rel.push(rel[i] + len);
     }
     let values = list.values();
-    let start = usize::try_from(offsets[0]).unwrap_or(usize::MAX);
-    if values.null_count() > 0 || values.len() < start + list.len() * k {
+    let total = rel[list.len()];
+    if values.null_count() > 0 || values.len() < start.saturating_add(total) {
         return Err(corrupt(
             path,
             first_row,
             format!("column {name} has null or missing list items"),
         ));
     }
-    Ok(values)
+    Ok((values, rel))
 }
 
 fn list_u32s(
@@ -487,21 +564,63 @@ pub fn decode_labels_v2(
     let q = v2.quant;
     let want = |c: LabelColumn| columns.contains(&c);
     let needs_target = want(LabelColumn::TargetId) || want(LabelColumn::TargetLogprob);
+    let shape = (k, v2.fixed_len);
+    // Row offsets of the lists: every list column of a row has the same length.
+    let mut offsets: Option<Vec<usize>> = None;
+    let mut same = |name: &str, rel: Vec<usize>| -> Result<()> {
+        match &offsets {
+            Some(o) if *o != rel => Err(corrupt(
+                path,
+                first_row,
+                format!(
+                    "column {name} has lists of other lengths than {}",
+                    labels::TOPK_IDS
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                offsets = Some(rel);
+                Ok(())
+            }
+        }
+    };
     let ids = if want(LabelColumn::TopkIds) || want(LabelColumn::TargetLogprob) {
-        let values = k_list(batch, labels::TOPK_IDS, k, path, first_row)?;
+        let (values, rel) = k_list(batch, labels::TOPK_IDS, shape, path, first_row)?;
         let start = list_start(batch, labels::TOPK_IDS);
-        list_u32s(values, start, n * k, labels::TOPK_IDS, path, first_row)?
+        let total = rel[n];
+        same(labels::TOPK_IDS, rel)?;
+        list_u32s(values, start, total, labels::TOPK_IDS, path, first_row)?
     } else {
         Vec::new()
     };
     let lps: Vec<f32> = if want(LabelColumn::TopkLogprobs) || want(LabelColumn::TargetLogprob) {
         let name = labels_v2::TOPK_PROBS_Q;
-        let values = k_list(batch, name, k, path, first_row)?;
+        let (values, rel) = k_list(batch, name, shape, path, first_row)?;
         let start = list_start(batch, name);
-        let qs = list_u16s(values, start, n * k, name, path, first_row)?;
+        let total = rel[n];
+        same(name, rel)?;
+        let qs = list_u16s(values, start, total, name, path, first_row)?;
         qs.into_iter().map(|v| q.logprob(v)).collect()
     } else {
         Vec::new()
+    };
+    let counts: Vec<u16> = if want(LabelColumn::TopkCounts) {
+        let name = labels_v2::TOPK_COUNTS;
+        let (values, rel) = k_list(batch, name, shape, path, first_row)?;
+        let start = list_start(batch, name);
+        let total = rel[n];
+        same(name, rel)?;
+        list_u16s(values, start, total, name, path, first_row)?
+    } else {
+        Vec::new()
+    };
+    let offsets = offsets.unwrap_or_default();
+    let span = |i: usize| -> std::ops::Range<usize> {
+        if offsets.is_empty() {
+            i * k..(i + 1) * k
+        } else {
+            offsets[i]..offsets[i + 1]
+        }
     };
     let sample_id = if want(LabelColumn::SampleId) || needs_target {
         u64s(batch, labels::SAMPLE_ID, path, first_row)?
@@ -544,11 +663,12 @@ pub fn decode_labels_v2(
             .as_primitive_opt::<UInt16Type>()
             .ok_or_else(|| mistyped(name, col, path, first_row))?;
         rows.target_logprob.reserve(n);
-        for i in 0..n {
-            let row_ids = &ids[i * k..(i + 1) * k];
-            let at = row_ids.iter().position(|&id| id == target_id[i]);
+        for (i, &target) in target_id.iter().enumerate().take(n) {
+            let row = span(i);
+            let row_ids = &ids[row.clone()];
+            let at = row_ids.iter().position(|&id| id == target);
             let lp = match (tq.is_null(i), at) {
-                (true, Some(j)) => lps[i * k + j],
+                (true, Some(j)) => lps[row.start + j],
                 (false, None) => q.target_logprob(tq.value(i)),
                 (true, None) => {
                     return Err(corrupt(
@@ -556,7 +676,7 @@ pub fn decode_labels_v2(
                         first_row + i as u64,
                         format!(
                             "{name} is null but the target {} is not in topk_ids",
-                            target_id[i]
+                            target
                         ),
                     ))
                 }
@@ -564,10 +684,7 @@ pub fn decode_labels_v2(
                     return Err(corrupt(
                         path,
                         first_row + i as u64,
-                        format!(
-                            "{name} is set but the target {} is in topk_ids",
-                            target_id[i]
-                        ),
+                        format!("{name} is set but the target {} is in topk_ids", target),
                     ))
                 }
             };
@@ -590,6 +707,10 @@ pub fn decode_labels_v2(
     }
     if want(LabelColumn::TopkLogprobs) {
         rows.topk_logprobs = lps;
+    }
+    rows.topk_counts = counts;
+    if !v2.fixed_len {
+        rows.offsets = offsets;
     }
     if want(LabelColumn::TargetId) {
         rows.target_id = target_id;

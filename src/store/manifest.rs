@@ -108,6 +108,9 @@ pub struct Manifest {
     /// Fixed-point scales of a 2.0 store (absent in 1.0 stores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<crate::schema::Quantization>,
+    /// How the tokens of each position were chosen (absent in 1.0 stores: top-k with `k`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<crate::schema::Selection>,
     /// True once the writer finished; an incomplete store is being written or was interrupted.
     pub complete: bool,
     /// firstkd version that created the store.
@@ -194,6 +197,19 @@ impl Manifest {
                 ),
             });
         }
+        let selection = manifest.selection();
+        if selection.max_len() != manifest.k
+            || (!selection.fixed_len() && manifest.logprob_dtype != LogprobDtype::Quantized)
+        {
+            return Err(Error::InvalidManifest {
+                path,
+                reason: format!(
+                    "selection {selection} with k {} and logprob_dtype {} (variable-length selections need the quantized layout)",
+                    manifest.k,
+                    manifest.logprob_dtype.name()
+                ),
+            });
+        }
         let want = (major == 2).then_some(schema::Quantization::V2);
         if manifest.quantization != want {
             return Err(Error::InvalidManifest {
@@ -220,6 +236,21 @@ impl Manifest {
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         sync_dir(dir);
         Ok(())
+    }
+
+    /// How the tokens of each position were chosen.
+    pub fn selection(&self) -> crate::schema::Selection {
+        self.selection
+            .unwrap_or(crate::schema::Selection::TopK { k: self.k })
+    }
+
+    /// Physical Arrow schema of the part files of `table`.
+    pub fn table_schema(&self, table: Table) -> arrow::datatypes::SchemaRef {
+        if table == Table::Labels && self.logprob_dtype == LogprobDtype::Quantized {
+            let counts = matches!(self.selection(), crate::schema::Selection::Sample { .. });
+            return schema::labels_schema_v2(counts);
+        }
+        schema::table_schema(table, self.k, self.logprob_dtype)
     }
 
     /// Total rows of `table` over all parts.

@@ -58,7 +58,7 @@ impl StoreReader {
 
     /// Full schema of `table` in this store.
     pub fn schema(&self, table: Table) -> SchemaRef {
-        schema::table_schema(table, self.manifest.k, self.manifest.logprob_dtype)
+        self.manifest.table_schema(table)
     }
 
     /// Absolute paths of the committed part files of `table`, in order.

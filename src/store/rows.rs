@@ -165,6 +165,7 @@ pub struct LabelRowIter {
     k: usize,
     /// Set for a 2.0 store: the scales, and the inputs of the current part's samples.
     quant: Option<Quantization>,
+    fixed_len: bool,
     inputs: HashMap<u64, Vec<u32>>,
     inputs_of: Option<PathBuf>,
     failed: bool,
@@ -180,12 +181,18 @@ pub fn samples_file_of(labels_path: &Path) -> PathBuf {
 }
 
 impl LabelRowIter {
-    fn new(files: Files, columns: &[LabelColumn], k: usize, quant: Option<Quantization>) -> Self {
+    fn new(
+        files: Files,
+        columns: &[LabelColumn],
+        k: usize,
+        (quant, fixed_len): (Option<Quantization>, bool),
+    ) -> Self {
         LabelRowIter {
             files,
             columns: columns.to_vec(),
             k,
             quant,
+            fixed_len,
             inputs: HashMap::new(),
             inputs_of: None,
             failed: false,
@@ -212,6 +219,7 @@ impl LabelRowIter {
         }
         let v2 = V2Inputs {
             quant,
+            fixed_len: self.fixed_len,
             inputs: &self.inputs,
             samples_path: &samples_path,
         };
@@ -283,10 +291,22 @@ pub fn read_label_file(
     columns: &[LabelColumn],
     batch_rows: usize,
 ) -> LabelRowIter {
+    read_label_file_as(path, k, (quant, true), columns, batch_rows)
+}
+
+/// [`read_label_file`] for a store whose lists may vary in length (`fixed_len` false: a
+/// top-p or sample selection).
+pub fn read_label_file_as(
+    path: &Path,
+    k: usize,
+    (quant, fixed_len): (Option<Quantization>, bool),
+    columns: &[LabelColumn],
+    batch_rows: usize,
+) -> LabelRowIter {
     let files = vec![(path.to_path_buf(), None)];
     let names = physical_label_names(columns, quant.is_some());
     let files = Files::new(files, None, Table::Labels, names, batch_rows);
-    LabelRowIter::new(files, columns, k, quant)
+    LabelRowIter::new(files, columns, k, (quant, fixed_len))
 }
 
 /// Reads one samples file as it is, without comparing it with a manifest.
@@ -328,7 +348,8 @@ impl StoreReader {
         let quant = self.manifest().quantization;
         let names = physical_label_names(columns, quant.is_some());
         let files = Files::new(files, Some(self.clone()), Table::Labels, names, batch_rows);
-        LabelRowIter::new(files, columns, self.manifest().k, quant)
+        let fixed = self.manifest().selection().fixed_len();
+        LabelRowIter::new(files, columns, self.manifest().k, (quant, fixed))
     }
 
     /// Sample rows of every committed part, in order (checked like [`Self::label_rows`]).

@@ -59,6 +59,7 @@ const SOURCES: [&str; 3] = ["synthetic-chat", "synthetic-mc", "synthetic-text"];
 pub fn synthetic_meta(cfg: &SyntheticConfig) -> StoreMeta {
     StoreMeta {
         k: cfg.k,
+        selection: crate::schema::Selection::TopK { k: cfg.k },
         logprob_dtype: cfg.logprob_dtype,
         teacher: TeacherInfo {
             file_name: "synthetic".into(),

@@ -11,10 +11,11 @@ use serde::Serialize;
 use super::decode::{LabelColumn, LabelRows, SampleColumn};
 use super::manifest::{Manifest, PartEntry, MANIFEST_FILE};
 use super::reader::{check_part_metadata, check_part_schema};
-use super::rows::{read_label_file, read_sample_file};
+use super::rows::{read_label_file_as, read_sample_file};
 use super::sha256_file;
 use crate::error::{Error, Result};
-use crate::schema::{self, Table};
+use crate::schema::Selection;
+use crate::schema::Table;
 
 /// Row-level problems listed per file before the rest are only counted.
 const MAX_ROW_PROBLEMS_PER_FILE: usize = 20;
@@ -212,7 +213,7 @@ fn check_file(
     if let Err(e) = check_part_metadata(&path, &builder, table, manifest) {
         report.push(name, None, e.to_string());
     }
-    let expected = schema::table_schema(table, manifest.k, manifest.logprob_dtype);
+    let expected = manifest.table_schema(table);
     if let Err(e) = check_part_schema(&path, builder.schema(), &expected) {
         report.push(name, None, e.to_string());
     }
@@ -309,13 +310,12 @@ fn check_rows(
     let labels_name = part.labels.file.as_str();
     let mut checker = LabelChecker::new(manifest, labels_name);
     let labels_path = dir.join(labels_name);
-    for rows in read_label_file(
-        &labels_path,
-        manifest.k,
-        manifest.quantization,
-        &LabelColumn::ALL,
-        65536,
-    ) {
+    let mut columns = LabelColumn::ALL.to_vec();
+    if matches!(manifest.selection(), Selection::Sample { .. }) {
+        columns.push(LabelColumn::TopkCounts);
+    }
+    let layout = (manifest.quantization, manifest.selection().fixed_len());
+    for rows in read_label_file_as(&labels_path, manifest.k, layout, &columns, 65536) {
         checker.check_rows(&rows?, &samples, report);
     }
     checker.finish(&samples, report);
@@ -325,6 +325,7 @@ fn check_rows(
 struct LabelChecker<'a> {
     file: &'a str,
     vocab: u32,
+    selection: Selection,
     prob_slack: f32,
     row: u64,
     listed: usize,
@@ -338,6 +339,7 @@ impl<'a> LabelChecker<'a> {
         LabelChecker {
             file,
             vocab: manifest.tokenizer.vocab_size,
+            selection: manifest.selection(),
             // The quantized layout's bound, also for a 1.0 store converted from one.
             prob_slack: 1e-3,
             row: 0,
@@ -410,11 +412,17 @@ impl<'a> LabelChecker<'a> {
             }
             let (ids, lps) = (rows.ids(i), rows.logprobs(i));
             check_topk(ids, lps, self.vocab, &mut messages);
+            check_selection(self.selection, lps, rows.counts(i), &mut messages);
             check_target(
                 target,
                 rows.target_logprob[i],
                 (ids, lps),
-                self.prob_slack,
+                // A sampled list is not the most probable tokens: any target may be outside.
+                if matches!(self.selection, Selection::Sample { .. }) {
+                    f32::INFINITY
+                } else {
+                    self.prob_slack
+                },
                 &mut messages,
             );
             let h = rows.entropy[i];
@@ -505,6 +513,53 @@ pub fn check_topk(ids: &[u32], lps: &[f32], vocab: u32, messages: &mut Vec<Strin
     let mass: f64 = lps.iter().map(|&lp| f64::from(lp).exp()).sum();
     if mass > 1.0 + MASS_TOLERANCE {
         messages.push(format!("top-k probability mass {mass:.6} > 1"));
+    }
+}
+
+/// The rules of the store's selection for one row: top-p lists are the smallest prefix
+/// reaching the mass (or as long as allowed), sample lists' draws add up.
+fn check_selection(selection: Selection, lps: &[f32], counts: &[u16], messages: &mut Vec<String>) {
+    // The quantized layout's bound on one probability, summed over a list.
+    let slack = 1e-3 * lps.len().max(1) as f64;
+    match selection {
+        Selection::TopK { k } => {
+            if lps.len() != k {
+                messages.push(format!(
+                    "top-k list of {} entries, the store's k is {k}",
+                    lps.len()
+                ));
+            }
+        }
+        Selection::TopP { p, max } => {
+            let probs: Vec<f64> = lps.iter().map(|&l| f64::from(l).exp()).collect();
+            let mass: f64 = probs.iter().sum();
+            let before: f64 = mass - probs.last().copied().unwrap_or(0.0);
+            if lps.is_empty() || lps.len() > max {
+                messages.push(format!(
+                    "top-p list of {} entries (1..={max} allowed)",
+                    lps.len()
+                ));
+            } else if mass + slack < p && lps.len() < max {
+                messages.push(format!(
+                    "top-p list of {} entries holds {mass:.4}, below p = {p}, and is shorter than {max}",
+                    lps.len()
+                ));
+            } else if before > p + slack {
+                messages.push(format!(
+                    "top-p list is longer than needed: its first {} entries already hold {before:.4} >= p = {p}",
+                    lps.len() - 1
+                ));
+            }
+        }
+        Selection::Sample { draws, .. } => {
+            let total: u32 = counts.iter().map(|&c| u32::from(c)).sum();
+            if counts.len() != lps.len() || total != draws || counts.contains(&0) {
+                messages.push(format!(
+                    "draw counts {counts:?} for {} ids do not add up to {draws}",
+                    lps.len()
+                ));
+            }
+        }
     }
 }
 

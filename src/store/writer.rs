@@ -21,13 +21,16 @@ use parquet::schema::types::ColumnPath;
 use super::manifest::{sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo};
 use super::sha256_file;
 use crate::error::{Error, Result};
-use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Table};
+use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Selection, Table};
 
 /// What a new store records about itself; fixed for the store's lifetime.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreMeta {
+    /// Longest list per position (for top-k, every list's length).
     pub k: usize,
     pub logprob_dtype: LogprobDtype,
+    /// How the tokens are chosen; anything but top-k needs the quantized layout.
+    pub selection: Selection,
     pub teacher: TeacherInfo,
     pub tokenizer: TokenizerInfo,
     /// How the labels are produced; a resumed run must pass the same value.
@@ -69,11 +72,16 @@ pub struct SampleRecord {
 }
 
 /// The teacher's labels for every position of one sample: n = len(input_ids) - 1 positions,
-/// position p predicting input_ids[p + 1]. `topk_*` are row-major `n * k`.
+/// position p predicting input_ids[p + 1]. `topk_*` are row-major: `n * k` for top-k, else
+/// `lengths[p]` entries for position p.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SampleLabels {
     pub topk_ids: Vec<u32>,
     pub topk_logprobs: Vec<f32>,
+    /// Entries per position (empty: `k` each; required for top-p and sample selections).
+    pub lengths: Vec<u32>,
+    /// Draws per entry (`--select sample:N` only, else empty).
+    pub counts: Vec<u16>,
     pub target_logprobs: Vec<f32>,
     pub entropy: Vec<f32>,
 }
@@ -105,6 +113,8 @@ struct Buffers {
     topk_q: Vec<u16>,
     target_q: Vec<Option<u16>>,
     entropy_q: Vec<u16>,
+    lengths: Vec<usize>,
+    topk_counts: Vec<u16>,
     s_sample_id: Vec<u64>,
     s_source: Vec<String>,
     s_split: Vec<String>,
@@ -160,6 +170,18 @@ impl StoreWriter {
         if meta.k == 0 {
             return Err(Error::InvalidArgument("k must be at least 1".into()));
         }
+        if meta.selection.max_len() != meta.k {
+            return Err(Error::Internal(format!(
+                "selection {} with k {}",
+                meta.selection, meta.k
+            )));
+        }
+        if !meta.selection.fixed_len() && meta.logprob_dtype != LogprobDtype::Quantized {
+            return Err(Error::InvalidArgument(format!(
+                "selection {} needs the quantized layout (--dtype quantized): format 1.0 stores fixed-length lists",
+                meta.selection
+            )));
+        }
         if dir.exists() {
             let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
             if entries.next().is_some() {
@@ -180,6 +202,7 @@ impl StoreWriter {
             logprob_dtype: meta.logprob_dtype,
             quantization: (meta.logprob_dtype == LogprobDtype::Quantized)
                 .then_some(Quantization::V2),
+            selection: (meta.logprob_dtype == LogprobDtype::Quantized).then_some(meta.selection),
             complete: false,
             created_by: format!("firstkd {}", crate::VERSION),
             teacher: meta.teacher,
@@ -228,6 +251,13 @@ impl StoreWriter {
                 meta.logprob_dtype.name()
             ));
         }
+        if manifest.selection() != meta.selection {
+            diffs.push(format!(
+                "selection {} vs {}",
+                manifest.selection(),
+                meta.selection
+            ));
+        }
         if manifest.teacher != meta.teacher {
             let (a, b) = (&manifest.teacher, &meta.teacher);
             let mut what = Vec::new();
@@ -264,7 +294,7 @@ impl StoreWriter {
     fn with_manifest(dir: &Path, manifest: Manifest, opts: WriterOptions) -> Self {
         StoreWriter {
             dir: dir.to_path_buf(),
-            labels_schema: schema::labels_schema(manifest.k, manifest.logprob_dtype),
+            labels_schema: manifest.table_schema(Table::Labels),
             samples_schema: schema::samples_schema(),
             manifest,
             opts,
@@ -289,6 +319,7 @@ impl StoreWriter {
             sample,
             labels,
             self.manifest.k,
+            self.manifest.selection(),
             self.manifest.tokenizer.vocab_size,
         )?;
         let k = self.manifest.k;
@@ -301,22 +332,41 @@ impl StoreWriter {
             b.in_loss.push(p as u64 + 1 >= u64::from(sample.prompt_len));
         }
         let start = b.topk_ids.len();
-        b.topk_ids.extend_from_slice(&labels.topk_ids[..n * k]);
+        let entries = labels.topk_ids.len();
+        b.topk_ids.extend_from_slice(&labels.topk_ids);
         if let Some(q) = self.manifest.quantization {
             b.topk_q.resize(b.topk_ids.len(), 0);
+            let sampled = !labels.counts.is_empty();
+            if sampled {
+                b.topk_counts.extend_from_slice(&labels.counts);
+            }
+            let mut at = 0usize;
             for p in 0..n {
-                let row = start + p * k..start + (p + 1) * k;
+                let len = labels.lengths.get(p).map_or(k, |&l| l as usize);
+                let row = start + at..start + at + len;
                 q.quantize_row(
-                    &labels.topk_logprobs[p * k..(p + 1) * k],
+                    &labels.topk_logprobs[at..at + len],
                     &mut b.topk_q[row.clone()],
                 );
-                sort_quantized(&mut b.topk_ids[row.clone()], &mut b.topk_q[row.clone()]);
+                if sampled {
+                    let counts = &mut b.topk_counts[row.clone()];
+                    sort_quantized_with(
+                        &mut b.topk_ids[row.clone()],
+                        &mut b.topk_q[row.clone()],
+                        counts,
+                    );
+                } else {
+                    sort_quantized(&mut b.topk_ids[row.clone()], &mut b.topk_q[row.clone()]);
+                }
                 let target = sample.input_ids[p + 1];
                 let in_list = b.topk_ids[row].contains(&target);
                 b.target_q
                     .push((!in_list).then(|| q.target_q(labels.target_logprobs[p])));
                 b.entropy_q.push(q.entropy_q(labels.entropy[p]));
+                b.lengths.push(len);
+                at += len;
             }
+            debug_assert_eq!(at, entries);
         } else {
             b.topk_logprobs
                 .extend_from_slice(&labels.topk_logprobs[..n * k]);
@@ -551,6 +601,18 @@ fn canonicalize(ids: &mut [u32], lps: &mut [f32], k: usize, dtype: LogprobDtype)
     }
 }
 
+/// [`sort_quantized`] carrying each entry's draw count along.
+fn sort_quantized_with(ids: &mut [u32], qs: &mut [u16], counts: &mut [u16]) {
+    let mut row: Vec<(u16, u32, u16)> =
+        (0..ids.len()).map(|j| (qs[j], ids[j], counts[j])).collect();
+    row.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (j, (q, id, c)) in row.into_iter().enumerate() {
+        qs[j] = q;
+        ids[j] = id;
+        counts[j] = c;
+    }
+}
+
 /// Orders a quantized row by descending stored probability, ties by smaller id.
 fn sort_quantized(ids: &mut [u32], qs: &mut [u16]) {
     let mut row: Vec<(u16, u32)> = qs.iter().copied().zip(ids.iter().copied()).collect();
@@ -561,7 +623,13 @@ fn sort_quantized(ids: &mut [u32], qs: &mut [u16]) {
     }
 }
 
-fn validate(sample: &SampleRecord, labels: &SampleLabels, k: usize, vocab: u32) -> Result<()> {
+fn validate(
+    sample: &SampleRecord,
+    labels: &SampleLabels,
+    k: usize,
+    selection: Selection,
+    vocab: u32,
+) -> Result<()> {
     let bad = |reason: String| {
         Err(Error::InvalidArgument(format!(
             "sample {} (source {}, record {}): {reason}",
@@ -576,13 +644,57 @@ fn validate(sample: &SampleRecord, labels: &SampleLabels, k: usize, vocab: u32) 
     if sample.prompt_len as usize > len {
         return bad(format!("prompt_len {} > length {len}", sample.prompt_len));
     }
-    if labels.topk_ids.len() != n * k || labels.topk_logprobs.len() != n * k {
+    let entries = if labels.lengths.is_empty() {
+        if !selection.fixed_len() {
+            return bad(format!(
+                "selection {selection} needs a list length per position"
+            ));
+        }
+        n * k
+    } else {
+        if labels.lengths.len() != n {
+            return bad(format!(
+                "{} list lengths for {n} positions",
+                labels.lengths.len()
+            ));
+        }
+        if let Some(l) = labels.lengths.iter().find(|&&l| l == 0 || l as usize > k) {
+            return bad(format!("a list of {l} entries (1..={k} allowed)"));
+        }
+        if selection.fixed_len() && labels.lengths.iter().any(|&l| l as usize != k) {
+            return bad(format!("top-k lists must have {k} entries"));
+        }
+        labels.lengths.iter().map(|&l| l as usize).sum()
+    };
+    if labels.topk_ids.len() != entries || labels.topk_logprobs.len() != entries {
         return bad(format!(
-            "top-k arrays have {} ids / {} log-probs, expected {} ({n} positions x k={k})",
+            "top-k arrays have {} ids / {} log-probs, expected {entries} ({n} positions, k={k})",
             labels.topk_ids.len(),
             labels.topk_logprobs.len(),
-            n * k
         ));
+    }
+    match selection {
+        Selection::Sample { draws, .. } => {
+            if labels.counts.len() != entries {
+                return bad(format!(
+                    "{} draw counts for {entries} entries",
+                    labels.counts.len()
+                ));
+            }
+            let mut at = 0;
+            for &l in &labels.lengths {
+                let row = &labels.counts[at..at + l as usize];
+                let total: u32 = row.iter().map(|&c| u32::from(c)).sum();
+                if total != draws || row.contains(&0) {
+                    return bad(format!("draw counts {row:?} do not add up to {draws}"));
+                }
+                at += l as usize;
+            }
+        }
+        _ if !labels.counts.is_empty() => {
+            return bad("draw counts given for a selection that does not sample".into());
+        }
+        _ => {}
     }
     if labels.target_logprobs.len() != n || labels.entropy.len() != n {
         return bad(format!(
@@ -630,11 +742,10 @@ fn logprob_array(values: &[f32], dtype: LogprobDtype) -> ArrayRef {
     }
 }
 
-/// A variable-length list column of rows of `k` values each.
-fn k_list(values: ArrayRef, k: usize) -> Result<ArrayRef> {
+/// A list column whose row `i` has `lengths[i]` values.
+fn var_list(values: ArrayRef, lengths: &[usize]) -> Result<ArrayRef> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), false));
-    let rows = values.len() / k.max(1);
-    let offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(k, rows));
+    let offsets = OffsetBuffer::from_lengths(lengths.iter().copied());
     Ok(Arc::new(ListArray::try_new(field, offsets, values, None)?))
 }
 
@@ -644,17 +755,25 @@ fn labels_batch(b: &mut Buffers, schema: &SchemaRef, m: &Manifest) -> Result<Rec
             Arc::new(UInt64Array::from(std::mem::take(&mut b.sample_id))),
             Arc::new(UInt32Array::from(std::mem::take(&mut b.position))),
             Arc::new(BooleanArray::from(std::mem::take(&mut b.in_loss))),
-            k_list(
+            var_list(
                 Arc::new(UInt32Array::from(std::mem::take(&mut b.topk_ids))),
-                m.k,
+                &b.lengths,
             )?,
-            k_list(
+            var_list(
                 Arc::new(UInt16Array::from(std::mem::take(&mut b.topk_q))),
-                m.k,
+                &b.lengths,
             )?,
             Arc::new(UInt16Array::from(std::mem::take(&mut b.target_q))),
             Arc::new(UInt16Array::from(std::mem::take(&mut b.entropy_q))),
         ];
+        let mut columns = columns;
+        if matches!(m.selection(), Selection::Sample { .. }) {
+            columns.push(var_list(
+                Arc::new(UInt16Array::from(std::mem::take(&mut b.topk_counts))),
+                &b.lengths,
+            )?);
+        }
+        b.lengths.clear();
         b.target_id.clear();
         return Ok(RecordBatch::try_new(schema.clone(), columns)?);
     }

@@ -11,6 +11,7 @@
 
 use super::kernels::{exp_approx, LANES};
 use crate::error::{Error, Result};
+use crate::schema::Selection;
 
 /// What [`select_row`] computes for one position.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +24,8 @@ pub struct RowSelection {
     pub target_logprob: Option<f32>,
     /// Entropy of the full distribution, in nats.
     pub entropy: f32,
+    /// Draws of each id (sample selection only, else empty).
+    pub counts: Vec<u16>,
 }
 
 /// Selects top-`k`, entropy and the target's log-prob from one row of logits
@@ -36,8 +39,129 @@ pub fn select_row(logits: &[f32], k: usize, target: Option<u32>) -> Result<RowSe
         topk_logprobs: Vec::with_capacity(k),
         target_logprob: None,
         entropy: 0.0,
+        counts: Vec::new(),
     };
     select_row_into(logits, k, target, &mut out)?;
+    Ok(out)
+}
+
+/// SplitMix64: the seeded, platform-independent generator of the sample selection's draws.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The seed of one position's draws: a function of the selection's seed, the sample id and
+/// the position only, so a resumed or sharded run draws the same tokens.
+pub fn position_seed(select: &Selection, sample_id: u64, position: u64) -> u64 {
+    let seed = match select {
+        Selection::Sample { seed, .. } => *seed,
+        _ => 0,
+    };
+    let mut s = seed;
+    let a = splitmix64(&mut s);
+    let mut s = a ^ sample_id;
+    let b = splitmix64(&mut s);
+    let mut s = b ^ position;
+    splitmix64(&mut s)
+}
+
+/// One row's selection in any mode (`seed` from [`position_seed`]; used by sample only).
+pub fn select_row_with(
+    logits: &[f32],
+    select: &Selection,
+    target: Option<u32>,
+    seed: u64,
+) -> Result<RowSelection> {
+    match *select {
+        Selection::TopK { k } => select_row(logits, k, target),
+        Selection::TopP { p, max } => {
+            let mut out = select_row(logits, max, target)?;
+            let mut mass = 0.0f64;
+            let mut keep = out.topk_ids.len();
+            for (j, &lp) in out.topk_logprobs.iter().enumerate() {
+                mass += f64::from(lp).exp();
+                if mass >= p {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            out.topk_ids.truncate(keep);
+            out.topk_logprobs.truncate(keep);
+            Ok(out)
+        }
+        Selection::Sample {
+            draws, temperature, ..
+        } => sample_row(logits, draws, temperature, target, seed),
+    }
+}
+
+/// Sparse Logit Sampling for one row: `draws` draws with replacement from
+/// `softmax(logits / temperature)`, returned as the distinct ids (by descending
+/// full-vocabulary log-prob at temperature 1, ties by id) with their counts.
+fn sample_row(
+    logits: &[f32],
+    draws: u32,
+    temperature: f64,
+    target: Option<u32>,
+    seed: u64,
+) -> Result<RowSelection> {
+    // Entropy, target log-prob and the normaliser come from the top-1 pass.
+    let mut out = select_row(logits, 1, target)?;
+    let max = f64::from(logits[out.topk_ids[0] as usize]);
+    let lse = max - f64::from(out.topk_logprobs[0]);
+    let inv_t = 1.0 / temperature;
+    let weight = |x: f32| {
+        let x = f64::from(x);
+        if x.is_finite() {
+            ((x - max) * inv_t).exp()
+        } else {
+            0.0
+        }
+    };
+    let total: f64 = logits.iter().map(|&x| weight(x)).sum();
+    let mut state = seed;
+    let mut u: Vec<f64> = (0..draws)
+        .map(|_| (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64 * total)
+        .collect();
+    u.sort_by(f64::total_cmp);
+    let mut picked: Vec<(u32, u16)> = Vec::new();
+    let (mut cum, mut next) = (0.0f64, 0usize);
+    for (i, &x) in logits.iter().enumerate() {
+        if next == u.len() {
+            break;
+        }
+        cum += weight(x);
+        let mut c = 0u16;
+        while next < u.len() && u[next] < cum {
+            next += 1;
+            c += 1;
+        }
+        if c > 0 {
+            picked.push((i as u32, c));
+        }
+    }
+    // Rounding can leave the last draws above the accumulated total: they go to the last
+    // token with weight.
+    if next < u.len() {
+        let last = logits.iter().rposition(|&x| weight(x) > 0.0).unwrap_or(0) as u32;
+        let rest = (u.len() - next) as u16;
+        match picked.last_mut() {
+            Some(p) if p.0 == last => p.1 += rest,
+            _ => picked.push((last, rest)),
+        }
+    }
+    let mut rows: Vec<(f32, u32, u16)> = picked
+        .into_iter()
+        .map(|(id, c)| ((f64::from(logits[id as usize]) - lse) as f32, id, c))
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    out.topk_ids = rows.iter().map(|r| r.1).collect();
+    out.topk_logprobs = rows.iter().map(|r| r.0.min(0.0)).collect();
+    out.counts = rows.iter().map(|r| r.2).collect();
     Ok(out)
 }
 
@@ -191,6 +315,122 @@ fn exp_sums(row: &[f32], max: f32) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn softmax(row: &[f32], t: f64) -> Vec<f64> {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let w: Vec<f64> = row.iter().map(|&x| ((x as f64 - m) / t).exp()).collect();
+        let s: f64 = w.iter().sum();
+        w.into_iter().map(|x| x / s).collect()
+    }
+
+    /// The sampled estimate count / N is unbiased: averaged over many positions (seeds), each
+    /// token's estimate matches its probability at the sampling temperature within 5 standard
+    /// errors, and the stored log-probs are the full-vocabulary ones at temperature 1.
+    #[test]
+    fn sampled_estimates_are_unbiased_and_deterministic() {
+        let row: Vec<f32> = vec![2.0, 1.5, 0.3, -0.2, -1.0, -3.0, -4.5, f32::NEG_INFINITY];
+        for (t, draws) in [(1.0, 12u32), (2.0, 12), (0.7, 50)] {
+            let select = Selection::Sample {
+                draws,
+                temperature: t,
+                seed: 11,
+            };
+            let p = softmax(&row, t);
+            let p1 = softmax(&row, 1.0);
+            let positions = 4000u64;
+            let mut mean = vec![0f64; row.len()];
+            for pos in 0..positions {
+                let seed = position_seed(&select, 7, pos);
+                let sel = select_row_with(&row, &select, Some(0), seed).unwrap();
+                assert_eq!(sel.counts.iter().map(|&c| u32::from(c)).sum::<u32>(), draws);
+                assert_eq!(sel.counts.len(), sel.topk_ids.len());
+                for w in sel.topk_logprobs.windows(2) {
+                    assert!(w[0] >= w[1]);
+                }
+                for ((&id, &c), &lp) in sel.topk_ids.iter().zip(&sel.counts).zip(&sel.topk_logprobs)
+                {
+                    assert!(id != 7, "a -inf logit is never drawn");
+                    assert!((f64::from(lp) - p1[id as usize].ln()).abs() < 1e-4);
+                    mean[id as usize] += f64::from(c) / f64::from(draws) / positions as f64;
+                }
+                // Same seed, same draws.
+                assert_eq!(sel, select_row_with(&row, &select, Some(0), seed).unwrap());
+            }
+            for (i, (&m, &q)) in mean.iter().zip(&p).enumerate() {
+                let se = (q * (1.0 - q) / (f64::from(draws) * positions as f64)).sqrt();
+                assert!(
+                    (m - q).abs() <= 5.0 * se + 1e-12,
+                    "t {t} token {i}: {m} vs {q} (se {se})"
+                );
+            }
+        }
+        // Different positions and sample ids draw differently.
+        let s = Selection::Sample {
+            draws: 4,
+            temperature: 1.0,
+            seed: 0,
+        };
+        assert_ne!(position_seed(&s, 1, 2), position_seed(&s, 2, 1));
+        assert_ne!(
+            position_seed(&s, 1, 2),
+            position_seed(
+                &Selection::Sample {
+                    draws: 4,
+                    temperature: 1.0,
+                    seed: 1
+                },
+                1,
+                2
+            )
+        );
+    }
+
+    /// Top-p keeps the smallest prefix of the top-`max` reaching the mass `p`.
+    #[test]
+    fn top_p_lists_are_the_smallest_prefix_reaching_p() {
+        let mut state = 3u64;
+        for case in 0..500 {
+            let scale = 0.2 + (case % 10) as f32;
+            let row: Vec<f32> = (0..64)
+                .map(|_| (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32 * scale)
+                .collect();
+            for (p, max) in [(0.5, 8usize), (0.9, 20), (0.99, 5), (1.0, 64)] {
+                let sel = select_row_with(&row, &Selection::TopP { p, max }, Some(3), 0).unwrap();
+                let full = select_row(&row, max, Some(3)).unwrap();
+                let n = sel.topk_ids.len();
+                assert!(n >= 1 && n <= max);
+                assert_eq!(sel.topk_ids[..], full.topk_ids[..n]);
+                let mass: f64 = sel.topk_logprobs.iter().map(|&l| f64::from(l).exp()).sum();
+                let before = mass - f64::from(sel.topk_logprobs[n - 1]).exp();
+                assert!(
+                    mass >= p - 1e-9 || n == max,
+                    "case {case}: {mass} < {p} with {n}"
+                );
+                assert!(
+                    before < p,
+                    "case {case}: a shorter list already reached {p}"
+                );
+                assert_eq!(sel.entropy, full.entropy);
+                assert_eq!(sel.target_logprob, full.target_logprob);
+            }
+        }
+        assert!(Selection::parse("top-p:0.9").is_err());
+        assert!(Selection::parse("top-p:1.5,max=4").is_err());
+        assert!(Selection::parse("sample:12,x=1").is_err());
+        assert_eq!(
+            Selection::parse("top-p:0.9,max=20").unwrap(),
+            Selection::TopP { p: 0.9, max: 20 }
+        );
+        assert_eq!(
+            Selection::parse("sample:12,t=2,seed=5").unwrap(),
+            Selection::Sample {
+                draws: 12,
+                temperature: 2.0,
+                seed: 5
+            }
+        );
+        assert_eq!(Selection::parse("top-k:5").unwrap().to_string(), "top-k:5");
+    }
 
     /// Reference in f64 the slow way.
     fn naive(row: &[f32], k: usize, target: u32) -> (Vec<u32>, Vec<f64>, f64, f64) {

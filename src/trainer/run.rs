@@ -57,6 +57,13 @@ fn append_json(file: &mut File, path: &Path, value: &impl Serialize) -> Result<(
 /// Refuses a store the trainer cannot learn from, and settings that make no run.
 fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Result<()> {
     let manifest = reader.manifest();
+    if !manifest.selection().fixed_len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} was labelled with --select {}: the trainer reads top-k stores only so far",
+            store.display(),
+            manifest.selection()
+        )));
+    }
     if manifest.parts.is_empty() || manifest.rows(Table::Labels) == 0 {
         return Err(Error::NoTrainingData(format!(
             "{} holds no labels",

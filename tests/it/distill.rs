@@ -649,6 +649,7 @@ fn student_copy_of_the_real_teacher() {
     let tok = teacher.tokenizer().identity();
     let meta = StoreMeta {
         k: 5,
+        selection: firstkd::schema::Selection::TopK { k: 5 },
         logprob_dtype: LogprobDtype::Float32,
         teacher: TeacherInfo {
             file_name: "teacher".into(),
@@ -688,6 +689,7 @@ fn student_copy_of_the_real_teacher() {
             topk_logprobs: l.topk_logprobs,
             target_logprobs: l.target_logprobs,
             entropy: l.entropy,
+            ..SampleLabels::default()
         };
         w.push(&record, &sl).unwrap();
     }

@@ -18,6 +18,7 @@ use crate::util::tempdir;
 fn meta(k: usize, dtype: LogprobDtype, vocab: u32) -> StoreMeta {
     StoreMeta {
         k,
+        selection: firstkd::schema::Selection::TopK { k },
         logprob_dtype: dtype,
         teacher: TeacherInfo {
             file_name: "test.gguf".into(),
@@ -179,6 +180,7 @@ fn sample_strategy(k: usize, vocab: u32) -> impl Strategy<Value = (SampleRecord,
                         topk_logprobs,
                         target_logprobs,
                         entropy,
+                        ..SampleLabels::default()
                     },
                 )
             })
