@@ -34,6 +34,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     )?;
     writeln!(out, "created by       {}", m.created_by)?;
     writeln!(out, "k                {}", m.k)?;
+    writeln!(out, "selection        {}", m.selection())?;
     writeln!(out, "log-prob dtype   {}", m.logprob_dtype.name())?;
     writeln!(
         out,

@@ -122,7 +122,9 @@ fn sample_row(
             0.0
         }
     };
-    let total: f64 = logits.iter().map(|&x| weight(x)).sum();
+    // One exp per logit: the weights are kept for the walk below.
+    let weights: Vec<f64> = logits.iter().map(|&x| weight(x)).collect();
+    let total: f64 = weights.iter().sum();
     let mut state = seed;
     let mut u: Vec<f64> = (0..draws)
         .map(|_| (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64 * total)
@@ -130,11 +132,11 @@ fn sample_row(
     u.sort_by(f64::total_cmp);
     let mut picked: Vec<(u32, u16)> = Vec::new();
     let (mut cum, mut next) = (0.0f64, 0usize);
-    for (i, &x) in logits.iter().enumerate() {
+    for (i, &w) in weights.iter().enumerate() {
         if next == u.len() {
             break;
         }
-        cum += weight(x);
+        cum += w;
         let mut c = 0u16;
         while next < u.len() && u[next] < cum {
             next += 1;
@@ -147,7 +149,7 @@ fn sample_row(
     // Rounding can leave the last draws above the accumulated total: they go to the last
     // token with weight.
     if next < u.len() {
-        let last = logits.iter().rposition(|&x| weight(x) > 0.0).unwrap_or(0) as u32;
+        let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32;
         let rest = (u.len() - next) as u16;
         match picked.last_mut() {
             Some(p) if p.0 == last => p.1 += rest,
