@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Float32Type, UInt16Type, UInt32Type, UInt64Type};
+use arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Float32Type, UInt16Type, UInt32Type, UInt64Type,
+};
 use arrow::record_batch::RecordBatch;
 
 use crate::error::{Error, Result};
@@ -508,31 +510,17 @@ fn k_list<'a>(
     Ok((values, rel))
 }
 
-fn list_u32s(
+/// `n` values of a list column's flat values from `start`, as type `T`.
+fn list_values<T: ArrowPrimitiveType>(
     values: &ArrayRef,
-    start: usize,
-    n: usize,
+    (start, n): (usize, usize),
     name: &str,
     path: &Path,
     row: u64,
-) -> Result<Vec<u32>> {
+) -> Result<Vec<T::Native>> {
     values
-        .as_primitive_opt::<UInt32Type>()
-        .and_then(|a| a.values().get(start..start + n).map(<[u32]>::to_vec))
-        .ok_or_else(|| mistyped(name, values, path, row))
-}
-
-fn list_u16s(
-    values: &ArrayRef,
-    start: usize,
-    n: usize,
-    name: &str,
-    path: &Path,
-    row: u64,
-) -> Result<Vec<u16>> {
-    values
-        .as_primitive_opt::<UInt16Type>()
-        .and_then(|a| a.values().get(start..start + n).map(<[u16]>::to_vec))
+        .as_primitive_opt::<T>()
+        .and_then(|a| a.values().get(start..start + n).map(<[T::Native]>::to_vec))
         .ok_or_else(|| mistyped(name, values, path, row))
 }
 
@@ -589,7 +577,7 @@ pub fn decode_labels_v2(
         let start = list_start(batch, labels::TOPK_IDS);
         let total = rel[n];
         same(labels::TOPK_IDS, rel)?;
-        list_u32s(values, start, total, labels::TOPK_IDS, path, first_row)?
+        list_values::<UInt32Type>(values, (start, total), labels::TOPK_IDS, path, first_row)?
     } else {
         Vec::new()
     };
@@ -599,7 +587,7 @@ pub fn decode_labels_v2(
         let start = list_start(batch, name);
         let total = rel[n];
         same(name, rel)?;
-        let qs = list_u16s(values, start, total, name, path, first_row)?;
+        let qs = list_values::<UInt16Type>(values, (start, total), name, path, first_row)?;
         qs.into_iter().map(|v| q.logprob(v)).collect()
     } else {
         Vec::new()
@@ -610,7 +598,7 @@ pub fn decode_labels_v2(
         let start = list_start(batch, name);
         let total = rel[n];
         same(name, rel)?;
-        list_u16s(values, start, total, name, path, first_row)?
+        list_values::<UInt16Type>(values, (start, total), name, path, first_row)?
     } else {
         Vec::new()
     };
