@@ -13,6 +13,7 @@
 
 pub mod convert;
 pub mod decode;
+pub mod decode_v2;
 pub mod inspect;
 pub mod join;
 pub mod manifest;
