@@ -167,18 +167,17 @@ impl LabelRows {
 
     /// Appends rows `range` of `other` (same k, same columns read).
     pub(crate) fn extend_from(&mut self, other: &LabelRows, range: std::ops::Range<usize>) {
-        fn part<T: Copy>(to: &mut Vec<T>, from: &[T], range: std::ops::Range<usize>, w: usize) {
-            if let Some(s) = from.get(range.start * w..range.end * w) {
+        fn part<T: Copy>(to: &mut Vec<T>, from: &[T], span: std::ops::Range<usize>) {
+            if let Some(s) = from.get(span) {
                 to.extend_from_slice(s);
             }
         }
-        let k = self.k;
-        if !other.offsets.is_empty() {
-            // Variable-length lists: copy the entries of the rows and extend the offsets.
-            let (a, b) = (
-                other.offsets.get(range.start).copied().unwrap_or(0),
-                other.offsets.get(range.end).copied().unwrap_or(0),
-            );
+        // The entries of the rows in the list columns.
+        let entries = if other.offsets.is_empty() {
+            range.start * self.k..range.end * self.k
+        } else {
+            let a = other.offsets.get(range.start).copied().unwrap_or(0);
+            let b = other.offsets.get(range.end).copied().unwrap_or(a);
             if self.offsets.is_empty() {
                 self.offsets.push(0);
             }
@@ -186,47 +185,25 @@ impl LabelRows {
             for r in range.clone() {
                 self.offsets.push(base + other.offsets[r + 1] - a);
             }
-            if let Some(s) = other.topk_ids.get(a..b) {
-                self.topk_ids.extend_from_slice(s);
-            }
-            if let Some(s) = other.topk_logprobs.get(a..b) {
-                self.topk_logprobs.extend_from_slice(s);
-            }
-            if let Some(s) = other.topk_counts.get(a..b) {
-                self.topk_counts.extend_from_slice(s);
-            }
-            part(&mut self.sample_id, &other.sample_id, range.clone(), 1);
-            part(&mut self.position, &other.position, range.clone(), 1);
-            part(&mut self.target_id, &other.target_id, range.clone(), 1);
-            part(&mut self.in_loss, &other.in_loss, range.clone(), 1);
-            part(
-                &mut self.target_logprob,
-                &other.target_logprob,
-                range.clone(),
-                1,
-            );
-            part(&mut self.entropy, &other.entropy, range.clone(), 1);
-            self.rows += range.len();
-            return;
-        }
-        part(&mut self.sample_id, &other.sample_id, range.clone(), 1);
-        part(&mut self.position, &other.position, range.clone(), 1);
-        part(&mut self.target_id, &other.target_id, range.clone(), 1);
-        part(&mut self.in_loss, &other.in_loss, range.clone(), 1);
-        part(&mut self.topk_ids, &other.topk_ids, range.clone(), k);
+            a..b
+        };
+        part(&mut self.topk_ids, &other.topk_ids, entries.clone());
         part(
             &mut self.topk_logprobs,
             &other.topk_logprobs,
-            range.clone(),
-            k,
+            entries.clone(),
         );
+        part(&mut self.topk_counts, &other.topk_counts, entries);
+        part(&mut self.sample_id, &other.sample_id, range.clone());
+        part(&mut self.position, &other.position, range.clone());
+        part(&mut self.target_id, &other.target_id, range.clone());
+        part(&mut self.in_loss, &other.in_loss, range.clone());
         part(
             &mut self.target_logprob,
             &other.target_logprob,
             range.clone(),
-            1,
         );
-        part(&mut self.entropy, &other.entropy, range.clone(), 1);
+        part(&mut self.entropy, &other.entropy, range.clone());
         self.rows += range.len();
     }
 }

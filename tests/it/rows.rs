@@ -273,17 +273,19 @@ fn edit_v2(
     let path = first_labels_file(&dir);
     let (batch, kv) = read_parquet(&path);
     write_file(&path, &edit(&batch), kv);
-    let rows = read_label_file(
-        &path,
-        manifest.k,
-        manifest.quantization,
-        &LabelColumn::ALL,
-        500,
-    )
-    .collect();
+    let rows = read_v2(&path, &manifest, &LabelColumn::ALL);
     // Keep the directory alive while the rows are read.
     drop(tmp);
     (path, rows)
+}
+
+/// Every row of one 2.0 labels file, decoded with the store's scales.
+fn read_v2(
+    path: &Path,
+    manifest: &firstkd::store::Manifest,
+    columns: &[LabelColumn],
+) -> Result<Vec<firstkd::store::LabelRows>, Error> {
+    read_label_file(path, manifest.k, manifest.quantization, columns, 500).collect()
 }
 
 #[test]
@@ -368,31 +370,19 @@ fn a_quantized_file_with_a_short_list_or_missing_samples_names_the_file() {
     let path = first_labels_file(&dir);
     let samples = dir.join("samples").join(path.file_name().unwrap());
     std::fs::remove_file(&samples).unwrap();
-    let rows: Result<Vec<_>, _> = read_label_file(
-        &path,
-        manifest.k,
-        manifest.quantization,
-        &LabelColumn::ALL,
-        500,
-    )
-    .collect();
-    let err = rows.unwrap_err().to_string();
+    let err = read_v2(&path, &manifest, &LabelColumn::ALL)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(samples.file_name().unwrap().to_str().unwrap()),
         "{err}"
     );
     // Columns that do not need the targets still read.
-    let ok: Result<Vec<_>, _> = read_label_file(
-        &path,
-        manifest.k,
-        manifest.quantization,
-        &[
-            LabelColumn::TopkIds,
-            LabelColumn::TopkLogprobs,
-            LabelColumn::Entropy,
-        ],
-        500,
-    )
-    .collect();
+    let targetless = [
+        LabelColumn::TopkIds,
+        LabelColumn::TopkLogprobs,
+        LabelColumn::Entropy,
+    ];
+    let ok = read_v2(&path, &manifest, &targetless);
     assert!(ok.is_ok(), "{ok:?}");
 }
