@@ -592,7 +592,53 @@ fn top_p_and_sampled_selections_label_verify_and_repeat_exactly() {
             "{query}: {out}"
         );
     }
-    // Not usable yet by the trainer, and not storable in the fixed-length 1.0 layout.
+    // The samples + labels join keeps variable-length lists and their counts in step.
+    let reader = StoreReader::open(&sampled).unwrap();
+    let cols = [
+        LabelColumn::TopkIds,
+        LabelColumn::TopkLogprobs,
+        LabelColumn::TopkCounts,
+    ];
+    let (mut joined_ids, mut joined_counts) = (Vec::new(), Vec::new());
+    for s in reader.labelled_samples(&cols, |_| true) {
+        let s = s.unwrap();
+        for i in 0..s.labels.len() {
+            joined_ids.push(s.labels.ids(i).to_vec());
+            joined_counts.push(s.labels.counts(i).to_vec());
+        }
+    }
+    let direct: Vec<Vec<u32>> = rows(&sampled).into_iter().map(|r| r.1 .2).collect();
+    assert_eq!(joined_ids, direct);
+    assert_eq!(joined_counts, c);
+    // convert rewrites a sampled store (2.0 -> 2.0) with the same rows and draws.
+    let copy = tmp.path().join("sampled-copy");
+    let o = firstkd(&[
+        "convert",
+        sampled.to_str().unwrap(),
+        "--out",
+        copy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(rows(&copy), rows(&sampled));
+    assert_eq!(counts(&copy), c);
+    // Not usable yet by the trainer (refused before any model is loaded), and not storable
+    // in the fixed-length 1.0 layout.
+    let init = format!("teacher-layers:{}:0,1", model.display());
+    let o = firstkd(&[
+        "distill",
+        "--store",
+        sampled.to_str().unwrap(),
+        "--init",
+        &init,
+        "--loss",
+        "kd",
+        "--steps",
+        "1",
+        "--out",
+        tmp.path().join("run").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("top-k stores only"), "{}", text(&o));
     let o = firstkd(&[
         "convert",
         sampled.to_str().unwrap(),
