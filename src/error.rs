@@ -8,11 +8,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in firstkd's library code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // The cause is in the message, not a `source()`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{path}: unsupported store schema version {found} (this firstkd reads major versions {supported})")]
@@ -61,11 +61,10 @@ pub enum Error {
     #[error("internal error: {0} (a bug in firstkd; please report it)")]
     Internal(String),
 
-    #[error("{path}: parquet: {source}")]
+    #[error("{path}: parquet: {error}")]
     Parquet {
         path: PathBuf,
-        #[source]
-        source: parquet::errors::ParquetError,
+        error: parquet::errors::ParquetError,
     },
 
     #[error("arrow: {0}")]
@@ -126,7 +125,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 
@@ -134,7 +133,7 @@ impl Error {
     pub fn parquet(path: impl Into<PathBuf>, source: parquet::errors::ParquetError) -> Self {
         Error::Parquet {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

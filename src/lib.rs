@@ -13,6 +13,7 @@ pub mod plot;
 pub mod query;
 pub mod runtime;
 pub mod schema;
+pub mod share;
 pub mod store;
 pub mod teacher;
 #[doc(hidden)]

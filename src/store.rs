@@ -12,13 +12,16 @@
 //! never leaves a part that looks complete. See docs/format.md.
 
 pub mod convert;
+pub mod copy;
 pub mod decode;
 pub mod decode_v2;
 pub mod inspect;
 pub mod join;
 pub mod manifest;
+pub mod merge;
 pub mod reader;
 pub mod rows;
+pub mod split;
 pub mod synthetic;
 pub mod verify;
 pub mod writer;

@@ -16,6 +16,7 @@
 
 mod kernels;
 mod load;
+pub use load::gguf_tokenizer;
 pub mod model;
 pub mod qgemm;
 pub mod select;

@@ -18,11 +18,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("converting {bar:30} {pos}/{len} parts")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = super::parts_bar("converting");
     let report = firstkd::store::convert(&args.store, &args.out, args.dtype, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

@@ -6,12 +6,17 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod calibrate;
+mod card;
 mod compare;
 mod convert;
 mod distill;
 mod eval;
+mod export;
+mod import;
 mod inspect;
 mod label;
+mod merge;
+mod split;
 mod sql;
 mod stats;
 mod synth;
@@ -45,6 +50,16 @@ pub enum Command {
     Synth(synth::Args),
     /// Rewrite a store into another layout (quantized 2.0 <-> float32 / float16 1.0).
     Convert(convert::Args),
+    /// Merge stores labelled by the same teacher and tokenizer into one.
+    Merge(merge::Args),
+    /// Split a store into train / valid / test by a hash of each sample.
+    Split(split::Args),
+    /// Export a store for another trainer (axolotl's KD dataset layout).
+    Export(export::Args),
+    /// Import another tool's soft labels (axolotl KD dataset, DistillKit) into a new store.
+    Import(import::Args),
+    /// Write a Hugging Face dataset card (README.md and plots) into a store.
+    Card(card::Args),
     /// Run SQL over a store (tables labels, samples; view tokens; see docs/sql.md).
     Sql(sql::Args),
     /// Built-in reports: top-k coverage and teacher calibration.
@@ -64,6 +79,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
         Command::Inspect(args) => inspect::run(args, out),
         Command::Synth(args) => synth::run(args, out),
         Command::Convert(args) => convert::run(args, out),
+        Command::Merge(args) => merge::run(args, out),
+        Command::Split(args) => split::run(args, out),
+        Command::Export(args) => export::run(args, out),
+        Command::Import(args) => import::run(args, out),
+        Command::Card(args) => card::run(args, out),
         Command::Sql(args) => sql::run(args, out),
         Command::Stats(args) => stats::run(args, out),
         Command::Distill(args) => distill::run(args, out),
@@ -105,6 +125,18 @@ pub(crate) fn print_table(
         writeln!(out, "{}", line(row))?;
     }
     Ok(())
+}
+
+/// A progress bar counting parts, labelled `what`.
+pub(crate) fn parts_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} parts"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// Parses `--device`: `cpu`, or `cuda[:N]` (needs the `cuda` cargo feature).

@@ -76,7 +76,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         .map_err(super::sql::query_error)
         .context("calibration report")?;
     if let Some(dir) = &args.plot {
-        write_plots(dir, &session, calibration.as_ref(), &opts)?;
+        stats::write_plots(dir, &session, calibration.as_ref(), &opts)
+            .map_err(super::sql::query_error)
+            .with_context(|| format!("writing the plots into {}", dir.display()))?;
     }
     if args.json {
         let mut value = serde_json::json!({
@@ -241,63 +243,5 @@ fn print_calibration(
             .collect();
         super::print_table(&header, &rows, 1, out)?;
     }
-    Ok(())
-}
-
-/// Writes the reliability diagram and the coverage histogram into `dir`.
-fn write_plots(
-    dir: &std::path::Path,
-    session: &QuerySession,
-    calibration: Option<&stats::CalibrationStats>,
-    opts: &StatsOptions,
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use firstkd::plot::{histogram_svg, reliability_svg, Panel};
-
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let computed;
-    let calibration = match calibration {
-        Some(c) => c,
-        None => {
-            computed = stats::calibration(session, opts)
-                .map_err(super::sql::query_error)
-                .context("calibration report")?;
-            &computed
-        }
-    };
-    let panels: Vec<Panel<'_>> = calibration
-        .groups
-        .iter()
-        .filter(|g| g.source.is_none() && g.split.is_none())
-        .map(|g| Panel {
-            label: if g.positions == "in_loss" {
-                "in-loss positions"
-            } else {
-                "all positions"
-            },
-            report: &g.report,
-        })
-        .collect();
-    let title = format!(
-        "teacher next-token reliability (T = {}, {} bins)",
-        calibration.temperature, calibration.n_bins
-    );
-    let path = dir.join("reliability.svg");
-    std::fs::write(&path, reliability_svg(&title, &panels))
-        .with_context(|| format!("writing {}", path.display()))?;
-
-    let k = session.manifest().k;
-    let counts = stats::coverage_histogram(session, 20)
-        .map_err(super::sql::query_error)
-        .context("coverage histogram")?;
-    let path = dir.join("coverage.svg");
-    let svg = histogram_svg(
-        &format!("top-{k} probability mass, in-loss positions"),
-        &format!("sum of the top-{k} probabilities"),
-        0.0,
-        1.0,
-        &counts,
-    );
-    std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

@@ -382,3 +382,57 @@ pub fn calibration(session: &QuerySession, opts: &StatsOptions) -> Result<Calibr
         sql,
     })
 }
+
+/// Writes `reliability.svg` (teacher next-token calibration, all and in-loss positions, from
+/// `calibration` or computed) and `coverage.svg` (histogram of the top-k probability mass of
+/// in-loss positions, 20 bins) into `dir`; returns their paths.
+pub fn write_plots(
+    dir: &std::path::Path,
+    session: &QuerySession,
+    calibration: Option<&CalibrationStats>,
+    opts: &StatsOptions,
+) -> Result<Vec<std::path::PathBuf>> {
+    use crate::plot::{histogram_svg, reliability_svg, Panel};
+
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let computed;
+    let calibration = match calibration {
+        Some(c) => c,
+        None => {
+            computed = self::calibration(session, opts)?;
+            &computed
+        }
+    };
+    let panels: Vec<Panel<'_>> = calibration
+        .groups
+        .iter()
+        .filter(|g| g.source.is_none() && g.split.is_none())
+        .map(|g| Panel {
+            label: if g.positions == "in_loss" {
+                "in-loss positions"
+            } else {
+                "all positions"
+            },
+            report: &g.report,
+        })
+        .collect();
+    let title = format!(
+        "teacher next-token reliability (T = {}, {} bins)",
+        calibration.temperature, calibration.n_bins
+    );
+    let reliability = dir.join("reliability.svg");
+    std::fs::write(&reliability, reliability_svg(&title, &panels))
+        .map_err(|e| Error::io(&reliability, e))?;
+    let k = session.manifest().k;
+    let counts = coverage_histogram(session, 20)?;
+    let coverage = dir.join("coverage.svg");
+    let svg = histogram_svg(
+        &format!("top-{k} probability mass, in-loss positions"),
+        &format!("sum of the top-{k} probabilities"),
+        0.0,
+        1.0,
+        &counts,
+    );
+    std::fs::write(&coverage, svg).map_err(|e| Error::io(&coverage, e))?;
+    Ok(vec![reliability, coverage])
+}

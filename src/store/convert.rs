@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use super::decode::{LabelColumn, SampleColumn};
+use super::copy::{copy_columns, meta_of};
 use super::reader::StoreReader;
-use super::writer::{Opened, SampleLabels, SampleRecord, StoreMeta, StoreWriter, WriterOptions};
+use super::writer::{Opened, StoreWriter, WriterOptions};
 use crate::error::{Error, Result};
 use crate::schema::LogprobDtype;
 
@@ -41,14 +41,7 @@ pub fn convert(
             dst.display()
         )));
     }
-    let meta = StoreMeta {
-        k: m.k,
-        selection: m.selection(),
-        logprob_dtype: dtype,
-        teacher: m.teacher.clone(),
-        tokenizer: m.tokenizer.clone(),
-        labeling: m.labeling.clone(),
-    };
+    let meta = meta_of(m, dtype);
     let (mut writer, done) = match StoreWriter::open(dst, meta, WriterOptions::default())? {
         Opened::Fresh(w) => (w, 0),
         Opened::Resumed { writer, cursor } => {
@@ -72,63 +65,12 @@ pub fn convert(
         samples_written: 0,
         already_complete: false,
     };
-    let mut columns = vec![
-        LabelColumn::TopkIds,
-        LabelColumn::TopkLogprobs,
-        LabelColumn::TargetLogprob,
-        LabelColumn::Entropy,
-    ];
-    if matches!(m.selection(), crate::schema::Selection::Sample { .. }) {
-        columns.push(LabelColumn::TopkCounts);
-    }
-    let sample_columns = SampleColumn::ALL;
+    let columns = copy_columns(m);
     for part in done..total {
-        let mut samples = reader.part_sample_rows(part..part + 1, &sample_columns);
-        let mut labels = reader.part_label_rows(part..part + 1, &columns, 1 << 16);
-        let mut pending: Option<super::LabelRows> = None;
-        let mut offset = 0usize;
-        for sample in samples.by_ref() {
-            let sample = sample?;
-            let n = sample.num_positions as usize;
-            let mut out = SampleLabels::default();
-            let mut need = n;
-            while need > 0 {
-                if pending.as_ref().is_none_or(|p| offset >= p.len()) {
-                    pending = Some(labels.next().transpose()?.ok_or_else(|| Error::Corrupt {
-                        path: reader.dir().join(&m.parts[part].labels.file),
-                        row: None,
-                        reason: format!(
-                            "labels end before sample {} has its {n} rows",
-                            sample.sample_id
-                        ),
-                    })?);
-                    offset = 0;
-                }
-                let rows = pending
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal("no rows".into()))?;
-                let take = need.min(rows.len() - offset);
-                for i in offset..offset + take {
-                    out.topk_ids.extend_from_slice(rows.ids(i));
-                    out.topk_logprobs.extend_from_slice(rows.logprobs(i));
-                    out.lengths.push(rows.ids(i).len() as u32);
-                    out.counts.extend_from_slice(rows.counts(i));
-                    out.target_logprobs.push(rows.target_logprob[i]);
-                    out.entropy.push(rows.entropy[i]);
-                }
-                offset += take;
-                need -= take;
-            }
-            let record = SampleRecord {
-                sample_id: sample.sample_id,
-                source: sample.source,
-                split: sample.split,
-                record_index: sample.record_index,
-                window_index: sample.window_index,
-                input_ids: sample.input_ids,
-                prompt_len: sample.prompt_len,
-            };
-            writer.push(&record, &out)?;
+        for joined in reader.part_labelled_samples(part..part + 1, &columns, |_| true) {
+            let joined = joined?;
+            let record = joined.record(joined.sample.sample_id, &joined.sample.split);
+            writer.push(&record, &joined.sample_labels())?;
             report.samples_written += 1;
         }
         writer.commit(serde_json::json!({ "converted_parts": part + 1 }))?;

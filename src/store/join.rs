@@ -18,6 +18,20 @@ impl StoreReader {
     where
         F: FnMut(&SampleRow) -> bool,
     {
+        self.part_labelled_samples(0..usize::MAX, columns, keep)
+    }
+
+    /// [`Self::labelled_samples`] over the committed parts in `parts` (indices into the
+    /// manifest's list).
+    pub fn part_labelled_samples<F>(
+        &self,
+        parts: std::ops::Range<usize>,
+        columns: &[LabelColumn],
+        keep: F,
+    ) -> LabelledSamples<F>
+    where
+        F: FnMut(&SampleRow) -> bool,
+    {
         let mut label_columns = vec![LabelColumn::SampleId, LabelColumn::Position];
         for &c in columns {
             if !label_columns.contains(&c) {
@@ -28,7 +42,8 @@ impl StoreReader {
             reader: self.clone(),
             columns: label_columns,
             keep,
-            next_part: 0,
+            next_part: parts.start,
+            end_part: parts.end,
             part: None,
             failed: false,
         }
@@ -57,6 +72,7 @@ pub struct LabelledSamples<F> {
     columns: Vec<LabelColumn>,
     keep: F,
     next_part: usize,
+    end_part: usize,
     part: Option<JoinPart>,
     failed: bool,
 }
@@ -64,6 +80,9 @@ pub struct LabelledSamples<F> {
 impl<F: FnMut(&SampleRow) -> bool> LabelledSamples<F> {
     fn open_next_part(&mut self) -> Result<bool> {
         let i = self.next_part;
+        if i >= self.end_part {
+            return Ok(false);
+        }
         let Some(entry) = self.reader.manifest().parts.get(i) else {
             return Ok(false);
         };

@@ -237,10 +237,45 @@ pub(crate) fn load_gguf(
     };
     let model = TeacherModel::new(cfg, embed, layers, norm, output, device)?;
 
+    let tokenizer = tokenizer_from_metadata(md, path, tokenizer_json, &tokens)?;
+    let chat_template = match get_str("tokenizer.chat_template") {
+        Some(src) => Some(compile_template(&src, &tokenizer)?),
+        None => None,
+    };
+    let identity = TeacherIdentity {
+        file_name: file_name(path),
+        sha256: sha256_file(path)?,
+        format: "gguf".to_string(),
+        architecture: arch.as_str().to_string(),
+        quantization,
+        compute: compute_description(device),
+        context_length: model.config().context_length as u32,
+        vocab_size: model.config().vocab_size as u32,
+        tied_embeddings: tied,
+    };
+    Ok(Loaded {
+        model,
+        tokenizer,
+        chat_template,
+        identity,
+    })
+}
+
+/// The tokenizer of a GGUF file's metadata (byte-level BPE), or `tokenizer_json` with the
+/// GGUF's special-token ids.
+fn tokenizer_from_metadata(
+    md: &std::collections::HashMap<String, Value>,
+    path: &Path,
+    tokenizer_json: Option<&Path>,
+    tokens: &[String],
+) -> Result<TeacherTokenizer> {
+    let get = |key: &str| md.get(key);
+    let get_str = |key: &str| get(key).and_then(|v| v.to_string().ok()).cloned();
+    let get_u32 = |key: &str| get(key).and_then(|v| v.to_u32().ok());
     let bos_id = get_u32("tokenizer.ggml.bos_token_id");
     let eos_id = get_u32("tokenizer.ggml.eos_token_id");
     let pad_id = get_u32("tokenizer.ggml.padding_token_id");
-    let tokenizer = match tokenizer_json {
+    Ok(match tokenizer_json {
         Some(tj) => TeacherTokenizer::from_tokenizer_json(tj, [bos_id, eos_id, pad_id])?,
         None => {
             let model_kind = get_str("tokenizer.ggml.model").unwrap_or_default();
@@ -273,7 +308,7 @@ pub(crate) fn load_gguf(
                 None => Vec::new(),
             };
             let spec = BpeSpec {
-                tokens: tokens.clone(),
+                tokens: tokens.to_vec(),
                 merges,
                 token_types,
                 pre: get_str("tokenizer.ggml.pre").unwrap_or_default(),
@@ -286,28 +321,26 @@ pub(crate) fn load_gguf(
             };
             TeacherTokenizer::from_bpe_spec(&spec, path)?
         }
-    };
-    let chat_template = match get_str("tokenizer.chat_template") {
-        Some(src) => Some(compile_template(&src, &tokenizer)?),
-        None => None,
-    };
-    let identity = TeacherIdentity {
-        file_name: file_name(path),
-        sha256: sha256_file(path)?,
-        format: "gguf".to_string(),
-        architecture: arch.as_str().to_string(),
-        quantization,
-        compute: compute_description(device),
-        context_length: model.config().context_length as u32,
-        vocab_size: model.config().vocab_size as u32,
-        tied_embeddings: tied,
-    };
-    Ok(Loaded {
-        model,
-        tokenizer,
-        chat_template,
-        identity,
     })
+}
+
+/// Only the tokenizer of a GGUF file (its metadata; no weights are read).
+pub fn gguf_tokenizer(path: &Path) -> Result<TeacherTokenizer> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let ct = gguf_file::Content::read(&mut reader)
+        .map_err(|e| model_err(path, format!("not a readable GGUF file: {e}")))?;
+    let tokens: Vec<String> = match ct.metadata.get("tokenizer.ggml.tokens") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| model_err(path, format!("tokenizer.ggml.tokens: {e}")))?
+            .iter()
+            .map(|t| t.to_string().cloned())
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| model_err(path, format!("tokenizer.ggml.tokens: {e}")))?,
+        None => return Err(model_err(path, "missing tokenizer.ggml.tokens")),
+    };
+    tokenizer_from_metadata(&ct.metadata, path, None, &tokens)
 }
 
 fn value_to_i32(v: &Value) -> i32 {

@@ -272,15 +272,25 @@ pub fn topk_kl_rows(
     temperature: f64,
     smoothing: f64,
 ) -> Result<Tensor> {
-    let log_t = candle_nn::ops::log_softmax(&(topk_logprobs / temperature)?, D::Minus1)?;
+    let log_t = teacher_log_targets(topk_logprobs, temperature, smoothing)?;
     let log_s = candle_nn::ops::log_softmax(topk_logits, D::Minus1)?;
+    Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?)
+}
+
+/// The `first`/`kd` target `[n, k]` as log-probabilities: `log((1 - beta) softmax(l/T) + beta / k)`
+/// over each row's k stored log-probs (`beta` = teacher smoothing, 0 for none). What the
+/// student is trained towards; `firstkd export` bakes the same distribution in.
+pub fn teacher_log_targets(
+    topk_logprobs: &Tensor,
+    temperature: f64,
+    smoothing: f64,
+) -> Result<Tensor> {
+    let log_t = candle_nn::ops::log_softmax(&(topk_logprobs / temperature)?, D::Minus1)?;
     if smoothing == 0.0 {
-        return Ok((log_t.exp()? * (log_t - log_s)?)?.sum(D::Minus1)?);
+        return Ok(log_t);
     }
     let k = topk_logprobs.dim(D::Minus1)? as f64;
-    let t = log_t.exp()?.affine(1.0 - smoothing, smoothing / k)?;
-    let log_t = t.log()?;
-    Ok((t * (log_t - log_s)?)?.sum(D::Minus1)?)
+    Ok(log_t.exp()?.affine(1.0 - smoothing, smoothing / k)?.log()?)
 }
 
 /// Per-row `kd-tail` loss `[n]` over k + 1 outcomes. A teacher whose stored top-k mass exceeds
