@@ -913,3 +913,38 @@ pub fn import_axolotl(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temperatures_parse() {
+        assert_eq!(
+            ExportTemperature::parse("fitted").unwrap(),
+            ExportTemperature::Fitted
+        );
+        assert_eq!(
+            ExportTemperature::parse("raw").unwrap(),
+            ExportTemperature::Raw
+        );
+        assert_eq!(
+            ExportTemperature::parse("1.5").unwrap(),
+            ExportTemperature::Value(1.5)
+        );
+        for bad in ["0", "-1", "nan", "warm"] {
+            assert!(ExportTemperature::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rescaling_is_a_log_softmax_of_the_scaled_values() {
+        let r = rescaled(&[-0.1, -2.0, -3.0], 2.0);
+        let z: f64 = r.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((z - 1.0).abs() < 1e-6);
+        assert!(
+            ((r[0] - r[1]) as f64 - 0.95).abs() < 1e-6,
+            "differences divided by T"
+        );
+    }
+}

@@ -289,3 +289,18 @@ fn loading_section(quantized: bool) -> String {
          `firstkd export --format axolotl` writes its KD layout.\n"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_categories_are_the_hubs() {
+        assert_eq!(size_category(0), "n<1K");
+        assert_eq!(size_category(999), "n<1K");
+        assert_eq!(size_category(1_000), "1K<n<10K");
+        assert_eq!(size_category(5_086), "1K<n<10K");
+        assert_eq!(size_category(2_000_000_000), "1B<n<10B");
+        assert_eq!(size_category(u64::MAX), "n>1T");
+    }
+}

@@ -509,3 +509,55 @@ pub fn import_distillkit(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_are_read_msb_first() {
+        // DistillKit's tests/test_bitpack.py: [5, 3] in 3 bits packs to one byte 0b101_011_00.
+        assert_eq!(unpack_bits(&[0xAC], 3, 2), Some(vec![5, 3]));
+        assert_eq!(unpack_bits(&[0x12, 0x34], 16, 1), Some(vec![0x1234]));
+        assert_eq!(unpack_bits(&[0xFF], 3, 3), None, "9 bits from one byte");
+    }
+
+    #[test]
+    fn a_position_decodes_exact_values_fit_and_residual() {
+        let cfg = CompressionConfig {
+            d: 1000,
+            k: 3,
+            exact_k: 1,
+            exact_dtype: "float32".into(),
+            polynomial_terms: Some(vec![Term::Power(0), Term::Named("sqrt".into())]),
+            term_dtype: "float32".into(),
+            residual_bins: vec![ResidualBin {
+                scale_dtype: "float32".into(),
+                element_bits: 2,
+                num_elements: 2,
+            }],
+            delta_encoding: true,
+            error_diffusion: false,
+            normalize_t: false,
+        };
+        assert_eq!(cfg.index_bits(), 10);
+        assert_eq!(cfg.index_bytes(), 4);
+        assert_eq!(cfg.logprob_bytes(), 4 + 8 + 4 + 1);
+        // ids 1, 2, 999 in 10 bits each: 0000000001 0000000010 1111100111 00
+        let ids = [0b0000_0000, 0b0100_0000, 0b0010_1111, 0b1001_1100];
+        let mut lp = Vec::new();
+        lp.extend_from_slice(&(-0.5f32).to_le_bytes());
+        lp.extend_from_slice(&(-1.0f32).to_le_bytes()); // c0
+        lp.extend_from_slice(&(-0.25f32).to_le_bytes()); // c_sqrt
+        lp.extend_from_slice(&(0.125f32).to_le_bytes()); // scale
+        lp.push(0b1100_0000); // q = 3, 0 -> (3 - 2) * s, (0 - 2) * s
+        let (got_ids, got) = cfg.decode(&ids, &lp).unwrap();
+        assert_eq!(got_ids, vec![1, 2, 999]);
+        // deltas: -0.5, -1 + 0 + 0.125, -1 - 0.25 - 0.25; cumulative sums.
+        let want = [-0.5, -0.5 - 0.875, -0.5 - 0.875 - 1.5];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?}");
+        }
+        assert!(cfg.decode(&ids, &lp[..5]).is_err());
+    }
+}

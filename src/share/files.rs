@@ -52,7 +52,7 @@ impl FileFormat {
 /// A file being written: under `.<name>.tmp` until [`OutFile::finish`] renames it.
 pub(crate) enum OutFile {
     Parquet {
-        writer: ArrowWriter<File>,
+        writer: Box<ArrowWriter<File>>,
         tmp: PathBuf,
         path: PathBuf,
     },
@@ -101,7 +101,7 @@ impl OutFile {
                 let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
                     .map_err(|e| Error::parquet(&tmp, e))?;
                 OutFile::Parquet {
-                    writer,
+                    writer: Box::new(writer),
                     tmp,
                     path: path.to_path_buf(),
                 }

@@ -227,3 +227,51 @@ pub fn split(
     }
     Ok(SplitReport { outputs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_intervals_follow_their_order() {
+        let s = SplitSpec::parse("train=0.9, valid=0.05,test=0.05").unwrap();
+        assert_eq!(s.splits.len(), 3);
+        assert_eq!(s.index_of(0.0), 0);
+        assert_eq!(s.index_of(0.9), 1);
+        assert_eq!(s.index_of(0.96), 2);
+        assert_eq!(s.index_of(0.999_999), 2);
+        for bad in [
+            "",
+            "train=0.5",
+            "train=0.5,train=0.5",
+            "a b=1",
+            "x=one",
+            "x=-1,y=2",
+        ] {
+            assert!(SplitSpec::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_point_of_a_sample_is_its_documented_hash() {
+        let sample = SampleRow {
+            input_ids: vec![1, 2, 3],
+            ..SampleRow::default()
+        };
+        // python3 -c "import hashlib,struct; h=hashlib.sha256(b'firstkd-split-v1\0'+b''.join(struct.pack('<I',t) for t in [1,2,3])).digest(); print(int.from_bytes(h[:8],'big')/2**64)"
+        let mut h = Sha256::new();
+        h.update(b"firstkd-split-v1\0");
+        for t in [1u32, 2, 3] {
+            h.update(t.to_le_bytes());
+        }
+        let d = h.finalize();
+        let want = u64::from_be_bytes(d[..8].try_into().unwrap()) as f64 / 2f64.powi(64);
+        assert_eq!(split_point(&sample, SplitKey::Tokens), want);
+        assert!((0.0..1.0).contains(&want));
+        let other = SampleRow {
+            input_ids: vec![1, 2, 4],
+            ..SampleRow::default()
+        };
+        assert_ne!(split_point(&other, SplitKey::Tokens), want);
+    }
+}

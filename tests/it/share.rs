@@ -193,7 +193,7 @@ fn axolotl_export_trains_the_student_on_what_distill_does() {
         let lps = Tensor::from_vec(seq.topk_logprobs.clone(), (n, m.k), &Device::Cpu).unwrap();
         let targets = teacher_log_targets(&lps, t, 0.0).unwrap().exp().unwrap();
         let targets: Vec<Vec<f32>> = targets.to_vec2().unwrap();
-        for p in 0..n {
+        for (p, target) in targets.iter().enumerate() {
             let key = (row, p as u64);
             if !seq.in_loss[p] {
                 assert!(
@@ -210,7 +210,7 @@ fn axolotl_export_trains_the_student_on_what_distill_does() {
                 &seq.topk_ids[p * m.k..(p + 1) * m.k],
                 "{key:?}"
             );
-            for (x, y) in ps.iter().zip(&targets[p]) {
+            for (x, y) in ps.iter().zip(target) {
                 worst = worst.max((x - f64::from(*y)).abs());
             }
             compared += 1;
@@ -1003,5 +1003,89 @@ fn a_student_checkpoint_loads_with_safetensors_and_transformers_config() {
             !in_ci(),
             "transformers missing under CI (scripts/test.sh installs it)"
         );
+    }
+}
+
+fn part_shas(dir: &Path) -> Vec<(String, String)> {
+    Manifest::load(dir)
+        .unwrap()
+        .parts
+        .iter()
+        .flat_map(|p| {
+            [
+                (p.labels.file.clone(), p.labels.sha256.clone()),
+                (p.samples.file.clone(), p.samples.sha256.clone()),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn interrupted_export_and_split_resume_to_the_same_files() {
+    let Some(store) = real_store() else { return };
+    let tmp = tempdir();
+    let s = store.to_str().unwrap();
+    // Export: a run stopped after its first part (progress file, one part's file, a
+    // half-written temporary file) finishes with the files of an uninterrupted run.
+    let full = tmp.path().join("full");
+    run_ok(&["export", s, full.to_str().unwrap()]);
+    let cut = tmp.path().join("cut");
+    run_ok(&["export", s, cut.to_str().unwrap()]);
+    let done: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("firstkd_export.json")).unwrap())
+            .unwrap();
+    let first = done["files"][0]["file"].as_str().unwrap().to_string();
+    for f in done["files"].as_array().unwrap().iter().skip(1) {
+        std::fs::remove_file(cut.join(f["file"].as_str().unwrap())).unwrap();
+    }
+    std::fs::remove_file(cut.join("firstkd_export.json")).unwrap();
+    let progress = serde_json::json!({ "options": done["options"], "parts_done": 1, "files": [done["files"][0]] });
+    std::fs::write(
+        cut.join(".firstkd_export_progress.json"),
+        progress.to_string(),
+    )
+    .unwrap();
+    std::fs::write(cut.join("data").join(".train-00001.parquet.tmp"), b"half").unwrap();
+    let said = run_ok(&["export", s, cut.to_str().unwrap()]);
+    assert!(said.contains("written"), "{said}");
+    let files = |d: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(d.join("data"))
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        files(&cut),
+        files(&full),
+        "resumed export equals an uninterrupted one"
+    );
+    assert!(cut.join(&first).exists());
+    assert!(!cut.join(".firstkd_export_progress.json").exists());
+
+    // Split: one output left incomplete after its first part is finished by a rerun.
+    let args = ["split", s, "--out"];
+    let a = tmp.path().join("a");
+    run_ok(&[args[0], args[1], args[2], a.to_str().unwrap()]);
+    let b = tmp.path().join("b");
+    run_ok(&[args[0], args[1], args[2], b.to_str().unwrap()]);
+    let train = b.join("train");
+    let mut m = Manifest::load(&train).unwrap();
+    assert!(m.parts.len() >= 2, "want several parts");
+    m.parts.truncate(1);
+    m.complete = false;
+    m.cursor = serde_json::json!({ "source_parts": 1 });
+    m.save(&train).unwrap();
+    run_ok(&[args[0], args[1], args[2], b.to_str().unwrap()]);
+    for name in ["train", "valid", "test"] {
+        assert_eq!(part_shas(&a.join(name)), part_shas(&b.join(name)), "{name}");
+        assert!(verify(&b.join(name)).unwrap().is_clean());
     }
 }
