@@ -414,6 +414,7 @@ pub fn export_axolotl(
         )?;
         progress(part + 1, total);
     }
+    super::card::write_export_card(out, &description, &files)?;
     save_json(
         &done_path,
         &serde_json::json!({ "options": description, "files": files_json(&files) }),

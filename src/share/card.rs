@@ -290,6 +290,85 @@ fn loading_section(quantized: bool) -> String {
     )
 }
 
+/// The dataset card of an axolotl export: `README.md` in the export directory, with the
+/// source store's provenance, the temperature baked in, the alignment and how to load it.
+pub(crate) fn write_export_card(
+    out: &Path,
+    description: &serde_json::Value,
+    files: &[(String, u64)],
+) -> Result<PathBuf> {
+    let rows: u64 = files.iter().map(|f| f.1).sum();
+    let mut splits: Vec<String> = files
+        .iter()
+        .filter_map(|(f, _)| {
+            let name = f.strip_prefix("data/")?;
+            Some(name.rsplit_once('-')?.0.to_string())
+        })
+        .collect();
+    splits.sort();
+    splits.dedup();
+    let ext = if description["file_format"] == "jsonl" {
+        "jsonl"
+    } else {
+        "parquet"
+    };
+    let d = |key: &str| description[key].clone();
+    let temperature = match d("temperature").as_f64() {
+        Some(t) => format!(
+            "T = {t} ({}), baked in: each position's `target_logprobs` are `log softmax(l / T)` \
+             over its entries. Train at `kd_temperature: 1.0`.",
+            d("temperature_source").as_str().unwrap_or("")
+        ),
+        None => "raw: the teacher's full-vocabulary log-probabilities at T = 1, not \
+                 renormalised (axolotl's dataset `temperature` is 1)."
+            .to_string(),
+    };
+    let mut c = String::new();
+    let _ = writeln!(
+        c,
+        "---\nlicense: other\ntask_categories:\n- text-generation"
+    );
+    let _ = writeln!(c, "tags:\n- knowledge-distillation\n- axolotl\n- firstkd");
+    let _ = writeln!(c, "size_categories:\n- {}", size_category(rows));
+    let _ = writeln!(c, "configs:\n- config_name: default\n  data_files:");
+    for s in &splits {
+        let _ = writeln!(c, "  - split: {s}\n    path: data/{s}-*.{ext}");
+    }
+    let _ = writeln!(c, "---\n");
+    let teacher = &description["teacher"];
+    let _ = writeln!(
+        c,
+        "# Teacher top-k soft labels for axolotl's KD trainer\n\n\
+         Exported by `{}` from a firstkd store (`{}`, format {}): {rows} sequences, selection \
+         `{}`, k = {}.\n\n\
+         | | |\n|---|---|\n| teacher | `{}` |\n| teacher sha256 | `{}` |\n| tokenizer sha256 | `{}` |\n\
+         | vocabulary | {} |\n\n\
+         **Temperature**: {temperature}\n\n\
+         **Layout** (one row per sequence of L tokens): `input_ids`, `attention_mask`, `labels` \
+         (-100 where not trained, unshifted), and per position lists of k `target_token_ids`, \
+         `target_logprobs`, `target_mask`. Target row i is the teacher's distribution of the \
+         token after `input_ids[i]`; `target_mask[i]` is 1 where `labels[i + 1] != -100`; the \
+         last row and short rows are padded with id 0, log-prob -1e9, mask 0.\n\n\
+         ```python\nfrom datasets import load_dataset\nds = load_dataset('parquet', data_dir='.')\n```\n\n\
+         `firstkd_export.json` holds the full description; `firstkd import --format axolotl` \
+         reads the files back into a store.\n",
+        d("exported_by").as_str().unwrap_or(""),
+        d("store").as_str().unwrap_or(""),
+        d("store_schema_version").as_str().unwrap_or(""),
+        d("selection").as_str().unwrap_or(""),
+        d("k"),
+        teacher["file_name"].as_str().unwrap_or(""),
+        teacher["sha256"].as_str().unwrap_or(""),
+        description["tokenizer"]["sha256"].as_str().unwrap_or(""),
+        description["tokenizer"]["vocab_size"],
+    );
+    let path = out.join("README.md");
+    let tmp = out.join(".README.md.tmp");
+    std::fs::write(&tmp, c).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,6 +128,12 @@ fn axolotl_export_trains_the_student_on_what_distill_does() {
         serde_json::from_str(&std::fs::read_to_string(pq_dir.join("firstkd_export.json")).unwrap())
             .unwrap();
     assert_eq!(described["options"]["temperature"].as_f64(), Some(t));
+    let card = std::fs::read_to_string(pq_dir.join("README.md")).unwrap();
+    assert!(
+        card.contains(&format!("T = {t}")) && card.contains("path: data/train-*.parquet"),
+        "{card}"
+    );
+    assert!(card.contains(&m.teacher.sha256), "{card}");
 
     // What axolotl's collator and loss would train on, per (sequence, position).
     let collated = |dir: &Path| -> serde_json::Value {
