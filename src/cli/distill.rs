@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(long)]
     pub init: String,
     /// Loss: first (top-k KL at the store's fitted T), kd (T = 1), kd-tail (k ids + tail
-    /// bucket), ce (next-token cross-entropy) or mix (alpha * kd + (1 - alpha) * ce).
+    /// bucket), ce (next-token cross-entropy), mix (alpha * kd + (1 - alpha) * ce) or
+    /// sampled (Sparse Logit Sampling, for stores labelled with --select sample:N).
     #[arg(long, value_enum, default_value_t = LossKind::First)]
     pub loss: LossKind,
     /// Teacher temperature for `first`, overriding the store's fitted one.
@@ -36,7 +37,7 @@ pub struct Args {
     /// Weight of the kd part of `mix`.
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
-    /// kd part of `mix`: first, kd or kd-tail.
+    /// kd part of `mix`: first, kd, kd-tail or sampled.
     #[arg(long, value_enum, default_value_t = KdKind::First)]
     pub mix_kd: KdKind,
     /// Label smoothing of the ce part.

@@ -15,9 +15,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::schema::Selection;
 use crate::store::rows::next_or_stop;
 use crate::store::LabelledSamples;
-use crate::store::{LabelColumn, SampleRow, StoreReader};
+use crate::store::{LabelColumn, LabelRows, SampleRow, StoreReader};
 
 /// A training sequence: `tokens` (length `n + 1`) with the teacher's labels of its `n`
 /// positions; position `p` predicts `tokens[p + 1]`.
@@ -152,6 +153,7 @@ pub struct SequenceReader {
     samples: LabelledSamples<SplitFilter>,
     max_positions: usize,
     k: usize,
+    selection: Selection,
     pending: VecDeque<Sequence>,
     failed: bool,
 }
@@ -162,17 +164,22 @@ impl SequenceReader {
     /// skipped.
     pub fn new(reader: StoreReader, split: &str, max_positions: usize) -> Self {
         let k = reader.manifest().k;
+        let selection = reader.manifest().selection();
         let split = split.to_string();
         let keep: SplitFilter = Box::new(move |s: &SampleRow| s.split == split);
-        let columns = [
+        let mut columns = vec![
             LabelColumn::InLoss,
             LabelColumn::TopkIds,
             LabelColumn::TopkLogprobs,
         ];
+        if matches!(selection, Selection::Sample { .. }) {
+            columns.push(LabelColumn::TopkCounts);
+        }
         SequenceReader {
             samples: reader.labelled_samples(&columns, keep),
             max_positions: max_positions.max(1),
             k,
+            selection,
             pending: VecDeque::new(),
             failed: false,
         }
@@ -212,18 +219,58 @@ impl SequenceReader {
             let Some(joined) = self.samples.next().transpose()? else {
                 return Ok(None);
             };
+            let (topk_ids, topk_logprobs) = fixed_rows(&joined.labels, self.k, self.selection);
             let seq = Sequence {
                 sample_id: joined.sample.sample_id,
                 tokens: joined.sample.input_ids,
                 in_loss: joined.labels.in_loss,
-                topk_ids: joined.labels.topk_ids,
-                topk_logprobs: joined.labels.topk_logprobs,
+                topk_ids,
+                topk_logprobs,
             };
             if seq.positions() > 0 {
                 self.windows(seq);
             }
         }
     }
+}
+
+pub use super::loss::PAD_LOGPROB;
+
+/// Each position's list as `k` entries: top-k rows as stored; shorter lists (top-p, sample)
+/// padded with id 0 and [`PAD_LOGPROB`]. For a sample store the log-probs become the
+/// self-normalised importance weights of the draws, `log w_j = log(c_j p_j^(1 - 1/t)) -
+/// log sum_i c_i p_i^(1 - 1/t)` (t the sampling temperature; `c_j / N` at t = 1), the
+/// target of the `sampled` loss.
+pub fn fixed_rows(labels: &LabelRows, k: usize, selection: Selection) -> (Vec<u32>, Vec<f32>) {
+    if labels.offsets.is_empty() {
+        return (labels.topk_ids.clone(), labels.topk_logprobs.clone());
+    }
+    let n = labels.len();
+    let (mut ids, mut lps) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+    for i in 0..n {
+        let (row_ids, row_lps) = (labels.ids(i), labels.logprobs(i));
+        ids.extend_from_slice(row_ids);
+        match selection {
+            Selection::Sample { temperature, .. } => {
+                let counts = labels.counts(i);
+                let a = 1.0 - 1.0 / temperature;
+                let raw: Vec<f64> = row_lps
+                    .iter()
+                    .zip(counts)
+                    .map(|(&lp, &c)| f64::from(c.max(1)).ln() + a * f64::from(lp))
+                    .collect();
+                let max = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + raw.iter().map(|r| (r - max).exp()).sum::<f64>().ln();
+                lps.extend(raw.iter().map(|r| (r - lse) as f32));
+            }
+            _ => lps.extend_from_slice(row_lps),
+        }
+        for _ in row_ids.len()..k {
+            ids.push(0);
+            lps.push(PAD_LOGPROB);
+        }
+    }
+    (ids, lps)
 }
 
 impl Iterator for SequenceReader {

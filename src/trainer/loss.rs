@@ -40,6 +40,9 @@ pub enum KdKind {
     Kd,
     /// k ids plus a tail bucket, T = 1.
     KdTail,
+    /// Sparse Logit Sampling: KL from the sampled ids' importance weights to the student's
+    /// full-vocabulary distribution (stores labelled with `--select sample:N`).
+    Sampled,
 }
 
 /// The loss to train with.
@@ -56,17 +59,19 @@ pub enum LossKind {
     Ce,
     /// `alpha * kd + (1 - alpha) * ce`.
     Mix,
+    /// [`KdKind::Sampled`].
+    Sampled,
 }
 
 impl LossKind {
-    /// Parses `first`, `kd`, `kd-tail`, `ce` or `mix`.
+    /// Parses `first`, `kd`, `kd-tail`, `ce`, `mix` or `sampled`.
     pub fn parse(s: &str) -> Result<Self> {
         crate::parse_value(s, "loss")
     }
 }
 
 impl KdKind {
-    /// Parses `first`, `kd` or `kd-tail`.
+    /// Parses `first`, `kd`, `kd-tail` or `sampled`.
     pub fn parse(s: &str) -> Result<Self> {
         crate::parse_value(s, "kd loss")
     }
@@ -100,6 +105,7 @@ impl LossSpec {
             LossKind::KdTail => Some(KdKind::KdTail),
             LossKind::Ce => None,
             LossKind::Mix => Some(self.mix_kd),
+            LossKind::Sampled => Some(KdKind::Sampled),
         }
     }
 
@@ -110,7 +116,7 @@ impl LossSpec {
 
     /// Whether the full-vocabulary normaliser (chunked logits) is needed.
     pub fn needs_full_vocab(&self) -> bool {
-        self.uses_ce() || self.kd() == Some(KdKind::KdTail)
+        self.uses_ce() || matches!(self.kd(), Some(KdKind::KdTail) | Some(KdKind::Sampled))
     }
 
     /// Checks ranges.
@@ -313,6 +319,16 @@ pub fn tail_kl_rows(topk_logits: &Tensor, lse: &Tensor, topk_logprobs: &Tensor) 
     Ok((head + tail)?)
 }
 
+/// Per-row `sampled` loss `[n]`: `sum_j w_j (log w_j - log q_j)` with the importance
+/// weights `w_j = exp(log_w_j)` of the sampled ids (summing to 1; padding entries have
+/// `log_w = -1e9`, weight 0) and the student's full-vocabulary `log q_j = z_j - lse`. Its
+/// expectation over the teacher's draws is the full-distribution KL up to a constant
+/// (Sparse Logit Sampling, Anshumann et al. 2025).
+pub fn sampled_kl_rows(topk_logits: &Tensor, lse: &Tensor, log_w: &Tensor) -> Result<Tensor> {
+    let log_q = topk_logits.broadcast_sub(&lse.unsqueeze(1)?)?;
+    Ok((log_w.exp()? * (log_w - log_q)?)?.sum(D::Minus1)?)
+}
+
 /// Per-row cross-entropy `[n]` with label smoothing `eps` (uniform over the vocabulary).
 pub fn ce_rows(rows: &StudentRows, eps: f64) -> Result<Tensor> {
     let lse = need(&rows.lse, "log-normaliser")?;
@@ -322,6 +338,18 @@ pub fn ce_rows(rows: &StudentRows, eps: f64) -> Result<Tensor> {
     }
     let smooth = (lse - need(&rows.mean_logit, "mean logit")?)?;
     Ok(((nll * (1.0 - eps))? + (smooth * eps)?)?)
+}
+
+/// Log-prob of the entries padding a list shorter than k (top-p and sample stores).
+pub const PAD_LOGPROB: f32 = -1e9;
+
+/// `topk_logits` with [`PAD_LOGPROB`] added where `topk_logprobs` marks padding, so padding
+/// entries carry no student mass in any loss (the teacher's weight there is already 0).
+pub fn mask_padding(topk_logits: &Tensor, topk_logprobs: &Tensor) -> Result<Tensor> {
+    let pad = topk_logprobs
+        .le(f64::from(PAD_LOGPROB) / 2.0)?
+        .to_dtype(topk_logits.dtype())?;
+    Ok((topk_logits + (pad * f64::from(PAD_LOGPROB))?)?)
 }
 
 /// Per-row loss `[n]` for `spec`.
@@ -341,6 +369,11 @@ pub fn loss_rows(rows: &StudentRows, topk_logprobs: &Tensor, spec: &LossSpec) ->
             spec.teacher_smoothing,
         )?),
         Some(KdKind::KdTail) => Some(tail_kl_rows(
+            &rows.topk_logits,
+            need(&rows.lse, "log-normaliser")?,
+            topk_logprobs,
+        )?),
+        Some(KdKind::Sampled) => Some(sampled_kl_rows(
             &rows.topk_logits,
             need(&rows.lse, "log-normaliser")?,
             topk_logprobs,
@@ -365,8 +398,10 @@ pub fn mean_loss_from_logits(
     targets: &Tensor,
     spec: &LossSpec,
 ) -> Result<f32> {
-    let rows = rows_from_logits(logits, topk_ids, targets, spec.label_smoothing > 0.0)?;
-    let per_row = loss_rows(&rows, &topk_logprobs.to_dtype(DType::F32)?, spec)?;
+    let mut rows = rows_from_logits(logits, topk_ids, targets, spec.label_smoothing > 0.0)?;
+    let topk_logprobs = topk_logprobs.to_dtype(DType::F32)?;
+    rows.topk_logits = mask_padding(&rows.topk_logits, &topk_logprobs)?;
+    let per_row = loss_rows(&rows, &topk_logprobs, spec)?;
     Ok(per_row.mean_all()?.to_scalar::<f32>()?)
 }
 
@@ -433,6 +468,32 @@ mod tests {
     # 1.844081751923187 1.2323034170178435
     */
     #[test]
+    fn padded_entries_change_no_loss() {
+        // Row lists of 2 real entries, padded to 3 with id 0 and PAD_LOGPROB, give the loss
+        // of the 2-entry lists.
+        let d = &Device::Cpu;
+        let (z, _, _, t) = inputs();
+        let ids2 = Tensor::new(&[[2u32, 4], [3, 5], [4, 6]], d).unwrap();
+        let lps2 = Tensor::new(&[[-0.4f32, -1.5], [-0.1, -3.0], [-0.9, -1.0]], d).unwrap();
+        let ids3 = Tensor::new(&[[2u32, 4, 0], [3, 5, 0], [4, 6, 0]], d).unwrap();
+        let p = PAD_LOGPROB;
+        let lps3 = Tensor::new(&[[-0.4f32, -1.5, p], [-0.1, -3.0, p], [-0.9, -1.0, p]], d).unwrap();
+        for kind in [
+            LossKind::First,
+            LossKind::Kd,
+            LossKind::KdTail,
+            LossKind::Sampled,
+            LossKind::Mix,
+        ] {
+            let s = spec(kind);
+            let a = mean_loss_from_logits(&z, &ids2, &lps2, &t, &s).unwrap();
+            let b = mean_loss_from_logits(&z, &ids3, &lps3, &t, &s).unwrap();
+            assert!((a - b).abs() < 1e-6, "{kind:?}: {a} vs {b}");
+            assert!(a.is_finite());
+        }
+    }
+
+    #[test]
     fn losses_match_numpy() {
         let close = |got: f32, want: f64, what: &str| {
             assert!(
@@ -454,6 +515,13 @@ mod tests {
         };
         close(loss(&smoothed), 1.844081751923187, "ce eps 0.1");
         close(loss(&spec(LossKind::Mix)), 1.2323034170178435, "mix");
+        // sampled: L as log-weights, `w = np.exp(L); (w * (L - take(logq, ids))).sum(1).mean()`
+        // with logq and ids as above -> 0.22321519115843755.
+        close(
+            loss(&spec(LossKind::Sampled)),
+            0.22321519115843755,
+            "sampled",
+        );
         // Teacher smoothing (numpy, same inputs: t = (1 - b) * exp(lsm(L / T)) + b / 3 in
         // topk() above): T = 1, b = 0.1 -> 0.0461901104170831; T = 1.7, b = 0.2 ->
         // 0.06170987343861467.

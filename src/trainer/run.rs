@@ -13,14 +13,14 @@ use serde::Serialize;
 use super::checkpoint::{self, TrainerState};
 use super::data::{spawn_prefetch, Batch, BatchStream, DataOptions};
 use super::init::{initialise, Init};
-use super::loss::LossSpec;
+use super::loss::{KdKind, LossKind, LossSpec};
 use super::model::Student;
 use super::optim::{clip_scale, global_norm, AdamW, Schedule};
 use super::train::{
     batch_loss, check_tokenizer, evaluate, resolve_spec, StepReport, TrainOptions, TrainSummary,
 };
 use crate::error::{Error, Result};
-use crate::schema::Table;
+use crate::schema::{Selection, Table};
 use crate::store::StoreReader;
 
 /// A training run in progress: the student, its optimizer, the data stream and the counters
@@ -57,12 +57,31 @@ fn append_json(file: &mut File, path: &Path, value: &impl Serialize) -> Result<(
 /// Refuses a store the trainer cannot learn from, and settings that make no run.
 fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Result<()> {
     let manifest = reader.manifest();
-    if !manifest.selection().fixed_len() {
-        return Err(Error::InvalidArgument(format!(
-            "{} was labelled with --select {}: the trainer reads top-k stores only so far",
-            store.display(),
-            manifest.selection()
-        )));
+    let sampled_store = matches!(manifest.selection(), Selection::Sample { .. });
+    let kd = match opts.loss {
+        LossKind::Ce => None,
+        LossKind::Mix => Some(opts.mix_kd),
+        LossKind::First => Some(KdKind::First),
+        LossKind::Kd => Some(KdKind::Kd),
+        LossKind::KdTail => Some(KdKind::KdTail),
+        LossKind::Sampled => Some(KdKind::Sampled),
+    };
+    match (sampled_store, kd) {
+        (true, Some(kd)) if kd != KdKind::Sampled => {
+            return Err(Error::InvalidArgument(format!(
+                "{} was labelled with --select {}: its lists are draws, not the teacher's top                  tokens; train with --loss sampled (or ce, or mix --mix-kd sampled)",
+                store.display(),
+                manifest.selection()
+            )))
+        }
+        (false, Some(KdKind::Sampled)) => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the sampled loss needs a store labelled with --select sample:N (this one                  has {})",
+                store.display(),
+                manifest.selection()
+            )))
+        }
+        _ => {}
     }
     if manifest.parts.is_empty() || manifest.rows(Table::Labels) == 0 {
         return Err(Error::NoTrainingData(format!(

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::data::{Batch, BatchStream, DataOptions};
-use super::loss::{loss_rows, student_rows, KdKind, LossKind, LossSpec};
+use super::loss::{loss_rows, mask_padding, student_rows, KdKind, LossKind, LossSpec, PAD_LOGPROB};
 use super::model::Student;
 use super::optim::AdamWParams;
 use crate::error::{Error, Result};
@@ -228,7 +228,7 @@ pub fn batch_loss(
     let topk_ids = Tensor::from_slice(&batch.topk_ids, (n, k), dev)?;
     let topk_lps = Tensor::from_slice(&batch.topk_logprobs, (n, k), dev)?;
     let targets = Tensor::from_slice(&batch.targets, n, dev)?;
-    let stats = student_rows(
+    let mut stats = student_rows(
         &h,
         student.output_weight(),
         &topk_ids,
@@ -236,6 +236,10 @@ pub fn batch_loss(
         spec,
         chunk_rows,
     )?;
+    // Lists shorter than k (top-p, sample stores) are padded: mask the student there too.
+    if batch.topk_logprobs.iter().any(|&l| l <= PAD_LOGPROB / 2.0) {
+        stats.topk_logits = mask_padding(&stats.topk_logits, &topk_lps)?;
+    }
     let per_row = loss_rows(&stats, &topk_lps, spec)?;
     Ok((per_row.sum_all()?, n))
 }

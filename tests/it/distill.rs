@@ -1015,3 +1015,151 @@ fn missing_temperature_names_the_flag_that_gives_one() {
     .unwrap_err();
     assert!(!err.to_string().contains("--"), "{err}");
 }
+
+/// The bigram store's teacher as a top-p (p = 0.85: the first 4 of its 5 ids) or a sampled
+/// (8 draws, ids with counts) store.
+fn selected_bigram_store(dir: &Path, selection: firstkd::schema::Selection) -> PathBuf {
+    use rand::{Rng, SeedableRng};
+    let path = dir.join(format!(
+        "bigram-{}",
+        selection.to_string().replace([':', ',', '='], "-")
+    ));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let probs = [0.5f64, 0.2, 0.1, 0.05, 0.05];
+    let tail_lp = (0.1f64 / 507.0).ln() as f32;
+    let mut meta = tiny_meta();
+    meta.selection = selection;
+    meta.k = selection.max_len();
+    meta.logprob_dtype = LogprobDtype::Quantized;
+    let mut w = StoreWriter::create(&path, meta, WriterOptions::default()).unwrap();
+    let draw = |rng: &mut rand::rngs::StdRng, ids: &[u32]| -> (u32, f32) {
+        let u: f64 = rng.random();
+        let mut acc = 0.0;
+        for (j, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return (ids[j], p.ln() as f32);
+            }
+        }
+        loop {
+            let t = rng.random_range(0..512u32);
+            if !ids.contains(&t) {
+                return (t, tail_lp);
+            }
+        }
+    };
+    for s in 0..120u64 {
+        let mut input_ids = vec![rng.random_range(0..512u32)];
+        let mut labels = SampleLabels::default();
+        for _ in 0..47 {
+            let c = *input_ids.last().unwrap();
+            let ids: Vec<u32> = (0..5).map(|j| (31 * c + 17 * j + 1) % 512).collect();
+            match selection {
+                firstkd::schema::Selection::Sample { draws, .. } => {
+                    let mut got: Vec<(u32, f32, u16)> = Vec::new();
+                    for _ in 0..draws {
+                        let (id, lp) = draw(&mut rng, &ids);
+                        match got.iter_mut().find(|g| g.0 == id) {
+                            Some(g) => g.2 += 1,
+                            None => got.push((id, lp, 1)),
+                        }
+                    }
+                    got.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    labels.lengths.push(got.len() as u32);
+                    for (id, lp, c) in got {
+                        labels.topk_ids.push(id);
+                        labels.topk_logprobs.push(lp);
+                        labels.counts.push(c);
+                    }
+                }
+                _ => {
+                    labels.lengths.push(4);
+                    labels.topk_ids.extend_from_slice(&ids[..4]);
+                    labels
+                        .topk_logprobs
+                        .extend(probs[..4].iter().map(|p| p.ln() as f32));
+                }
+            }
+            let (next, next_lp) = draw(&mut rng, &ids);
+            let lp = match ids.iter().position(|&i| i == next) {
+                Some(j) if j < 4 => probs[j].ln() as f32,
+                _ => next_lp,
+            };
+            labels.target_logprobs.push(lp);
+            labels.entropy.push(2.0);
+            input_ids.push(next);
+        }
+        let record = SampleRecord {
+            sample_id: s,
+            source: "bigram".into(),
+            split: if s % 10 == 0 { "valid" } else { "train" }.into(),
+            record_index: s,
+            window_index: 0,
+            input_ids,
+            prompt_len: 4,
+        };
+        w.push(&record, &labels).unwrap();
+    }
+    w.finish(serde_json::json!({})).unwrap();
+    path
+}
+
+#[test]
+fn loss_falls_on_top_p_and_sampled_stores() {
+    use firstkd::schema::Selection;
+    let tmp = tempdir();
+    let init = random_init(tmp.path(), true, 1);
+    let top_p = selected_bigram_store(tmp.path(), Selection::TopP { p: 0.85, max: 5 });
+    let sampled = selected_bigram_store(
+        tmp.path(),
+        Selection::Sample {
+            draws: 8,
+            temperature: 1.0,
+            seed: 0,
+        },
+    );
+    for (store, loss) in [
+        (&top_p, LossKind::First),
+        (&top_p, LossKind::Kd),
+        (&top_p, LossKind::KdTail),
+        (&top_p, LossKind::Mix),
+        (&sampled, LossKind::Sampled),
+    ] {
+        let out = tmp.path().join(format!(
+            "run-{loss:?}-{}",
+            store.file_name().unwrap().to_string_lossy()
+        ));
+        let summary = run(store, &init, &out, &opts(loss, 24), false).unwrap();
+        assert!(
+            summary.losses.iter().all(|l| l.is_finite()),
+            "{loss:?}: {:?}",
+            summary.losses
+        );
+        let (first, last) = (mean(&summary.losses[..4]), mean(&summary.losses[20..]));
+        assert!(
+            last < first * 0.97,
+            "{loss:?}: loss {first} -> {last}: {:?}",
+            summary.losses
+        );
+    }
+    // Draws are not top tokens, and a top-k store has no draws.
+    let err = run(
+        &sampled,
+        &init,
+        &tmp.path().join("x"),
+        &opts(LossKind::Kd, 2),
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--loss sampled"), "{err}");
+    let bigram = bigram_store(tmp.path());
+    let err = run(
+        &bigram,
+        &init,
+        &tmp.path().join("y"),
+        &opts(LossKind::Sampled, 2),
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("sample:N"), "{err}");
+}
