@@ -9,8 +9,10 @@ pub mod axolotl;
 pub mod card;
 pub mod distillkit;
 mod files;
+pub mod import;
 
-pub use axolotl::{export_axolotl, import_axolotl, ExportOptions, ExportReport, ExportTemperature};
+pub use axolotl::{export_axolotl, ExportOptions, ExportReport, ExportTemperature};
 pub use card::{write_card, CardOptions};
 pub use distillkit::import_distillkit;
 pub use files::FileFormat;
+pub use import::{import_axolotl, ImportOptions, ImportReport};

@@ -15,6 +15,7 @@ pub mod convert;
 pub mod copy;
 pub mod decode;
 pub mod decode_v2;
+mod encode;
 pub mod inspect;
 pub mod join;
 pub mod manifest;

@@ -3,8 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use firstkd::schema::LogprobDtype;
-use firstkd::share::axolotl::ImportOptions;
-use firstkd::share::{import_axolotl, import_distillkit};
+use firstkd::share::{import_axolotl, import_distillkit, ImportOptions};
 
 /// Import layouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -25,7 +25,7 @@ use half::{bf16, f16};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::axolotl::{import_sequences, ImportOptions, ImportReport, Imported};
+use super::import::{import_sequences, ImportOptions, ImportReport, Imported};
 use crate::error::{Error, Result};
 
 /// A polynomial term: a power of `t`, or `sqrt` / `exp`.
