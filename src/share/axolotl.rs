@@ -319,19 +319,7 @@ pub fn export_axolotl(
                 out.display()
             )));
         }
-        let files = old["files"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|f| {
-                        (
-                            f["file"].as_str().unwrap_or_default().to_string(),
-                            f["rows"].as_u64().unwrap_or(0),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let files = files_of(&old);
         return Ok(ExportReport {
             temperature,
             temperature_source,
@@ -422,6 +410,20 @@ pub fn export_axolotl(
     })
 }
 
+/// The `files` list of an export description: (file, rows).
+fn files_of(description: &serde_json::Value) -> Vec<(String, u64)> {
+    let Some(files) = description["files"].as_array() else {
+        return Vec::new();
+    };
+    files
+        .iter()
+        .map(|f| {
+            let file = f["file"].as_str().unwrap_or_default().to_string();
+            (file, f["rows"].as_u64().unwrap_or(0))
+        })
+        .collect()
+}
+
 fn files_json(files: &[(String, u64)]) -> serde_json::Value {
     files
         .iter()
@@ -469,19 +471,7 @@ fn resume_point(
                 out.display()
             )));
         }
-        let files: Vec<(String, u64)> = old["files"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|f| {
-                        (
-                            f["file"].as_str().unwrap_or_default().to_string(),
-                            f["rows"].as_u64().unwrap_or(0),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let files: Vec<(String, u64)> = files_of(&old);
         // Files of a part that was being written when the export stopped are rewritten.
         let listed: std::collections::HashSet<&str> = files.iter().map(|f| f.0.as_str()).collect();
         let data = out.join("data");

@@ -16,15 +16,14 @@
 //! a token that is not in the row: it is dropped (a row with one id more than positions keeps
 //! them all). DistillKit stores no loss mask: every position is in the loss.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, ListArray};
 use arrow::datatypes::{DataType, UInt64Type};
 use half::{bf16, f16};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::files::parquet_batches;
 use super::import::{import_sequences, ImportOptions, ImportReport, Imported};
 use crate::error::{Error, Result};
 
@@ -325,19 +324,7 @@ fn read_file(
     cfg: &CompressionConfig,
     each: &mut dyn FnMut(Imported) -> Result<()>,
 ) -> Result<()> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::parquet(path, e))?
-        .with_batch_size(128)
-        .build()
-        .map_err(|e| Error::parquet(path, e))?;
-    let mut row = 0u64;
-    for batch in reader {
-        let batch = batch.map_err(|e| Error::Corrupt {
-            path: path.to_path_buf(),
-            row: Some(row),
-            reason: e.to_string(),
-        })?;
+    parquet_batches(path, 128, |row, batch| {
         let col = |name: &str| -> Result<&ListArray> {
             batch
                 .column_by_name(name)
@@ -425,9 +412,8 @@ fn read_file(
             }
             each(seq)?;
         }
-        row += batch.num_rows() as u64;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The Parquet files of a DistillKit output directory (`data_*.parquet`, in numeric order),

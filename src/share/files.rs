@@ -240,6 +240,32 @@ fn nested<T: arrow::datatypes::ArrowPrimitiveType>(
         .collect()
 }
 
+/// Calls `each(first row, batch)` for the record batches of the Parquet file `path`; a batch
+/// that cannot be decoded is `Corrupt` at its first row.
+pub(crate) fn parquet_batches(
+    path: &Path,
+    batch_rows: usize,
+    mut each: impl FnMut(u64, &RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::parquet(path, e))?
+        .with_batch_size(batch_rows)
+        .build()
+        .map_err(|e| Error::parquet(path, e))?;
+    let mut row = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            row: Some(row),
+            reason: e.to_string(),
+        })?;
+        each(row, &batch)?;
+        row += batch.num_rows() as u64;
+    }
+    Ok(())
+}
+
 /// Reads every sequence of an axolotl-style KD dataset file (Parquet or JSON Lines), calling
 /// `each(row number, row)` in file order.
 pub(crate) fn read_kd_rows(
@@ -247,69 +273,47 @@ pub(crate) fn read_kd_rows(
     mut each: impl FnMut(u64, KdRow) -> Result<()>,
 ) -> Result<()> {
     match FileFormat::of_path(path)? {
-        FileFormat::Parquet => {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .map_err(|e| Error::parquet(path, e))?
-                .with_batch_size(256)
-                .build()
-                .map_err(|e| Error::parquet(path, e))?;
-            let mut row = 0u64;
-            for batch in reader {
-                let batch = batch.map_err(|e| Error::Corrupt {
-                    path: path.to_path_buf(),
-                    row: Some(row),
-                    reason: e.to_string(),
-                })?;
-                let cols = [
-                    "input_ids",
-                    "labels",
-                    "target_token_ids",
-                    "target_logprobs",
-                    "target_mask",
-                ]
-                .map(|n| list_column(&batch, n, path));
-                let [ids, labels, tids, tlps, tmask] = cols;
-                let (ids, labels, tids, tlps, tmask) = (ids?, labels?, tids?, tlps?, tmask?);
-                let (i64t, f64t) = (DataType::Int64, DataType::Float64);
-                for i in 0..batch.num_rows() {
-                    let r = row + i as u64;
-                    each(
-                        r,
-                        KdRow {
-                            input_ids: flat::<Int64Type>(ids, i, &i64t, path, "input_ids", r)?,
-                            labels: flat::<Int64Type>(labels, i, &i64t, path, "labels", r)?,
-                            target_token_ids: nested::<Int64Type>(
-                                tids,
-                                i,
-                                &i64t,
-                                path,
-                                "target_token_ids",
-                                r,
-                            )?,
-                            target_logprobs: nested::<Float64Type>(
-                                tlps,
-                                i,
-                                &f64t,
-                                path,
-                                "target_logprobs",
-                                r,
-                            )?,
-                            target_mask: nested::<Int64Type>(
-                                tmask,
-                                i,
-                                &i64t,
-                                path,
-                                "target_mask",
-                                r,
-                            )?,
-                        },
-                    )?;
-                }
-                row += batch.num_rows() as u64;
+        FileFormat::Parquet => parquet_batches(path, 256, |row, batch| {
+            let cols = [
+                "input_ids",
+                "labels",
+                "target_token_ids",
+                "target_logprobs",
+                "target_mask",
+            ]
+            .map(|n| list_column(batch, n, path));
+            let [ids, labels, tids, tlps, tmask] = cols;
+            let (ids, labels, tids, tlps, tmask) = (ids?, labels?, tids?, tlps?, tmask?);
+            let (i64t, f64t) = (DataType::Int64, DataType::Float64);
+            for i in 0..batch.num_rows() {
+                let r = row + i as u64;
+                each(
+                    r,
+                    KdRow {
+                        input_ids: flat::<Int64Type>(ids, i, &i64t, path, "input_ids", r)?,
+                        labels: flat::<Int64Type>(labels, i, &i64t, path, "labels", r)?,
+                        target_token_ids: nested::<Int64Type>(
+                            tids,
+                            i,
+                            &i64t,
+                            path,
+                            "target_token_ids",
+                            r,
+                        )?,
+                        target_logprobs: nested::<Float64Type>(
+                            tlps,
+                            i,
+                            &f64t,
+                            path,
+                            "target_logprobs",
+                            r,
+                        )?,
+                        target_mask: nested::<Int64Type>(tmask, i, &i64t, path, "target_mask", r)?,
+                    },
+                )?;
             }
             Ok(())
-        }
+        }),
         FileFormat::Jsonl => {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             for (row, line) in BufReader::new(file).lines().enumerate() {

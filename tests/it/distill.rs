@@ -92,6 +92,19 @@ fn mean(xs: &[f64]) -> f64 {
 /// `(31 c + 17 j + 1) mod 512` with probabilities 0.5, 0.2, 0.1, 0.05, 0.05 (tail 0.1), and
 /// each next token is drawn from it. Every loss has something to learn here, unlike the
 /// synthetic store whose top-k ids are random.
+/// Sample `s` of a bigram store: every tenth in `valid`, a 4-token prompt.
+fn bigram_record(s: u64, input_ids: Vec<u32>) -> SampleRecord {
+    SampleRecord {
+        sample_id: s,
+        source: "bigram".into(),
+        split: if s.is_multiple_of(10) { "valid" } else { "train" }.into(),
+        record_index: s,
+        window_index: 0,
+        input_ids,
+        prompt_len: 4,
+    }
+}
+
 fn bigram_store(dir: &Path) -> PathBuf {
     use rand::{Rng, SeedableRng};
     let path = dir.join("bigram");
@@ -128,16 +141,7 @@ fn bigram_store(dir: &Path) -> PathBuf {
             labels.entropy.push(2.0);
             input_ids.push(next);
         }
-        let record = SampleRecord {
-            sample_id: s,
-            source: "bigram".into(),
-            split: if s % 10 == 0 { "valid" } else { "train" }.into(),
-            record_index: s,
-            window_index: 0,
-            input_ids,
-            prompt_len: 4,
-        };
-        w.push(&record, &labels).unwrap();
+        w.push(&bigram_record(s, input_ids), &labels).unwrap();
         if s % 40 == 39 {
             w.commit(serde_json::json!({ "done": s + 1 })).unwrap();
         }
@@ -1089,16 +1093,7 @@ fn selected_bigram_store(dir: &Path, selection: firstkd::schema::Selection) -> P
             labels.entropy.push(2.0);
             input_ids.push(next);
         }
-        let record = SampleRecord {
-            sample_id: s,
-            source: "bigram".into(),
-            split: if s % 10 == 0 { "valid" } else { "train" }.into(),
-            record_index: s,
-            window_index: 0,
-            input_ids,
-            prompt_len: 4,
-        };
-        w.push(&record, &labels).unwrap();
+        w.push(&bigram_record(s, input_ids), &labels).unwrap();
     }
     w.finish(serde_json::json!({})).unwrap();
     path
