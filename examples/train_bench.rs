@@ -107,7 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for step in 0..=steps {
             let batch = stream.next().ok_or("store exhausted")??;
             let started = Instant::now();
-            let (sum, n) = batch_loss(&student, &batch, &spec, 5, 256)?;
+            let (sum, n) = batch_loss(&student, &batch, &spec, 5, 256, None)?;
             let _ = sum.to_scalar::<f32>()?;
             let t_fwd = started.elapsed().as_secs_f64();
             let grads_store = (sum / n as f64)?.backward()?;

@@ -28,7 +28,8 @@ pub struct Args {
     pub init: String,
     /// Loss: first (top-k KL at the store's fitted T), kd (T = 1), kd-tail (k ids + tail
     /// bucket), ce (next-token cross-entropy), mix (alpha * kd + (1 - alpha) * ce) or
-    /// sampled (Sparse Logit Sampling, for stores labelled with --select sample:N).
+    /// sampled (Sparse Logit Sampling, for stores labelled with --select sample:N) or online
+    /// (full-distribution KL to --teacher, run in the loop).
     #[arg(long, value_enum, default_value_t = LossKind::First)]
     pub loss: LossKind,
     /// Teacher temperature for `first`, overriding the store's fitted one.
@@ -93,6 +94,10 @@ pub struct Args {
     /// itself, positions restart) instead of padding one sequence per row.
     #[arg(long)]
     pub pack: bool,
+    /// The teacher (GGUF or Hugging Face directory) for --loss online: run in the loop on the
+    /// store's sequences, matching its full distribution (the upper bound of offline KD).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
     /// Split to train on.
     #[arg(long, default_value = "train")]
     pub split: String,
@@ -192,6 +197,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         stop_after: args.stop_after,
         precision: Precision::F32,
         pack: args.pack,
+        teacher: args.teacher.clone(),
     };
     let init = Init::parse(&args.init, args.seed)?;
     let device = super::device(&args.device)?;

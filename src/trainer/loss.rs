@@ -61,10 +61,13 @@ pub enum LossKind {
     Mix,
     /// [`KdKind::Sampled`].
     Sampled,
+    /// Online full KD: KL from the teacher's full next-token distribution, computed in the
+    /// loop (`TrainOptions::teacher`), to the student's (no stored labels are read).
+    Online,
 }
 
 impl LossKind {
-    /// Parses `first`, `kd`, `kd-tail`, `ce`, `mix` or `sampled`.
+    /// Parses `first`, `kd`, `kd-tail`, `ce`, `mix`, `sampled` or `online`.
     pub fn parse(s: &str) -> Result<Self> {
         crate::parse_value(s, "loss")
     }
@@ -106,6 +109,7 @@ impl LossSpec {
             LossKind::Ce => None,
             LossKind::Mix => Some(self.mix_kd),
             LossKind::Sampled => Some(KdKind::Sampled),
+            LossKind::Online => None,
         }
     }
 
@@ -329,6 +333,14 @@ pub fn sampled_kl_rows(topk_logits: &Tensor, lse: &Tensor, log_w: &Tensor) -> Re
     Ok((log_w.exp()? * (log_w - log_q)?)?.sum(D::Minus1)?)
 }
 
+/// Per-row online full KD `[n]`: `sum_v p_v (log p_v - log q_v)` over the whole vocabulary,
+/// teacher logits `teacher_logits` (constant), student logits `student_logits`, both `[n, V]`.
+pub fn full_kl_rows(teacher_logits: &Tensor, student_logits: &Tensor) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(&teacher_logits.detach(), D::Minus1)?;
+    let log_q = candle_nn::ops::log_softmax(student_logits, D::Minus1)?;
+    Ok((log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?)
+}
+
 /// Per-row cross-entropy `[n]` with label smoothing `eps` (uniform over the vocabulary).
 pub fn ce_rows(rows: &StudentRows, eps: f64) -> Result<Tensor> {
     let lse = need(&rows.lse, "log-normaliser")?;
@@ -386,6 +398,9 @@ pub fn loss_rows(rows: &StudentRows, topk_logprobs: &Tensor, spec: &LossSpec) ->
             Ok(((kd * spec.alpha)? + (ce * (1.0 - spec.alpha))?)?)
         }
         (_, Some(kd)) => Ok(kd),
+        (LossKind::Online, None) => Err(Error::Internal(
+            "the online loss is computed from the teacher's logits (batch_loss)".into(),
+        )),
         (_, None) => Err(Error::Internal("loss has no kd part".into())),
     }
 }

@@ -31,6 +31,8 @@ pub struct Trainer {
     opts: TrainOptions,
     spec: LossSpec,
     student: Student,
+    /// The teacher of `--loss online`.
+    teacher: Option<crate::teacher::Teacher>,
     vars: Vec<(String, Var)>,
     optimizer: AdamW,
     schedule: Schedule,
@@ -65,7 +67,20 @@ fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Resul
         LossKind::Kd => Some(KdKind::Kd),
         LossKind::KdTail => Some(KdKind::KdTail),
         LossKind::Sampled => Some(KdKind::Sampled),
+        LossKind::Online => None,
     };
+    if (opts.loss == LossKind::Online) != opts.teacher.is_some() {
+        return Err(Error::InvalidArgument(
+            "--loss online and --teacher MODEL go together: the teacher runs in the loop".into(),
+        ));
+    }
+    if opts.loss == LossKind::Online && opts.pack {
+        return Err(Error::InvalidArgument(
+            "--loss online does not pack sequences (the teacher attends across a packed row); \
+             drop --pack"
+                .into(),
+        ));
+    }
     match (sampled_store, kd) {
         (true, Some(kd)) if kd != KdKind::Sampled => {
             return Err(Error::InvalidArgument(format!(
@@ -101,6 +116,28 @@ fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Resul
         ));
     }
     Ok(())
+}
+
+/// The teacher of an online run, checked to share the store's tokenizer.
+fn load_teacher(
+    path: &Path,
+    reader: &StoreReader,
+    ignore_hash: bool,
+    device: &Device,
+) -> Result<crate::teacher::Teacher> {
+    let teacher = crate::teacher::Teacher::load(path, device)?;
+    let (ours, theirs) = (
+        &reader.manifest().tokenizer.sha256,
+        &teacher.tokenizer().identity().sha256,
+    );
+    if ours != theirs && !ignore_hash {
+        return Err(Error::InvalidArgument(format!(
+            "{}: its tokenizer ({theirs}) is not the store's ({ours}); the online teacher must \
+             read the store's token ids",
+            path.display()
+        )));
+    }
+    Ok(teacher)
 }
 
 impl Trainer {
@@ -154,6 +191,15 @@ impl Trainer {
             }
         };
         student.set_compute_dtype(opts.precision.dtype())?;
+        let teacher = match &opts.teacher {
+            Some(path) => Some(load_teacher(
+                path,
+                &reader,
+                opts.ignore_tokenizer_hash,
+                device,
+            )?),
+            None => None,
+        };
         let mut optimizer = AdamW::new(student.vars(), opts.adamw)?;
         let (mut step, mut consumed, mut tokens_seen, mut losses) = (0, 0, 0, Vec::new());
         let resumed_from = match state {
@@ -192,6 +238,7 @@ impl Trainer {
         };
         let batches = spawn_prefetch(BatchStream::new(reader.clone(), data)?, opts.prefetch);
         let mut trainer = Trainer {
+            teacher,
             vars: student.vars().to_vec(),
             schedule: Schedule {
                 lr: opts.lr,
@@ -276,7 +323,8 @@ impl Trainer {
         let mut loss_sum = 0f64;
         for batch in micro {
             let chunk = self.opts.logits_chunk_rows;
-            let (sum, _) = batch_loss(&self.student, batch, &self.spec, k, chunk)?;
+            let teacher = self.teacher.as_ref().map(|t| t.model());
+            let (sum, _) = batch_loss(&self.student, batch, &self.spec, k, chunk, teacher)?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
             let store = (sum / n_total as f64)?.backward()?;
             for (slot, (_, var)) in acc.iter_mut().zip(&self.vars) {
@@ -378,6 +426,7 @@ impl Trainer {
             self.max_positions,
             self.opts.valid_batches,
             self.opts.logits_chunk_rows,
+            self.teacher.as_ref().map(|t| t.model()),
         )
     }
 

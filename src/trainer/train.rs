@@ -7,11 +7,14 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::data::{Batch, BatchStream, DataOptions};
-use super::loss::{loss_rows, mask_padding, student_rows, KdKind, LossKind, LossSpec, PAD_LOGPROB};
+use super::loss::{
+    full_kl_rows, loss_rows, mask_padding, student_rows, KdKind, LossKind, LossSpec, PAD_LOGPROB,
+};
 use super::model::Student;
 use super::optim::AdamWParams;
 use crate::error::{Error, Result};
 use crate::store::StoreReader;
+use crate::teacher::TeacherModel;
 
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +83,10 @@ pub struct TrainOptions {
     /// Pack several sequences into each row (see `DataOptions::pack`).
     #[serde(default)]
     pub pack: bool,
+    /// The teacher model for `--loss online` (GGUF or Hugging Face directory): run in the
+    /// loop on the store's sequences.
+    #[serde(default)]
+    pub teacher: Option<PathBuf>,
 }
 
 /// Type of the student's matrix products during training (mixed precision).
@@ -136,6 +143,7 @@ impl Default for TrainOptions {
             stop_after: None,
             precision: Precision::F32,
             pack: false,
+            teacher: None,
         }
     }
 }
@@ -160,6 +168,10 @@ impl TrainOptions {
         }
         if self.teacher_smoothing != 0.0 {
             f["teacher_smoothing"] = serde_json::json!(self.teacher_smoothing);
+        }
+        if let Some(t) = &self.teacher {
+            let name = t.file_name().map(|n| n.to_string_lossy().into_owned());
+            f["teacher"] = serde_json::json!(name);
         }
         f
     }
@@ -218,6 +230,7 @@ pub fn batch_loss(
     spec: &LossSpec,
     k: usize,
     chunk_rows: usize,
+    teacher: Option<&TeacherModel>,
 ) -> Result<(Tensor, usize)> {
     let dev = student.device();
     let n = batch.loss_positions();
@@ -225,6 +238,15 @@ pub fn batch_loss(
     let hidden = student.hidden_states_packed(&ids, &batch.segments)?;
     let rows = Tensor::from_slice(&batch.loss_rows, n, dev)?;
     let h = hidden.index_select(&rows, 0)?;
+    if spec.kind == LossKind::Online {
+        let teacher = teacher.ok_or_else(|| {
+            Error::InvalidArgument("the online loss needs a teacher (--teacher MODEL)".into())
+        })?;
+        return Ok((
+            online_loss(teacher, student, &ids, &h, &rows, chunk_rows)?,
+            n,
+        ));
+    }
     let topk_ids = Tensor::from_slice(&batch.topk_ids, (n, k), dev)?;
     let topk_lps = Tensor::from_slice(&batch.topk_logprobs, (n, k), dev)?;
     let targets = Tensor::from_slice(&batch.targets, n, dev)?;
@@ -244,6 +266,46 @@ pub fn batch_loss(
     Ok((per_row.sum_all()?, n))
 }
 
+/// Summed online full-KD loss of the in-loss rows `rows` (flat indices into `ids`), whose
+/// student hidden states are `h`: the teacher runs on the same right-padded rows, then
+/// teacher and student logits are compared `chunk_rows` positions at a time.
+fn online_loss(
+    teacher: &TeacherModel,
+    student: &Student,
+    ids: &Tensor,
+    h: &Tensor,
+    rows: &Tensor,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let (b, s) = ids.dims2()?;
+    let th = teacher.hidden_states(ids)?;
+    let th = th
+        .reshape((b * s, teacher.config().hidden_size))?
+        .index_select(rows, 0)?;
+    let n = h.dim(0)?;
+    let chunk = chunk_rows.max(1);
+    let mut total: Option<Tensor> = None;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let t_logits = teacher.logits(&th.narrow(0, start, len)?)?.detach();
+        let s_rows = h.narrow(0, start, len)?;
+        let output = student.output_weight();
+        let s_logits = s_rows.matmul(&output.t()?.to_dtype(s_rows.dtype())?)?;
+        let part = full_kl_rows(
+            &t_logits.to_dtype(DType::F32)?,
+            &s_logits.to_dtype(DType::F32)?,
+        )?
+        .sum_all()?;
+        total = Some(match total {
+            Some(t) => (t + part)?,
+            None => part,
+        });
+        start += len;
+    }
+    total.ok_or_else(|| Error::Internal("no in-loss rows".into()))
+}
+
 /// Mean loss per in-loss token over `split` (at most `max_batches` batches, 0 = all), in
 /// store order. None when the split has no in-loss positions.
 #[allow(clippy::too_many_arguments)]
@@ -256,6 +318,7 @@ pub fn evaluate(
     max_positions: usize,
     max_batches: usize,
     chunk_rows: usize,
+    teacher: Option<&TeacherModel>,
 ) -> Result<Option<f64>> {
     let opts = DataOptions {
         split: split.to_string(),
@@ -277,7 +340,7 @@ pub fn evaluate(
             Err(Error::NoTrainingData(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let (loss, count) = batch_loss(student, &batch, spec, k, chunk_rows)?;
+        let (loss, count) = batch_loss(student, &batch, spec, k, chunk_rows, teacher)?;
         sum += loss.to_scalar::<f32>()? as f64;
         n += count;
     }

@@ -97,7 +97,12 @@ fn bigram_record(s: u64, input_ids: Vec<u32>) -> SampleRecord {
     SampleRecord {
         sample_id: s,
         source: "bigram".into(),
-        split: if s.is_multiple_of(10) { "valid" } else { "train" }.into(),
+        split: if s.is_multiple_of(10) {
+            "valid"
+        } else {
+            "train"
+        }
+        .into(),
         record_index: s,
         window_index: 0,
         input_ids,
@@ -301,7 +306,7 @@ fn packed_and_padded_batches_give_the_same_epoch_loss() {
             for batch in BatchStream::new(reader.clone(), data).unwrap() {
                 let batch = batch.unwrap();
                 multi |= batch.segments.iter().any(|s| s.len() > 1);
-                let (loss, count) = batch_loss(&student, &batch, &spec, 5, 64).unwrap();
+                let (loss, count) = batch_loss(&student, &batch, &spec, 5, 64, None).unwrap();
                 sum += loss.to_scalar::<f32>().unwrap() as f64;
                 n += count;
                 batches += 1;
@@ -708,7 +713,7 @@ fn student_copy_of_the_real_teacher() {
             label_smoothing: 0.0,
             teacher_smoothing: 0.0,
         };
-        let loss = evaluate(&student, &reader, "train", &spec, 512, 512, 0, 64)
+        let loss = evaluate(&student, &reader, "train", &spec, 512, 512, 0, 64, None)
             .unwrap()
             .unwrap();
         assert!(loss.abs() < 1e-4, "{kind:?} of the teacher's copy: {loss}");

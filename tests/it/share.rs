@@ -1095,3 +1095,89 @@ fn interrupted_export_and_split_resume_to_the_same_files() {
         assert!(verify(&b.join(name)).unwrap().is_clean());
     }
 }
+
+/// The first step's loss of `distill`, from its metrics file.
+fn first_loss(run: &Path) -> f64 {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    line["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn online_kd_is_zero_for_the_teacher_itself_and_trains_a_smaller_student() {
+    let Some(store) = real_store() else { return };
+    let teacher = teacher_path().unwrap();
+    let t = teacher.to_str().unwrap();
+    let tmp = tempdir();
+    let all: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+    let whole = format!("teacher-layers:{t}:{}", all.join(","));
+    let run = tmp.path().join("self");
+    let base = [
+        "distill",
+        "--store",
+        store.to_str().unwrap(),
+        "--loss",
+        "online",
+        "--teacher",
+        t,
+    ];
+    let mut args = base.to_vec();
+    args.extend([
+        "--init",
+        &whole,
+        "--steps",
+        "1",
+        "--batch-tokens",
+        "256",
+        "--quiet",
+    ]);
+    args.extend(["--out", run.to_str().unwrap()]);
+    run_ok(&args);
+    let loss = first_loss(&run);
+    assert!(loss.abs() < 1e-4, "KL of the teacher to itself: {loss}");
+    // A 2-layer student: a real, finite loss that training lowers.
+    let small = format!("teacher-layers:{t}:0,29");
+    let run = tmp.path().join("small");
+    let mut args = base.to_vec();
+    args.extend([
+        "--init",
+        &small,
+        "--steps",
+        "6",
+        "--batch-tokens",
+        "256",
+        "--lr",
+        "1e-3",
+    ]);
+    args.extend(["--quiet", "--out", run.to_str().unwrap()]);
+    run_ok(&args);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert!(
+        losses.len() >= 6 && losses.iter().all(|l| l.is_finite() && *l > 0.01),
+        "{losses:?}"
+    );
+    // --loss online without a teacher, or a teacher without --loss online, is refused.
+    let o = firstkd(&[
+        "distill",
+        "--store",
+        store.to_str().unwrap(),
+        "--loss",
+        "online",
+        "--init",
+        &small,
+        "--steps",
+        "1",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("go together"),
+        "{}",
+        text(&o)
+    );
+}
