@@ -1161,6 +1161,7 @@ fn online_kd_is_zero_for_the_teacher_itself_and_trains_a_smaller_student() {
         losses.len() >= 6 && losses.iter().all(|l| l.is_finite() && *l > 0.01),
         "{losses:?}"
     );
+    eprintln!("online KD: teacher vs itself {loss:.2e}; 2-layer student {losses:?}");
     // --loss online without a teacher, or a teacher without --loss online, is refused.
     let o = firstkd(&[
         "distill",
