@@ -342,31 +342,30 @@ fn kd_row_from_json(v: &serde_json::Value, path: &Path, row: u64) -> Result<KdRo
         reason: what,
     };
     let get = |name: &str| v.get(name).ok_or_else(|| bad(format!("no field {name:?}")));
-    let ints = |x: &serde_json::Value, name: &str| -> Result<Vec<i64>> {
+    // A JSON list whose elements `conv` reads, or an error naming the field.
+    fn list_of<T>(
+        x: &serde_json::Value,
+        name: &str,
+        what: &str,
+        conv: impl Fn(&serde_json::Value) -> Option<T>,
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<Vec<T>> {
         x.as_array()
             .ok_or_else(|| bad(format!("{name} is not a list")))?
             .iter()
-            .map(|e| {
-                e.as_i64()
-                    .ok_or_else(|| bad(format!("{name} holds {e}, not an integer")))
-            })
+            .map(|e| conv(e).ok_or_else(|| bad(format!("{name} holds {e}, not {what}"))))
             .collect()
+    }
+    let ints = |x: &serde_json::Value, name: &str| {
+        list_of(x, name, "an integer", serde_json::Value::as_i64, &bad)
     };
-    let floats = |x: &serde_json::Value, name: &str| -> Result<Vec<f64>> {
-        x.as_array()
-            .ok_or_else(|| bad(format!("{name} is not a list")))?
-            .iter()
-            .map(|e| {
-                e.as_f64()
-                    .ok_or_else(|| bad(format!("{name} holds {e}, not a number")))
-            })
-            .collect()
+    let floats = |x: &serde_json::Value, name: &str| {
+        list_of(x, name, "a number", serde_json::Value::as_f64, &bad)
     };
-    let rows = |name: &str| -> Result<Vec<serde_json::Value>> {
-        Ok(get(name)?
+    let rows = |name: &str| -> Result<&Vec<serde_json::Value>> {
+        get(name)?
             .as_array()
-            .ok_or_else(|| bad(format!("{name} is not a list")))?
-            .clone())
+            .ok_or_else(|| bad(format!("{name} is not a list")))
     };
     Ok(KdRow {
         input_ids: ints(get("input_ids")?, "input_ids")?,

@@ -284,14 +284,21 @@ fn online_loss(
         .index_select(rows, 0)?;
     let n = h.dim(0)?;
     let chunk = chunk_rows.max(1);
+    let output = student.output_weight();
+    let fused = h.device().is_cpu() && h.dtype() == DType::F32;
+    let output_t = output.t()?.to_dtype(h.dtype())?;
     let mut total: Option<Tensor> = None;
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         let t_logits = teacher.logits(&th.narrow(0, start, len)?)?.detach();
         let s_rows = h.narrow(0, start, len)?;
-        let output = student.output_weight();
-        let s_logits = s_rows.matmul(&output.t()?.to_dtype(s_rows.dtype())?)?;
+        // The student's logits as `student_rows` computes them (fused kernel on the CPU).
+        let s_logits = if fused {
+            super::fused::linear(&s_rows, output)?
+        } else {
+            s_rows.matmul(&output_t)?
+        };
         let part = full_kl_rows(
             &t_logits.to_dtype(DType::F32)?,
             &s_logits.to_dtype(DType::F32)?,

@@ -1143,23 +1143,14 @@ fn loss_falls_on_top_p_and_sampled_stores() {
         );
     }
     // Draws are not top tokens, and a top-k store has no draws.
-    let err = run(
-        &sampled,
-        &init,
-        &tmp.path().join("x"),
-        &opts(LossKind::Kd, 2),
-        false,
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("--loss sampled"), "{err}");
-    let bigram = bigram_store(tmp.path());
-    let err = run(
-        &bigram,
-        &init,
-        &tmp.path().join("y"),
-        &opts(LossKind::Sampled, 2),
-        false,
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("sample:N"), "{err}");
+    let refused = |store: &Path, loss: LossKind| -> String {
+        let out = tmp.path().join(format!("refused-{loss:?}"));
+        run(store, &init, &out, &opts(loss, 2), false)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = refused(&sampled, LossKind::Kd);
+    assert!(err.contains("--loss sampled"), "{err}");
+    let err = refused(&bigram_store(tmp.path()), LossKind::Sampled);
+    assert!(err.contains("sample:N"), "{err}");
 }

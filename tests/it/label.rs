@@ -624,37 +624,30 @@ fn top_p_and_sampled_selections_label_verify_and_repeat_exactly() {
     // The trainer refuses top-token losses on draws (before any model is loaded) and trains
     // the sampled loss; the draws are not storable in the fixed-length 1.0 layout.
     let init = format!("teacher-layers:{}:0,1", model.display());
-    let o = firstkd(&[
-        "distill",
-        "--store",
-        sampled.to_str().unwrap(),
-        "--init",
-        &init,
-        "--loss",
-        "kd",
-        "--steps",
-        "1",
-        "--out",
-        tmp.path().join("run").to_str().unwrap(),
-    ]);
+    let store = sampled.to_str().unwrap();
+    let distill = |loss: &str, steps: &str| {
+        let out = tmp.path().join(format!("run-{loss}"));
+        firstkd(&[
+            "distill",
+            "--store",
+            store,
+            "--init",
+            &init,
+            "--loss",
+            loss,
+            "--steps",
+            steps,
+            "--batch-tokens",
+            "128",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = distill("kd", "1");
     assert!(!o.status.success());
     assert!(text(&o).contains("--loss sampled"), "{}", text(&o));
-    let o = firstkd(&[
-        "distill",
-        "--store",
-        sampled.to_str().unwrap(),
-        "--init",
-        &init,
-        "--loss",
-        "sampled",
-        "--steps",
-        "2",
-        "--batch-tokens",
-        "128",
-        "--quiet",
-        "--out",
-        tmp.path().join("run-sampled").to_str().unwrap(),
-    ]);
+    let o = distill("sampled", "2");
     assert!(o.status.success(), "{}", text(&o));
     let o = firstkd(&[
         "convert",
