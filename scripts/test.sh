@@ -14,4 +14,10 @@ fi
 for model in smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b; do
   scripts/fetch-model.sh "$model" >/dev/null
 done
+# A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the object-storage tests
+# (tests/it/scale.rs), stopped when this script exits.
+s3dir="$(mktemp -d "${TMPDIR:-/tmp}/firstkd-s3.XXXXXX")"
+trap 'scripts/s3-server.sh stop "$s3dir"' EXIT
+# shellcheck disable=SC1090
+source "$(scripts/s3-server.sh start "$s3dir")"
 cargo test --release "$@"

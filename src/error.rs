@@ -91,6 +91,12 @@ pub enum Error {
     #[error("no training data: {0}")]
     NoTrainingData(String),
 
+    #[error("{url}: object storage: {error}")]
+    ObjectStore { url: String, error: String },
+
+    #[error("{url}: the manifest was changed by another writer while this command ran; rerun it")]
+    ConcurrentUpdate { url: String },
+
     #[error("training diverged at step {step}: {what} is {value}; {last_checkpoint}")]
     NonFiniteLoss {
         step: u64,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::input::{InputOptions, SampleReader};
 use crate::schema::LogprobDtype;
 use crate::store::manifest::{SpecialToken, TokenizerInfo};
+use crate::store::shards::{self, Slot};
 use crate::store::writer::Opened;
 use crate::store::{
     Manifest, SampleLabels, SampleRecord, StoreMeta, StoreWriter, TeacherInfo, WriterOptions,
@@ -129,6 +130,36 @@ pub struct LabelSummary {
     /// First few skipped records, `path:line: reason`.
     pub skipped_examples: Vec<String>,
     pub already_complete: bool,
+    /// A sharded run: `(shards complete, shard count)` after this run; the store manifest is
+    /// written (the store committed) once the two are equal.
+    pub shards: Option<(u64, u64)>,
+}
+
+/// Where a labelling run's commits go beyond the local folder (object storage: see
+/// [`crate::store::remote`]). Called after every commit of the writer.
+pub trait CommitSink {
+    /// The writer committed `manifest` to `dir/rel` (its parts are in `dir`).
+    fn committed(&mut self, dir: &Path, rel: &str, manifest: &Manifest) -> Result<()>;
+    /// The commit step of a sharded store of `count` shards (see [`shards::combine`]).
+    fn combine(&mut self, dir: &Path, count: u64) -> Result<Option<Manifest>> {
+        shards::combine(dir, count)
+    }
+    /// How many of the `count` shards are complete.
+    fn shards_complete(&mut self, dir: &Path, count: u64) -> Result<u64> {
+        Ok(shards::scan(dir)?
+            .iter()
+            .filter(|s| s.slot.count == count && s.manifest.as_ref().is_ok_and(|m| m.complete))
+            .count() as u64)
+    }
+}
+
+/// Commits stay in the local folder.
+pub struct LocalSink;
+
+impl CommitSink for LocalSink {
+    fn committed(&mut self, _: &Path, _: &str, _: &Manifest) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct Planned {
@@ -270,6 +301,17 @@ pub fn label(
     out: &Path,
     on_progress: &mut dyn FnMut(&LabelProgress),
 ) -> Result<LabelSummary> {
+    label_with(teacher, cfg, out, on_progress, &mut LocalSink)
+}
+
+/// [`label`] with every commit also given to `sink`.
+pub fn label_with(
+    teacher: &Teacher,
+    cfg: &LabelConfig,
+    out: &Path,
+    on_progress: &mut dyn FnMut(&LabelProgress),
+    sink: &mut dyn CommitSink,
+) -> Result<LabelSummary> {
     if cfg.inputs.is_empty() {
         return Err(Error::InvalidArgument("no input files".into()));
     }
@@ -285,16 +327,59 @@ pub fn label(
         ));
     }
     let meta = store_meta(teacher, cfg)?;
-    let existing = StoreWriter::existing(out, &meta)?;
+    let slot = Slot::of(index, count)?;
+    let done = |manifest: &Manifest, shards: Option<(u64, u64)>| LabelSummary {
+        manifest: manifest.clone(),
+        sequences_labelled: 0,
+        tokens_labelled: 0,
+        sequences_resumed: manifest.rows(crate::schema::Table::Samples),
+        records_skipped: manifest.cursor["records_skipped"].as_u64().unwrap_or(0),
+        skipped_examples: Vec::new(),
+        already_complete: true,
+        shards,
+    };
+    if let Some(slot) = slot {
+        if Manifest::path(out).exists() {
+            // Committed: every shard is done. Only a store of the same settings counts.
+            let m = Manifest::load(out)?;
+            let same = m.labeling["shards"].as_u64() == Some(count)
+                && shards::unsharded_labeling(&m.labeling)
+                    == shards::unsharded_labeling(&meta.labeling);
+            if !same {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: holds a store that is not a {count}-way sharded run with these settings; use a new output directory",
+                    out.display()
+                )));
+            }
+            return Ok(done(&m, Some((count, count))));
+        }
+        shards::check_count(out, slot)?;
+    } else if Manifest::path(out).exists() {
+        // A store committed by a sharded run of the same settings is complete for this one too.
+        let m = Manifest::load(out)?;
+        if let Some(n) = m.labeling["shards"].as_u64() {
+            if m.complete
+                && shards::unsharded_labeling(&m.labeling)
+                    == shards::unsharded_labeling(&meta.labeling)
+            {
+                return Ok(done(&m, None));
+            }
+            return Err(Error::InvalidArgument(format!(
+                "{}: a store labelled by a {n}-way sharded run with other settings; use a new output directory",
+                out.display()
+            )));
+        }
+    }
+    let existing = StoreWriter::existing_slot(out, &meta, slot)?;
     if let Some(manifest) = existing.as_ref().filter(|m| m.complete) {
-        return Ok(LabelSummary {
-            manifest: manifest.clone(),
-            sequences_labelled: 0,
-            tokens_labelled: 0,
-            sequences_resumed: manifest.rows(crate::schema::Table::Samples),
-            records_skipped: manifest.cursor["records_skipped"].as_u64().unwrap_or(0),
-            skipped_examples: Vec::new(),
-            already_complete: true,
+        // A shard done earlier whose commit step may not have run (killed just after).
+        return Ok(match slot {
+            Some(_) => {
+                let store = sink.combine(out, count)?;
+                let complete = sink.shards_complete(out, count)?;
+                done(store.as_ref().unwrap_or(manifest), Some((complete, count)))
+            }
+            None => done(manifest, None),
         });
     }
     let resume_from = existing
@@ -303,7 +388,7 @@ pub fn label(
     // Every input is read and validated before anything is written.
     let (planned, mut progress, skipped_examples, records_skipped) =
         plan(teacher, cfg, resume_from)?;
-    let mut writer = match StoreWriter::open(out, meta, WriterOptions::default())? {
+    let mut writer = match StoreWriter::open_slot(out, meta, WriterOptions::default(), slot)? {
         Opened::Complete(manifest) => {
             return Ok(LabelSummary {
                 manifest,
@@ -313,6 +398,7 @@ pub fn label(
                 records_skipped,
                 skipped_examples,
                 already_complete: true,
+                shards: None,
             })
         }
         Opened::Fresh(w) => w,
@@ -371,10 +457,21 @@ pub fn label(
         }
         let next = chunk.last().map_or(resume_from, |p| p.seq_no + 1);
         writer.commit(serde_json::json!({ "next_seq": next }))?;
+        sink.committed(out, &writer.manifest_rel(), writer.manifest())?;
     }
-    let manifest = writer
+    let rel = writer.manifest_rel();
+    let mut manifest = writer
         .finish(serde_json::json!({ "next_seq": u64::MAX, "records_skipped": records_skipped }))?;
+    sink.committed(out, &rel, &manifest)?;
+    let mut shards_done = None;
+    if slot.is_some() {
+        if let Some(store) = sink.combine(out, count)? {
+            manifest = store;
+        }
+        shards_done = Some((sink.shards_complete(out, count)?, count));
+    }
     Ok(LabelSummary {
+        shards: shards_done,
         manifest,
         sequences_labelled: labelled,
         tokens_labelled: tokens,

@@ -51,6 +51,7 @@ fn line(out: &mut dyn Write, label: &str, r: &CalibrationReport) -> std::io::Res
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let store = super::StoreDir::open(&args.store)?;
     let (objective, mode) = (args.objective, args.mode);
     let held_out = HeldOut {
         split: args.split.clone(),
@@ -62,11 +63,12 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         mode,
         ..FitOptions::default()
     };
-    let fit = fit_store(&args.store, &held_out, objective, &options)
+    let fit = fit_store(&store.dir, &held_out, objective, &options)
         .with_context(|| format!("fitting the temperature of {}", args.store.display()))?;
     if !args.dry_run {
-        record_fit(&args.store, &fit)
+        record_fit(&store.dir, &fit)
             .with_context(|| format!("writing {}/manifest.json", args.store.display()))?;
+        store.push_manifest()?;
     }
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &fit)?;

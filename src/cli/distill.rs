@@ -161,6 +161,7 @@ fn flag_hint(err: firstkd::Error) -> anyhow::Error {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let store = super::StoreDir::open(&args.store)?;
     let mut opts = TrainOptions {
         loss: args.loss,
         temperature: args.temperature,
@@ -230,7 +231,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         ));
     };
     let summary = train(
-        &args.store,
+        &store.dir,
         &init,
         &args.out,
         &opts,

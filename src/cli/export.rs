@@ -33,13 +33,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let store = super::StoreDir::open(&args.store)?;
     let opts = ExportOptions {
         file_format: args.file_format,
         temperature: ExportTemperature::parse(&args.temperature)?,
     };
     let Format::Axolotl = args.format;
     let bar = super::parts_bar("exporting");
-    let report = export_axolotl(&args.store, &args.out, opts, |done, total| {
+    let report = export_axolotl(&store.dir, &args.out, opts, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

@@ -15,8 +15,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let store = super::StoreDir::open(&args.store)?;
     let s =
-        summarize(&args.store).with_context(|| format!("inspecting {}", args.store.display()))?;
+        summarize(&store.dir).with_context(|| format!("inspecting {}", args.store.display()))?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &s)?;
         writeln!(out)?;

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use firstkd::input::{InputFormat, InputOptions, McResponse};
-use firstkd::label::{label, InputSpec, LabelConfig};
+use firstkd::label::{label, label_with, InputSpec, LabelConfig};
 use firstkd::schema::LogprobDtype;
 use firstkd::teacher::{Compute, Teacher};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,7 +20,8 @@ pub struct Args {
     /// Input file (JSONL, JSON array or .txt); repeat for several. See docs/inputs.md.
     #[arg(long = "input", required = true)]
     pub inputs: Vec<PathBuf>,
-    /// Output store directory (created; an interrupted store is resumed).
+    /// Output store: a directory, or `s3://bucket/prefix` (created; an interrupted store is
+    /// resumed). With `--shard i/n` every shard writes into the same store.
     #[arg(long)]
     pub out: PathBuf,
     /// Split recorded for every input's samples.
@@ -55,7 +56,9 @@ pub struct Args {
     /// Sequences per committed part (the resume granularity).
     #[arg(long, default_value_t = 256)]
     pub part_sequences: usize,
-    /// Label only shard i of n (`i/n`): sequences whose number modulo n is i.
+    /// Label only shard i of n (`i/n`): sequences whose number modulo n is i. The n shards may
+    /// run at the same time (other processes or machines) into one store, which is committed
+    /// when the last one finishes (docs/scale-out.md).
     #[arg(long, default_value = "0/1")]
     pub shard: String,
     /// Skip invalid records (counted and reported) instead of stopping at the first.
@@ -137,14 +140,24 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
-    let summary = label(&teacher, &cfg, &args.out, &mut |p| {
+    let mut on_progress = |p: &firstkd::label::LabelProgress| {
         bar.set_length(p.tokens_total);
         bar.set_position(p.tokens_done);
         bar.set_message(format!(
             "{}/{} sequences",
             p.sequences_done, p.sequences_total
         ));
-    })
+    };
+    let summary = match firstkd::store::remote::Location::parse(&args.out)? {
+        firstkd::store::remote::Location::Local(dir) => {
+            label(&teacher, &cfg, &dir, &mut on_progress)
+        }
+        firstkd::store::remote::Location::Remote(remote) => {
+            let slot = firstkd::store::shards::Slot::of(cfg.shard.0, cfg.shard.1)?;
+            let (dir, mut sink) = remote.prepare_write(slot)?;
+            label_with(&teacher, &cfg, &dir, &mut on_progress, &mut sink)
+        }
+    }
     .with_context(|| format!("labelling into {}", args.out.display()))?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
@@ -156,11 +169,20 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         return Ok(0);
     }
     if summary.already_complete {
-        writeln!(
-            out,
-            "{} is already complete; nothing to do",
-            args.out.display()
-        )?;
+        match summary.shards {
+            Some((done, n)) if done < n => writeln!(
+                out,
+                "shard {} of {} is already complete; {done} of {n} shards complete (`firstkd status {}`)",
+                args.shard,
+                args.out.display(),
+                args.out.display()
+            )?,
+            _ => writeln!(
+                out,
+                "{} is already complete; nothing to do",
+                args.out.display()
+            )?,
+        }
         return Ok(0);
     }
     let m = &summary.manifest;
@@ -194,9 +216,28 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             writeln!(out, "  {e}")?;
         }
     }
+    if let Some((done, n)) = summary.shards {
+        if done == n {
+            writeln!(
+                out,
+                "all {n} shards complete: the store is committed ({}/manifest.json lists every shard's parts)",
+                args.out.display()
+            )?;
+        } else {
+            writeln!(
+                out,
+                "shard {} complete; {done} of {n} shards complete: the store is committed when the last one finishes",
+                args.shard
+            )?;
+        }
+    }
+    let what = match summary.shards {
+        Some((done, n)) if done < n => "shard",
+        _ => "store",
+    };
     writeln!(
         out,
-        "store {}: {} parts, {} label rows ({} in loss)",
+        "{what} {}: {} parts, {} label rows ({} in loss)",
         args.out.display(),
         m.parts.len(),
         m.rows(firstkd::schema::Table::Labels),

@@ -19,6 +19,7 @@ mod merge;
 mod split;
 mod sql;
 mod stats;
+mod status;
 mod synth;
 mod verify;
 
@@ -66,6 +67,8 @@ pub enum Command {
     Stats(stats::Args),
     /// Train a student on a store: FIRST / KD / CE losses, checkpoints, resume.
     Distill(distill::Args),
+    /// Progress of a store being written: each shard's rows, parts and last commit.
+    Status(status::Args),
 }
 
 /// Runs a parsed command line, writing its output to `out`. Returns the process exit code.
@@ -87,10 +90,49 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
         Command::Sql(args) => sql::run(args, out),
         Command::Stats(args) => stats::run(args, out),
         Command::Distill(args) => distill::run(args, out),
+        Command::Status(args) => status::run(args, out),
     }
 }
 
 /// Left-aligned first columns, right-aligned numbers.
+/// A store argument as a local folder: a store on object storage (`s3://...`) is copied into
+/// the local cache first (parts checked against the manifest); `remote` is kept for commands
+/// that write the manifest back.
+pub(crate) struct StoreDir {
+    pub dir: std::path::PathBuf,
+    pub remote: Option<(firstkd::store::remote::Remote, Option<String>)>,
+}
+
+impl StoreDir {
+    /// Resolves a store argument for reading.
+    pub fn open(arg: &std::path::Path) -> anyhow::Result<StoreDir> {
+        use firstkd::store::remote::Location;
+        match Location::parse(arg)? {
+            Location::Local(dir) => Ok(StoreDir { dir, remote: None }),
+            Location::Remote(remote) => {
+                let (dir, etag) = remote
+                    .pull()
+                    .with_context(|| format!("fetching {}", remote.url()))?;
+                Ok(StoreDir {
+                    dir,
+                    remote: Some((remote, etag)),
+                })
+            }
+        }
+    }
+
+    /// Puts the local manifest back to object storage (no-op for a local store); fails when
+    /// another writer changed the remote manifest since it was read.
+    pub fn push_manifest(&self) -> anyhow::Result<()> {
+        if let Some((remote, etag)) = &self.remote {
+            remote
+                .push_manifest(&self.dir, etag.clone())
+                .with_context(|| format!("updating {}/manifest.json", remote.url()))?;
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn print_table(
     header: &[String],
     rows: &[Vec<String>],

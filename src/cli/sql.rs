@@ -28,6 +28,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let store = super::StoreDir::open(&args.store)?;
     let sql = match (&args.query, &args.file) {
         (Some(q), None) => q.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
@@ -39,7 +40,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         allow_incomplete: args.allow_incomplete,
         ..QueryOptions::default()
     };
-    let session = QuerySession::open(&args.store, &options)
+    let session = QuerySession::open(&store.dir, &options)
         .with_context(|| format!("opening {}", args.store.display()))?;
     let destination = match &args.output {
         Some(path) => Destination::File(path.clone()),

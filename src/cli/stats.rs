@@ -48,6 +48,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let store = super::StoreDir::open(&args.store)?;
     let mode = args.mode;
     let (want_coverage, want_calibration) = match args.report {
         Report::All => (true, true),
@@ -63,7 +64,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         allow_incomplete: args.allow_incomplete,
         ..QueryOptions::default()
     };
-    let session = QuerySession::open(&args.store, &query_options)
+    let session = QuerySession::open(&store.dir, &query_options)
         .with_context(|| format!("opening {}", args.store.display()))?;
     let coverage = want_coverage
         .then(|| stats::coverage(&session, &opts))

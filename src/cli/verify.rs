@@ -14,7 +14,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let report = firstkd::store::verify(&args.store)
+    let store = super::StoreDir::open(&args.store)?;
+    let report = firstkd::store::verify(&store.dir)
         .with_context(|| format!("verifying {}", args.store.display()))?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &report)?;

@@ -136,16 +136,26 @@ impl Manifest {
 
     /// Reads and validates the manifest of the store at `dir` (format and major version).
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = Self::path(dir);
+        Self::load_file(dir, MANIFEST_FILE)
+    }
+
+    /// Reads and validates the manifest at `dir/rel` (the store's, or one shard's).
+    pub fn load_file(dir: &Path, rel: &str) -> Result<Self> {
+        let path = dir.join(rel);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotAStore {
                     path: dir.to_path_buf(),
-                    reason: if dir.exists() {
-                        format!("no {MANIFEST_FILE}")
-                    } else {
+                    reason: if !dir.exists() {
                         "directory does not exist".into()
+                    } else if rel == MANIFEST_FILE && dir.join(super::shards::SHARDS_DIR).is_dir() {
+                        format!(
+                            "no {MANIFEST_FILE}: a sharded store whose shards are not all complete yet ({})",
+                            super::shards::progress_line(dir)
+                        )
+                    } else {
+                        format!("no {rel}")
                     },
                 })
             }
@@ -225,8 +235,21 @@ impl Manifest {
 
     /// Writes the manifest atomically: a temporary file, fsync, rename over the old one.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = Self::path(dir);
-        let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
+        self.save_file(dir, MANIFEST_FILE)
+    }
+
+    /// Writes the manifest atomically at `dir/rel` (a temporary file beside it, fsync,
+    /// rename, fsync of the folder).
+    pub fn save_file(&self, dir: &Path, rel: &str) -> Result<()> {
+        let path = dir.join(rel);
+        let folder = path.parent().unwrap_or(dir).to_path_buf();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| MANIFEST_FILE.to_string());
+        // The process id keeps two processes that commit the same manifest (two shards
+        // finishing at once both write the combined store manifest) off each other's file.
+        let tmp = folder.join(format!(".{name}.{}.tmp", std::process::id()));
         let text = serde_json::to_string_pretty(self)?;
         let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         file.write_all(text.as_bytes())
@@ -234,7 +257,7 @@ impl Manifest {
             .and_then(|_| file.sync_all())
             .map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(dir);
+        sync_dir(&folder);
         Ok(())
     }
 

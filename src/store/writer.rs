@@ -14,8 +14,11 @@ use parquet::schema::types::ColumnPath;
 use super::encode::{
     canonicalize, labels_batch, samples_batch, sort_quantized, sort_quantized_with, validate,
 };
-use super::manifest::{sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo};
+use super::manifest::{
+    sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo, MANIFEST_FILE,
+};
 use super::sha256_file;
+use super::shards::Slot;
 use crate::error::{Error, Result};
 use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Selection, Table};
 
@@ -149,6 +152,8 @@ pub struct StoreWriter {
     opts: WriterOptions,
     buffers: Buffers,
     open_part: Option<OpenPart>,
+    /// The shard this writer owns in a sharded store (`None`: the whole store).
+    slot: Option<Slot>,
 }
 
 /// File name of part `index` (inside the table's folder).
@@ -156,13 +161,24 @@ pub fn part_file_name(index: u32) -> String {
     format!("part-{index:05}.parquet")
 }
 
-fn tmp_file_name(index: u32) -> String {
-    format!(".part-{index:05}.parquet.tmp")
+fn slot_prefix(slot: Option<Slot>) -> String {
+    slot.map(|s| s.file_prefix()).unwrap_or_default()
 }
 
 impl StoreWriter {
     /// Creates a new store at `dir`, which must not exist or be empty.
     pub fn create(dir: &Path, meta: StoreMeta, opts: WriterOptions) -> Result<Self> {
+        Self::create_slot(dir, meta, opts, None)
+    }
+
+    /// Creates a new store, or with `slot` one shard of a sharded store at `dir` (the folder
+    /// may hold the other shards' files, but no store manifest).
+    pub fn create_slot(
+        dir: &Path,
+        meta: StoreMeta,
+        opts: WriterOptions,
+        slot: Option<Slot>,
+    ) -> Result<Self> {
         if meta.k == 0 {
             return Err(Error::InvalidArgument("k must be at least 1".into()));
         }
@@ -178,7 +194,13 @@ impl StoreWriter {
                 meta.selection
             )));
         }
-        if dir.exists() {
+        if slot.is_some() && Manifest::path(dir).exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: holds a store manifest ({MANIFEST_FILE}), so it is not a sharded store being written; a sharded run needs a new output directory",
+                dir.display()
+            )));
+        }
+        if dir.exists() && slot.is_none() {
             let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
             if entries.next().is_some() {
                 return Err(Error::InvalidArgument(format!(
@@ -189,6 +211,10 @@ impl StoreWriter {
         }
         for table in Table::ALL {
             let sub = dir.join(table.name());
+            std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
+        }
+        if slot.is_some() {
+            let sub = dir.join(super::shards::SHARDS_DIR);
             std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
         }
         let manifest = Manifest {
@@ -208,23 +234,33 @@ impl StoreWriter {
             cursor: serde_json::Value::Null,
             parts: Vec::new(),
         };
-        manifest.save(dir)?;
-        Ok(Self::with_manifest(dir, manifest, opts))
+        manifest.save_file(dir, &manifest_rel(slot))?;
+        Ok(Self::with_manifest(dir, manifest, opts, slot))
     }
 
     /// Opens `dir` for writing: creates a new store, resumes an interrupted one written with
     /// the same `meta` (removing any part that was not committed), or reports it complete.
     pub fn open(dir: &Path, meta: StoreMeta, opts: WriterOptions) -> Result<Opened> {
-        let Some(manifest) = Self::existing(dir, &meta)? else {
-            return Ok(Opened::Fresh(Self::create(dir, meta, opts)?));
+        Self::open_slot(dir, meta, opts, None)
+    }
+
+    /// [`StoreWriter::open`] for one shard of a sharded store (`slot`), or the whole store.
+    pub fn open_slot(
+        dir: &Path,
+        meta: StoreMeta,
+        opts: WriterOptions,
+        slot: Option<Slot>,
+    ) -> Result<Opened> {
+        let Some(manifest) = Self::existing_slot(dir, &meta, slot)? else {
+            return Ok(Opened::Fresh(Self::create_slot(dir, meta, opts, slot)?));
         };
         if manifest.complete {
             return Ok(Opened::Complete(manifest));
         }
-        remove_uncommitted(dir, &manifest)?;
+        remove_uncommitted(dir, &manifest, slot)?;
         let cursor = manifest.cursor.clone();
         Ok(Opened::Resumed {
-            writer: Self::with_manifest(dir, manifest, opts),
+            writer: Self::with_manifest(dir, manifest, opts, slot),
             cursor,
         })
     }
@@ -232,62 +268,30 @@ impl StoreWriter {
     /// The manifest of an existing store at `dir` written with the same `meta`; `None` when
     /// there is no store; an error when the store was written with different settings.
     pub fn existing(dir: &Path, meta: &StoreMeta) -> Result<Option<Manifest>> {
-        if !Manifest::path(dir).exists() {
+        Self::existing_slot(dir, meta, None)
+    }
+
+    /// [`StoreWriter::existing`] for one shard's manifest (`slot`) or the store's.
+    pub fn existing_slot(
+        dir: &Path,
+        meta: &StoreMeta,
+        slot: Option<Slot>,
+    ) -> Result<Option<Manifest>> {
+        let rel = manifest_rel(slot);
+        if !dir.join(&rel).exists() {
             return Ok(None);
         }
-        let manifest = Manifest::load(dir)?;
-        let mut diffs = Vec::new();
-        if manifest.k != meta.k {
-            diffs.push(format!("k {} vs {}", manifest.k, meta.k));
-        }
-        if manifest.logprob_dtype != meta.logprob_dtype {
-            diffs.push(format!(
-                "logprob dtype {} vs {}",
-                manifest.logprob_dtype.name(),
-                meta.logprob_dtype.name()
-            ));
-        }
-        if manifest.selection() != meta.selection {
-            diffs.push(format!(
-                "selection {} vs {}",
-                manifest.selection(),
-                meta.selection
-            ));
-        }
-        if manifest.teacher != meta.teacher {
-            let (a, b) = (&manifest.teacher, &meta.teacher);
-            let mut what = Vec::new();
-            if a.sha256 != b.sha256 || a.file_name != b.file_name {
-                what.push(format!("model {} vs {}", a.file_name, b.file_name));
-            }
-            if a.compute_dtype != b.compute_dtype || a.compute_mode != b.compute_mode {
-                what.push(format!("compute {} vs {}", a.compute_mode, b.compute_mode));
-            }
-            if what.is_empty() {
-                what.push("model description".to_string());
-            }
-            diffs.push(format!("teacher: {}", what.join(", ")));
-        }
-        if manifest.tokenizer != meta.tokenizer {
-            diffs.push("tokenizer".into());
-        }
-        if manifest.labeling != meta.labeling {
-            diffs.push(format!(
-                "labelling settings {} vs {}",
-                manifest.labeling, meta.labeling
-            ));
-        }
-        if !diffs.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: existing store was written with different settings ({}); use a new output directory",
-                dir.display(),
-                diffs.join("; ")
-            )));
-        }
+        let manifest = Manifest::load_file(dir, &rel)?;
+        check_same_settings(dir, &manifest, meta)?;
         Ok(Some(manifest))
     }
 
-    fn with_manifest(dir: &Path, manifest: Manifest, opts: WriterOptions) -> Self {
+    fn with_manifest(
+        dir: &Path,
+        manifest: Manifest,
+        opts: WriterOptions,
+        slot: Option<Slot>,
+    ) -> Self {
         StoreWriter {
             dir: dir.to_path_buf(),
             labels_schema: manifest.table_schema(Table::Labels),
@@ -296,7 +300,18 @@ impl StoreWriter {
             opts,
             buffers: Buffers::default(),
             open_part: None,
+            slot,
         }
+    }
+
+    /// The folder the store is written in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path, relative to the store folder, of the manifest this writer commits to.
+    pub fn manifest_rel(&self) -> String {
+        manifest_rel(self.slot)
     }
 
     /// The manifest as committed so far.
@@ -400,8 +415,9 @@ impl StoreWriter {
     fn open_part(&mut self) -> Result<&mut OpenPart> {
         if self.open_part.is_none() {
             let index = self.manifest.parts.last().map_or(0, |p| p.index + 1);
-            let labels_tmp = self.dir.join("labels").join(tmp_file_name(index));
-            let samples_tmp = self.dir.join("samples").join(tmp_file_name(index));
+            let tmp = format!(".{}{}.tmp", slot_prefix(self.slot), part_file_name(index));
+            let labels_tmp = self.dir.join("labels").join(&tmp);
+            let samples_tmp = self.dir.join("samples").join(&tmp);
             let labels = self.arrow_writer(&labels_tmp, Table::Labels, index)?;
             let samples = self.arrow_writer(&samples_tmp, Table::Samples, index)?;
             self.open_part = Some(OpenPart {
@@ -499,8 +515,9 @@ impl StoreWriter {
     pub fn commit(&mut self, cursor: serde_json::Value) -> Result<()> {
         self.flush()?;
         if let Some(part) = self.open_part.take() {
-            let labels = finish_file(part.labels, &part.labels_tmp, part.index, &self.dir)?;
-            let samples = finish_file(part.samples, &part.samples_tmp, part.index, &self.dir)?;
+            let name = format!("{}{}", slot_prefix(self.slot), part_file_name(part.index));
+            let labels = finish_file(part.labels, &part.labels_tmp, &name, &self.dir)?;
+            let samples = finish_file(part.samples, &part.samples_tmp, &name, &self.dir)?;
             self.manifest.parts.push(PartEntry {
                 index: part.index,
                 labels: PartFile {
@@ -515,24 +532,83 @@ impl StoreWriter {
             });
         }
         self.manifest.cursor = cursor;
-        self.manifest.save(&self.dir)
+        self.manifest.save_file(&self.dir, &manifest_rel(self.slot))
     }
 
     /// Commits what is pending and marks the store complete.
     pub fn finish(mut self, cursor: serde_json::Value) -> Result<Manifest> {
         self.commit(cursor)?;
         self.manifest.complete = true;
-        self.manifest.save(&self.dir)?;
+        self.manifest
+            .save_file(&self.dir, &manifest_rel(self.slot))?;
         Ok(self.manifest)
     }
 }
 
-fn finish_file(writer: ArrowWriter<File>, tmp: &Path, index: u32, dir: &Path) -> Result<PartFile> {
+/// An error naming every setting in which `meta` differs from the existing `manifest`.
+fn check_same_settings(dir: &Path, manifest: &Manifest, meta: &StoreMeta) -> Result<()> {
+    let mut diffs = Vec::new();
+    if manifest.k != meta.k {
+        diffs.push(format!("k {} vs {}", manifest.k, meta.k));
+    }
+    if manifest.logprob_dtype != meta.logprob_dtype {
+        diffs.push(format!(
+            "logprob dtype {} vs {}",
+            manifest.logprob_dtype.name(),
+            meta.logprob_dtype.name()
+        ));
+    }
+    if manifest.selection() != meta.selection {
+        diffs.push(format!(
+            "selection {} vs {}",
+            manifest.selection(),
+            meta.selection
+        ));
+    }
+    if manifest.teacher != meta.teacher {
+        let (a, b) = (&manifest.teacher, &meta.teacher);
+        let mut what = Vec::new();
+        if a.sha256 != b.sha256 || a.file_name != b.file_name {
+            what.push(format!("model {} vs {}", a.file_name, b.file_name));
+        }
+        if a.compute_dtype != b.compute_dtype || a.compute_mode != b.compute_mode {
+            what.push(format!("compute {} vs {}", a.compute_mode, b.compute_mode));
+        }
+        if what.is_empty() {
+            what.push("model description".to_string());
+        }
+        diffs.push(format!("teacher: {}", what.join(", ")));
+    }
+    if manifest.tokenizer != meta.tokenizer {
+        diffs.push("tokenizer".into());
+    }
+    if manifest.labeling != meta.labeling {
+        diffs.push(format!(
+            "labelling settings {} vs {}",
+            manifest.labeling, meta.labeling
+        ));
+    }
+    if !diffs.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+                "{}: existing store was written with different settings ({}); use a new output directory",
+                dir.display(),
+                diffs.join("; ")
+            )));
+    }
+    Ok(())
+}
+
+/// The manifest a writer for `slot` commits to.
+fn manifest_rel(slot: Option<Slot>) -> String {
+    slot.map_or_else(|| MANIFEST_FILE.to_string(), |s| s.manifest_rel())
+}
+
+fn finish_file(writer: ArrowWriter<File>, tmp: &Path, name: &str, dir: &Path) -> Result<PartFile> {
     let file = writer.into_inner().map_err(|e| Error::parquet(tmp, e))?;
     file.sync_all().map_err(|e| Error::io(tmp, e))?;
     drop(file);
     let folder = tmp.parent().unwrap_or(dir);
-    let final_path = folder.join(part_file_name(index));
+    let final_path = folder.join(name);
     std::fs::rename(tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
     sync_dir(folder);
     let bytes = std::fs::metadata(&final_path)
@@ -552,8 +628,10 @@ fn finish_file(writer: ArrowWriter<File>, tmp: &Path, index: u32, dir: &Path) ->
 }
 
 /// Removes files in the table folders that the manifest does not list (temporary files of an
-/// interrupted part, or a part renamed but never recorded).
-fn remove_uncommitted(dir: &Path, manifest: &Manifest) -> Result<()> {
+/// interrupted part, or a part renamed but never recorded). A shard's writer removes only its
+/// own files: the other shards' are theirs.
+fn remove_uncommitted(dir: &Path, manifest: &Manifest, slot: Option<Slot>) -> Result<()> {
+    let prefix = slot_prefix(slot);
     let listed: std::collections::HashSet<&str> = manifest
         .parts
         .iter()
@@ -564,8 +642,10 @@ fn remove_uncommitted(dir: &Path, manifest: &Manifest) -> Result<()> {
         std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
         for entry in std::fs::read_dir(&sub).map_err(|e| Error::io(&sub, e))? {
             let entry = entry.map_err(|e| Error::io(&sub, e))?;
-            let name = format!("{}/{}", table.name(), entry.file_name().to_string_lossy());
-            if !listed.contains(name.as_str()) {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let own = file.starts_with(&prefix) || file.starts_with(&format!(".{prefix}"));
+            let name = format!("{}/{file}", table.name());
+            if own && !listed.contains(name.as_str()) {
                 let path = entry.path();
                 std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }

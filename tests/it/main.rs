@@ -8,6 +8,7 @@ mod format_v2;
 mod label;
 mod qwen;
 mod rows;
+mod scale;
 mod share;
 mod sql;
 mod store;
