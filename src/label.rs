@@ -80,6 +80,8 @@ pub struct LabelConfig {
     pub skip_invalid: bool,
     /// Read at most this many records of each input (for quick runs).
     pub limit_records: Option<u64>,
+    /// Accept inputs holding no sequence (an empty store); otherwise that is an error.
+    pub allow_empty: bool,
 }
 
 impl LabelConfig {
@@ -103,6 +105,7 @@ impl Default for LabelConfig {
             shard: (0, 1),
             skip_invalid: false,
             limit_records: None,
+            allow_empty: false,
         }
     }
 }
@@ -160,6 +163,17 @@ impl CommitSink for LocalSink {
     fn committed(&mut self, _: &Path, _: &str, _: &Manifest) -> Result<()> {
         Ok(())
     }
+}
+
+/// What [`plan`] found in the inputs.
+struct Plan {
+    /// This shard's sequences still to label.
+    planned: Vec<Planned>,
+    progress: LabelProgress,
+    skipped_examples: Vec<String>,
+    records_skipped: u64,
+    /// Sequences in all inputs, every shard's.
+    sequences: u64,
 }
 
 struct Planned {
@@ -236,11 +250,7 @@ pub fn store_meta(teacher: &Teacher, cfg: &LabelConfig) -> Result<StoreMeta> {
 
 /// Reads every input once: validates every record, returns the sequences of this shard with
 /// `seq_no >= start` (tokens only), the totals, and the skipped records.
-fn plan(
-    teacher: &Teacher,
-    cfg: &LabelConfig,
-    start: u64,
-) -> Result<(Vec<Planned>, LabelProgress, Vec<String>, u64)> {
+fn plan(teacher: &Teacher, cfg: &LabelConfig, start: u64) -> Result<Plan> {
     let encoder = teacher.encoder();
     let (index, count) = cfg.shard;
     let mut planned = Vec::new();
@@ -290,7 +300,13 @@ fn plan(
             });
         }
     }
-    Ok((planned, progress, examples, skipped))
+    Ok(Plan {
+        planned,
+        progress,
+        skipped_examples: examples,
+        records_skipped: skipped,
+        sequences: seq_no,
+    })
 }
 
 /// Labels `cfg.inputs` with `teacher` into the store at `out`, resuming an interrupted run.
@@ -386,8 +402,29 @@ pub fn label_with(
         .and_then(|m| m.cursor["next_seq"].as_u64())
         .unwrap_or(0);
     // Every input is read and validated before anything is written.
-    let (planned, mut progress, skipped_examples, records_skipped) =
-        plan(teacher, cfg, resume_from)?;
+    let Plan {
+        planned,
+        mut progress,
+        skipped_examples,
+        records_skipped,
+        sequences,
+    } = plan(teacher, cfg, resume_from)?;
+    if sequences == 0 && !cfg.allow_empty {
+        let files: Vec<String> = cfg
+            .inputs
+            .iter()
+            .map(|i| i.path.display().to_string())
+            .collect();
+        return Err(Error::InvalidArgument(format!(
+            "{}: no sequence to label (empty input{}); nothing was written (--allow-empty writes an empty store)",
+            files.join(", "),
+            if records_skipped > 0 {
+                format!(", or all {records_skipped} records skipped as invalid")
+            } else {
+                String::new()
+            }
+        )));
+    }
     let mut writer = match StoreWriter::open_slot(out, meta, WriterOptions::default(), slot)? {
         Opened::Complete(manifest) => {
             return Ok(LabelSummary {

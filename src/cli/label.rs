@@ -56,6 +56,10 @@ pub struct Args {
     /// Sequences per committed part (the resume granularity).
     #[arg(long, default_value_t = 256)]
     pub part_sequences: usize,
+    /// Accept inputs with no sequence to label and write an empty (complete) store; without
+    /// it that is an error and nothing is written.
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Label only shard i of n (`i/n`): sequences whose number modulo n is i. The n shards may
     /// run at the same time (other processes or machines) into one store, which is committed
     /// when the last one finishes (docs/scale-out.md).
@@ -131,6 +135,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         shard: parse_shard(&args.shard)?,
         skip_invalid: args.skip_invalid,
         limit_records: args.limit,
+        allow_empty: args.allow_empty,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -183,13 +183,22 @@ impl Remote {
 
     /// The object at `rel` and its ETag; `None` when absent.
     fn get_bytes(&self, rel: &str) -> Result<Option<(bytes::Bytes, Option<String>)>> {
+        Ok(self.get_with_time(rel)?.map(|(b, e, _)| (b, e)))
+    }
+
+    /// The object at `rel`, its ETag and when it was last replaced; `None` when absent.
+    fn get_with_time(
+        &self,
+        rel: &str,
+    ) -> Result<Option<(bytes::Bytes, Option<String>, SystemTime)>> {
         let key = self.key(rel);
         self.rt.block_on(async {
             match self.store.get(&key).await {
                 Ok(r) => {
                     let etag = r.meta.e_tag.clone();
+                    let time = SystemTime::from(r.meta.last_modified);
                     let bytes = r.bytes().await.map_err(|e| self.err(rel, e))?;
-                    Ok(Some((bytes, etag)))
+                    Ok(Some((bytes, etag, time)))
                 }
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(self.err(rel, e)),
@@ -403,10 +412,10 @@ impl Remote {
             }
         }
         let local = Manifest::path(dir);
-        match self.get_bytes(MANIFEST_FILE)? {
-            Some((bytes, _)) => {
+        match self.get_with_time(MANIFEST_FILE)? {
+            Some((bytes, _, time)) => {
                 write_atomic(dir, MANIFEST_FILE, &bytes)?;
-                modified.insert(MANIFEST_FILE.to_string(), SystemTime::now());
+                modified.insert(MANIFEST_FILE.to_string(), time);
             }
             None if local.exists() => {
                 std::fs::remove_file(&local).map_err(|e| Error::io(&local, e))?;

@@ -678,3 +678,28 @@ fn top_p_and_sampled_selections_label_verify_and_repeat_exactly() {
     assert!(!o.status.success());
     assert!(text(&o).contains("quantized layout"), "{}", text(&o));
 }
+
+#[test]
+fn an_empty_input_is_an_error_unless_allowed() {
+    let Some(model) = teacher_path() else { return };
+    let tmp = tempdir();
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = tmp.path().join("store");
+    let o = label(&model, &out, &["--input", empty.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("empty.jsonl") && t.contains("no sequence to label"),
+        "{t}"
+    );
+    assert!(!out.join("manifest.json").exists(), "nothing is written");
+    let o = label(
+        &model,
+        &out,
+        &["--input", empty.to_str().unwrap(), "--allow-empty"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let m = Manifest::load(&out).unwrap();
+    assert!(m.complete && m.parts.is_empty());
+}

@@ -222,6 +222,7 @@ fn four_concurrent_shards_with_a_kill_equal_one_process() {
         .iter()
         .all(|p| p.labels.file.starts_with("labels/s0000")));
     assert_eq!(m.labeling["shards"], 4);
+    spark_agrees_with_stats(&sharded);
     // A second run of a finished shard changes nothing.
     let before = std::fs::read(sharded.join("manifest.json")).unwrap();
     let o = run(
@@ -233,6 +234,88 @@ fn four_concurrent_shards_with_a_kill_equal_one_process() {
         std::fs::read(sharded.join("manifest.json")).unwrap(),
         before
     );
+}
+
+/// Spark (local mode) reads the store's Parquet parts through the documented decode view and
+/// counts the same positions with the same mean top-5 mass as `firstkd stats`.
+fn spark_agrees_with_stats(store: &Path) {
+    let has = Command::new("python3")
+        .args(["-c", "import pyspark"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("java")
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !has {
+        assert!(
+            !in_ci(),
+            "pyspark and java are installed by scripts/test.sh"
+        );
+        eprintln!("skipping the Spark check: no pyspark or java");
+        return;
+    }
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let code = r#"
+import sys, json
+sys.path.insert(0, sys.argv[1])
+import read_store as rs
+from pyspark.sql import SparkSession
+store = sys.argv[2]
+spark = (SparkSession.builder.master('local[1]').appName('firstkd')
+         .config('spark.ui.showConsoleProgress', 'false').getOrCreate())
+spark.read.parquet(*rs.part_files(store, 'labels')).createOrReplaceTempView('stored_labels')
+spark.read.parquet(*rs.part_files(store, 'samples')).createOrReplaceTempView('samples')
+spark.sql(rs.sql_text('spark', store))
+q = 'SELECT count(*) AS n, avg(aggregate(topk_logprobs, 0D, (a, x) -> a + exp(x))) AS mass FROM labels'
+out = {}
+for name, where in [('all', ''), ('in_loss', ' WHERE in_loss')]:
+    r = spark.sql(q + where).collect()[0]
+    out[name] = [r['n'], r['mass']]
+print(json.dumps(out))
+spark.stop()
+"#;
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            code,
+            scripts.to_str().unwrap(),
+            store.to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .expect("json");
+    let spark: serde_json::Value = serde_json::from_str(line).unwrap();
+    let o = firstkd(&["stats", store.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for positions in ["all", "in_loss"] {
+        let row = stats["coverage"]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["positions"] == positions && r["source"].is_null())
+            .expect("an overall coverage row");
+        assert_eq!(
+            spark[positions][0], row["n"],
+            "{positions}: {spark} vs {row}"
+        );
+        let (a, b) = (
+            spark[positions][1].as_f64().unwrap(),
+            row["mean_mass"][4].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6, "{positions}: Spark {a} vs stats {b}");
+        eprintln!(
+            "Spark vs firstkd stats, {positions}: n {}, mean top-5 mass {a:.6} vs {b:.6}",
+            row["n"]
+        );
+    }
 }
 
 /// Equal JSON, numbers within `tol` (relative to max(1, |x|)).
@@ -248,8 +331,7 @@ fn json_close(a: &serde_json::Value, b: &serde_json::Value, tol: f64) -> bool {
         }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len()
-                && x
-                    .iter()
+                && x.iter()
                     .all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w, tol)))
         }
         _ => a == b,
