@@ -425,6 +425,12 @@ pub fn label_with(
             }
         )));
     }
+    // One writer per store (per shard): a second run of the same command is refused while
+    // this one runs; the lock dies with the process, so a kill never blocks the resume.
+    let _lock = crate::store::lock::lock(
+        &crate::store::lock::lock_path(out, slot),
+        &out.display().to_string(),
+    )?;
     let mut writer = match StoreWriter::open_slot(out, meta, WriterOptions::default(), slot)? {
         Opened::Complete(manifest) => {
             return Ok(LabelSummary {

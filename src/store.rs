@@ -18,6 +18,7 @@ pub mod decode_v2;
 mod encode;
 pub mod inspect;
 pub mod join;
+pub mod lock;
 pub mod manifest;
 pub mod merge;
 pub mod reader;

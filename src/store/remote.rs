@@ -406,7 +406,8 @@ impl Remote {
         }
         for entry in std::fs::read_dir(&sub).map_err(|e| Error::io(&sub, e))? {
             let entry = entry.map_err(|e| Error::io(&sub, e))?;
-            if !remote_shards.contains(&*entry.file_name().to_string_lossy()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if Slot::from_file_name(&name).is_some() && !remote_shards.contains(&name) {
                 let path = entry.path();
                 std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }
@@ -441,7 +442,10 @@ impl Remote {
             || "write".to_string(),
             |s| format!("write-{:05}-of-{:05}", s.index, s.count),
         );
-        let dir = self.cache.join(name);
+        let dir = self.cache.join(&name);
+        // One writer of this store (shard) on this machine at a time, before the staging
+        // folder is touched: a second run must not wipe the first one's files.
+        let lock = super::lock::lock(&self.cache.join(format!("{name}.lock")), &self.url)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
@@ -482,6 +486,7 @@ impl Remote {
             RemoteSink {
                 remote: self,
                 uploaded,
+                _lock: lock,
             },
         ))
     }
@@ -498,6 +503,7 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 pub struct RemoteSink<'a> {
     remote: &'a Remote,
     uploaded: HashSet<String>,
+    _lock: super::lock::WriterLock,
 }
 
 impl crate::label::CommitSink for RemoteSink<'_> {

@@ -201,7 +201,9 @@ impl StoreWriter {
             )));
         }
         if dir.exists() && slot.is_none() {
-            let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+            let mut entries = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter(|e| !matches!(e, Ok(e) if e.file_name() == super::lock::WRITER_LOCK));
             if entries.next().is_some() {
                 return Err(Error::InvalidArgument(format!(
                     "{}: output directory exists and is not empty",

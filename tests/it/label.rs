@@ -703,3 +703,40 @@ fn an_empty_input_is_an_error_unless_allowed() {
     let m = Manifest::load(&out).unwrap();
     assert!(m.complete && m.parts.is_empty());
 }
+
+#[test]
+fn a_second_writer_of_the_same_store_is_refused_and_a_dead_ones_lock_does_not_block() {
+    let Some(model) = teacher_path() else { return };
+    let tmp = tempdir();
+    let input = data("chat.jsonl");
+    let out = tmp.path().join("store");
+    // This test process plays the running writer: it holds the store's writer lock.
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = std::fs::File::create(out.join("writer.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let o = label(&model, &out, &["--input", input.as_str()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("another `firstkd label` is writing it now"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.join("manifest.json").exists());
+    // The same for one shard of a sharded store; other shards are not blocked by it.
+    let shard_lock = out.join("shards").join("00001-of-00002.lock");
+    std::fs::create_dir_all(shard_lock.parent().unwrap()).unwrap();
+    let sharded = std::fs::File::create(&shard_lock).unwrap();
+    sharded.try_lock().unwrap();
+    drop(lock);
+    std::fs::remove_file(out.join("writer.lock")).unwrap();
+    let o = label(&model, &out, &["--input", input.as_str(), "--shard", "1/2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = label(&model, &out, &["--input", input.as_str(), "--shard", "0/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A writer that died (here: the lock's holder closed it) leaves a file that blocks nobody.
+    drop(sharded);
+    let o = label(&model, &out, &["--input", input.as_str(), "--shard", "1/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("all 2 shards complete"), "{}", text(&o));
+    assert!(verify(&out).unwrap().is_clean());
+}
