@@ -9,7 +9,7 @@ use arrow::datatypes::{UInt32Type, UInt64Type};
 use firstkd::schema::Table;
 use firstkd::store::{verify, LabelColumn, Manifest, StoreReader};
 
-use crate::util::{firstkd, teacher_path, tempdir, text};
+use crate::util::{firstkd, label_rows as rows, teacher_path, tempdir, text};
 
 fn data(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,32 +29,6 @@ fn label(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     ];
     args.extend_from_slice(extra);
     firstkd(&args)
-}
-
-/// Every label row keyed by (sample_id, position): (target, in_loss, ids, f32 log-probs, target lp, entropy).
-type Rows = Vec<((u64, u32), (u32, bool, Vec<u32>, Vec<f32>, f32, f32))>;
-
-fn rows(dir: &Path) -> Rows {
-    let reader = StoreReader::open(dir).unwrap();
-    let mut out = Vec::new();
-    for r in reader.label_rows(&LabelColumn::ALL, 4096) {
-        let r = r.unwrap();
-        for i in 0..r.len() {
-            out.push((
-                (r.sample_id[i], r.position[i]),
-                (
-                    r.target_id[i],
-                    r.in_loss[i],
-                    r.ids(i).to_vec(),
-                    r.logprobs(i).to_vec(),
-                    r.target_logprob[i],
-                    r.entropy[i],
-                ),
-            ));
-        }
-    }
-    out.sort_by_key(|r| r.0);
-    out
 }
 
 /// `--compute int16` / `int8`: recorded in the manifest, close to the f32 labels

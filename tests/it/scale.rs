@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use firstkd::store::{verify, LabelColumn, Manifest, SampleColumn, StoreReader};
+use firstkd::store::{verify, Manifest, SampleColumn, StoreReader};
 
-use crate::util::{firstkd, in_ci, teacher_path, tempdir, text};
+use crate::util::{firstkd, in_ci, label_rows, teacher_path, tempdir, text, Rows};
 
 /// The input of these tests: 16 Alpaca records, one sequence each.
 fn alpaca() -> Option<PathBuf> {
@@ -59,29 +59,10 @@ fn run(args: &[String], env: &[(String, String)]) -> std::process::Output {
         .expect("run firstkd")
 }
 
-type Rows = Vec<((u64, u32), (u32, bool, Vec<u32>, Vec<f32>, f32, f32))>;
-
 /// Every label row with its sample rows' tokens, sorted by (sample_id, position).
 fn rows(dir: &Path) -> (Rows, Vec<(u64, Vec<u32>, u64)>) {
+    let out = label_rows(dir);
     let reader = StoreReader::open(dir).unwrap();
-    let mut out = Vec::new();
-    for r in reader.label_rows(&LabelColumn::ALL, 4096) {
-        let r = r.unwrap();
-        for i in 0..r.len() {
-            out.push((
-                (r.sample_id[i], r.position[i]),
-                (
-                    r.target_id[i],
-                    r.in_loss[i],
-                    r.ids(i).to_vec(),
-                    r.logprobs(i).to_vec(),
-                    r.target_logprob[i],
-                    r.entropy[i],
-                ),
-            ));
-        }
-    }
-    out.sort_by_key(|r| r.0);
     let mut samples: Vec<_> = reader
         .sample_rows(&SampleColumn::ALL)
         .map(|s| {
@@ -236,8 +217,8 @@ fn four_concurrent_shards_with_a_kill_equal_one_process() {
     );
 }
 
-/// Spark (local mode) reads the store's Parquet parts through the documented decode view and
-/// counts the same positions with the same mean top-5 mass as `firstkd stats`.
+/// Spark (local mode) and DuckDB read the store's Parquet parts through the documented decode
+/// views and count the same positions with the same mean top-5 mass as `firstkd stats`.
 fn spark_agrees_with_stats(store: &Path) {
     let has = Command::new("python3")
         .args(["-c", "import pyspark"])
@@ -272,8 +253,14 @@ out = {}
 for name, where in [('all', ''), ('in_loss', ' WHERE in_loss')]:
     r = spark.sql(q + where).collect()[0]
     out[name] = [r['n'], r['mass']]
-print(json.dumps(out))
 spark.stop()
+import duckdb
+con = duckdb.connect()
+con.execute(rs.sql_text('duckdb', store))
+dq = 'SELECT count(*), avg(list_sum(list_transform(topk_logprobs, lambda x: exp(x)))) FROM labels'
+out['duckdb'] = {name: list(con.execute(dq + where).fetchone())
+                 for name, where in [('all', ''), ('in_loss', ' WHERE in_loss')]}
+print(json.dumps(out))
 "#;
     let o = Command::new("python3")
         .args([
@@ -311,8 +298,12 @@ spark.stop()
             row["mean_mass"][4].as_f64().unwrap(),
         );
         assert!((a - b).abs() < 1e-6, "{positions}: Spark {a} vs stats {b}");
+        let duck = &spark["duckdb"][positions];
+        assert_eq!(duck[0], row["n"], "{positions}: DuckDB {duck} vs {row}");
+        let d = duck[1].as_f64().unwrap();
+        assert!((d - b).abs() < 1e-6, "{positions}: DuckDB {d} vs stats {b}");
         eprintln!(
-            "Spark vs firstkd stats, {positions}: n {}, mean top-5 mass {a:.6} vs {b:.6}",
+            "Spark / DuckDB vs firstkd stats, {positions}: n {}, mean top-5 mass {a:.6} / {d:.6} vs {b:.6}",
             row["n"]
         );
     }

@@ -89,3 +89,29 @@ pub fn read_parquet(
         kv,
     )
 }
+
+/// Every label row keyed by (sample_id, position): (target, in_loss, ids, f32 log-probs, target lp, entropy).
+pub type Rows = Vec<((u64, u32), (u32, bool, Vec<u32>, Vec<f32>, f32, f32))>;
+
+pub fn label_rows(dir: &Path) -> Rows {
+    let reader = firstkd::store::StoreReader::open(dir).unwrap();
+    let mut out = Vec::new();
+    for r in reader.label_rows(&firstkd::store::LabelColumn::ALL, 4096) {
+        let r = r.unwrap();
+        for i in 0..r.len() {
+            out.push((
+                (r.sample_id[i], r.position[i]),
+                (
+                    r.target_id[i],
+                    r.in_loss[i],
+                    r.ids(i).to_vec(),
+                    r.logprobs(i).to_vec(),
+                    r.target_logprob[i],
+                    r.entropy[i],
+                ),
+            ));
+        }
+    }
+    out.sort_by_key(|r| r.0);
+    out
+}
