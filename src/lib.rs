@@ -20,6 +20,7 @@ pub mod teacher;
 pub mod testing;
 pub mod tokenize;
 pub mod trainer;
+pub mod weights;
 
 pub use error::{parse_value, Error, Result};
 

@@ -1,20 +1,19 @@
 //! Loading a teacher from a GGUF file or a Hugging Face checkpoint directory.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::BufReader;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::model::{to_f32, unpermute_qk, Architecture, LayerWeights, ModelConfig, TeacherModel};
+use super::model::{to_f32, Architecture, LayerWeights, ModelConfig, TeacherModel};
 use super::TeacherIdentity;
 use crate::digest::sha256_file;
 use crate::error::{Error, Result};
 use crate::tokenize::chat::ChatTemplate;
-use crate::tokenize::tokenizer::{BpeSpec, TeacherTokenizer};
+use crate::tokenize::tokenizer::TeacherTokenizer;
+use crate::weights::gguf::GgufFile;
+use crate::weights::Role;
 
 /// Everything a loader produces.
 pub(crate) struct Loaded {
@@ -48,31 +47,6 @@ fn model_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Names llama.cpp's `general.file_type` (`llama_ftype`).
-fn file_type_name(ft: u32) -> String {
-    let name = match ft {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return format!("file_type {ft}"),
-    };
-    name.to_string()
-}
-
 /// Loads a GGUF file of the llama or qwen2 architecture, dequantising every weight to f32.
 /// `tokenizer_json` overrides the tokenizer built from the GGUF metadata.
 pub(crate) fn load_gguf(
@@ -80,168 +54,29 @@ pub(crate) fn load_gguf(
     tokenizer_json: Option<&Path>,
     device: &Device,
 ) -> Result<Loaded> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let ct = gguf_file::Content::read(&mut reader)
-        .map_err(|e| model_err(path, format!("not a readable GGUF file: {e}")))?;
-    let md = &ct.metadata;
-    let get = |key: &str| md.get(key);
-    let get_str = |key: &str| get(key).and_then(|v| v.to_string().ok()).cloned();
-    let get_u32 = |key: &str| get(key).and_then(|v| v.to_u32().ok());
-    // f32 metadata as the f64 of its shortest decimal form (1e-6, not 9.99999997e-7), so a
-    // config.json written from it reads like the Hugging Face one; the f32 value is the same.
-    let get_f32 = |key: &str| {
-        get(key)
-            .and_then(|v| v.to_f32().ok())
-            .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
-    };
-    let need_u32 = |key: &str| {
-        get_u32(key).ok_or_else(|| model_err(path, format!("missing GGUF metadata {key}")))
-    };
-
-    let arch_name = get_str("general.architecture")
-        .ok_or_else(|| model_err(path, "missing GGUF metadata general.architecture"))?;
-    let arch = Architecture::parse(&arch_name).ok_or_else(|| {
-        model_err(
-            path,
-            format!("unsupported architecture {arch_name:?} (supported: llama, qwen2)"),
-        )
-    })?;
-    let a = arch_name.as_str();
-    let hidden = need_u32(&format!("{a}.embedding_length"))? as usize;
-    let num_heads = need_u32(&format!("{a}.attention.head_count"))? as usize;
-    let num_kv_heads =
-        get_u32(&format!("{a}.attention.head_count_kv")).unwrap_or(num_heads as u32) as usize;
-    let head_dim = get_u32(&format!("{a}.attention.key_length"))
-        .map(|v| v as usize)
-        .unwrap_or(hidden / num_heads.max(1));
-    if let Some(rope_dim) = get_u32(&format!("{a}.rope.dimension_count")) {
-        if rope_dim as usize != head_dim {
-            return Err(model_err(
-                path,
-                format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"),
-            ));
-        }
-    }
-    let num_layers = need_u32(&format!("{a}.block_count"))? as usize;
-    let tokens: Vec<String> = match get("tokenizer.ggml.tokens") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| model_err(path, format!("tokenizer.ggml.tokens: {e}")))?
-            .iter()
-            .map(|t| t.to_string().cloned())
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| model_err(path, format!("tokenizer.ggml.tokens: {e}")))?,
-        None => Vec::new(),
-    };
-    let embd_info = ct
-        .tensor_infos
-        .get("token_embd.weight")
-        .ok_or_else(|| model_err(path, "missing tensor token_embd.weight"))?;
-    let vocab_size = match embd_info.shape.dims() {
-        [rows, _] => *rows,
-        dims => {
-            return Err(model_err(
-                path,
-                format!("token_embd.weight has shape {dims:?}, expected 2 dimensions"),
-            ))
-        }
-    };
-
-    // Tensor dtypes, for the identity.
-    let mut dtype_counts: BTreeMap<String, usize> = BTreeMap::new();
-    for info in ct.tensor_infos.values() {
-        *dtype_counts
-            .entry(format!("{:?}", info.ggml_dtype))
-            .or_default() += 1;
-    }
-    let tensor_dtypes = dtype_counts
-        .iter()
-        .map(|(k, v)| format!("{k}:{v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let quantization = match get_u32("general.file_type") {
-        Some(ft) => format!("{} ({tensor_dtypes})", file_type_name(ft)),
-        None => tensor_dtypes,
-    };
-
-    let mut tensor = |name: &str| -> Result<Tensor> {
-        let q = ct
-            .tensor(&mut reader, name, device)
-            .map_err(|e| model_err(path, format!("tensor {name}: {e}")))?;
-        to_f32(q.dequantize(device)?, device)
-    };
-    let has = |name: &str| ct.tensor_infos.contains_key(name);
-
-    let rope_freq_divisors = if has("rope_freqs.weight") {
-        Some(tensor("rope_freqs.weight")?.to_vec1::<f32>()?)
-    } else {
+    let mut gguf = GgufFile::open(path)?;
+    let cfg = gguf.config()?;
+    let tied = gguf.tied();
+    let quantization = gguf.quantization();
+    let embed = gguf.role(Role::Embed, 0, &cfg, device)?;
+    let output = if tied {
         None
-    };
-    let embed = tensor("token_embd.weight")?;
-    let output = if has("output.weight") {
-        Some(tensor("output.weight")?)
     } else {
-        None
+        Some(gguf.role(Role::Output, 0, &cfg, device)?)
     };
-    let tied = output.is_none();
-    let norm = tensor("output_norm.weight")?;
-    let mut layers = Vec::with_capacity(num_layers);
-    for i in 0..num_layers {
-        let p = format!("blk.{i}");
-        let mut q = tensor(&format!("{p}.attn_q.weight"))?;
-        let mut k = tensor(&format!("{p}.attn_k.weight"))?;
-        if arch == Architecture::Llama {
-            q = unpermute_qk(&q, num_heads)?;
-            k = unpermute_qk(&k, num_kv_heads)?;
-        }
-        let qkv_bias = if arch == Architecture::Qwen2 {
-            Some((
-                tensor(&format!("{p}.attn_q.bias"))?,
-                tensor(&format!("{p}.attn_k.bias"))?,
-                tensor(&format!("{p}.attn_v.bias"))?,
-            ))
-        } else {
-            None
-        };
-        layers.push(LayerWeights {
-            attn_norm: tensor(&format!("{p}.attn_norm.weight"))?,
-            q,
-            k,
-            v: tensor(&format!("{p}.attn_v.weight"))?,
-            qkv_bias,
-            o: tensor(&format!("{p}.attn_output.weight"))?,
-            ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?,
-            gate: tensor(&format!("{p}.ffn_gate.weight"))?,
-            up: tensor(&format!("{p}.ffn_up.weight"))?,
-            down: tensor(&format!("{p}.ffn_down.weight"))?,
-        });
-    }
-    let intermediate = layers
-        .first()
-        .and_then(|l| l.gate.dims().first().copied())
-        .unwrap_or_default();
-    let cfg = ModelConfig {
-        architecture: arch,
-        hidden_size: hidden,
-        intermediate_size: intermediate,
-        num_layers,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        vocab_size,
-        context_length: get_u32(&format!("{a}.context_length")).unwrap_or(4096) as usize,
-        rms_norm_eps: get_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        rope_theta: get_f32(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
-        rope_freq_divisors,
-    };
-    let model = TeacherModel::new(cfg, embed, layers, norm, output, device)?;
-
-    let tokenizer = tokenizer_from_metadata(md, path, tokenizer_json, &tokens)?;
-    let chat_template = match get_str("tokenizer.chat_template") {
+    let norm = gguf.role(Role::FinalNorm, 0, &cfg, device)?;
+    let layers = (0..cfg.num_layers)
+        .map(|i| {
+            LayerWeights::from_roles(cfg.architecture, |role| gguf.role(role, i, &cfg, device))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tokenizer = gguf.tokenizer(tokenizer_json)?;
+    let chat_template = match gguf.chat_template_source() {
         Some(src) => Some(compile_template(&src, &tokenizer)?),
         None => None,
     };
+    let arch = cfg.architecture;
+    let model = TeacherModel::new(cfg, embed, layers, norm, output, device)?;
     let identity = TeacherIdentity {
         file_name: file_name(path),
         sha256: sha256_file(path)?,
@@ -261,92 +96,9 @@ pub(crate) fn load_gguf(
     })
 }
 
-/// The tokenizer of a GGUF file's metadata (byte-level BPE), or `tokenizer_json` with the
-/// GGUF's special-token ids.
-fn tokenizer_from_metadata(
-    md: &std::collections::HashMap<String, Value>,
-    path: &Path,
-    tokenizer_json: Option<&Path>,
-    tokens: &[String],
-) -> Result<TeacherTokenizer> {
-    let get = |key: &str| md.get(key);
-    let get_str = |key: &str| get(key).and_then(|v| v.to_string().ok()).cloned();
-    let get_u32 = |key: &str| get(key).and_then(|v| v.to_u32().ok());
-    let bos_id = get_u32("tokenizer.ggml.bos_token_id");
-    let eos_id = get_u32("tokenizer.ggml.eos_token_id");
-    let pad_id = get_u32("tokenizer.ggml.padding_token_id");
-    Ok(match tokenizer_json {
-        Some(tj) => TeacherTokenizer::from_tokenizer_json(tj, [bos_id, eos_id, pad_id])?,
-        None => {
-            let model_kind = get_str("tokenizer.ggml.model").unwrap_or_default();
-            if model_kind != "gpt2" {
-                return Err(model_err(
-                    path,
-                    format!(
-                        "tokenizer.ggml.model {model_kind:?} cannot be built from GGUF metadata \
-                         (only byte-level BPE \"gpt2\" can); pass the model's tokenizer.json"
-                    ),
-                ));
-            }
-            let merges = match get("tokenizer.ggml.merges") {
-                Some(v) => v
-                    .to_vec()
-                    .map_err(|e| model_err(path, format!("tokenizer.ggml.merges: {e}")))?
-                    .iter()
-                    .map(|m| m.to_string().cloned())
-                    .collect::<candle_core::Result<Vec<_>>>()
-                    .map_err(|e| model_err(path, format!("tokenizer.ggml.merges: {e}")))?,
-                None => return Err(model_err(path, "missing tokenizer.ggml.merges")),
-            };
-            let token_types = match get("tokenizer.ggml.token_type") {
-                Some(v) => v
-                    .to_vec()
-                    .map_err(|e| model_err(path, format!("tokenizer.ggml.token_type: {e}")))?
-                    .iter()
-                    .map(value_to_i32)
-                    .collect(),
-                None => Vec::new(),
-            };
-            let spec = BpeSpec {
-                tokens: tokens.to_vec(),
-                merges,
-                token_types,
-                pre: get_str("tokenizer.ggml.pre").unwrap_or_default(),
-                bos_id,
-                eos_id,
-                pad_id,
-                add_bos: get("tokenizer.ggml.add_bos_token")
-                    .and_then(|v| v.to_bool().ok())
-                    .unwrap_or(false),
-            };
-            TeacherTokenizer::from_bpe_spec(&spec, path)?
-        }
-    })
-}
-
 /// Only the tokenizer of a GGUF file (its metadata; no weights are read).
 pub fn gguf_tokenizer(path: &Path) -> Result<TeacherTokenizer> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let ct = gguf_file::Content::read(&mut reader)
-        .map_err(|e| model_err(path, format!("not a readable GGUF file: {e}")))?;
-    let tokens: Vec<String> = match ct.metadata.get("tokenizer.ggml.tokens") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| model_err(path, format!("tokenizer.ggml.tokens: {e}")))?
-            .iter()
-            .map(|t| t.to_string().cloned())
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| model_err(path, format!("tokenizer.ggml.tokens: {e}")))?,
-        None => return Err(model_err(path, "missing tokenizer.ggml.tokens")),
-    };
-    tokenizer_from_metadata(&ct.metadata, path, None, &tokens)
-}
-
-fn value_to_i32(v: &Value) -> i32 {
-    v.to_i32()
-        .or_else(|_| v.to_u32().map(|u| u as i32))
-        .unwrap_or(0)
+    GgufFile::open(path)?.tokenizer(None)
 }
 
 fn file_name(path: &Path) -> String {
@@ -431,64 +183,88 @@ fn llama3_divisors(scaling: &serde_json::Value, theta: f64, head_dim: usize) -> 
     )
 }
 
-/// Loads a Hugging Face checkpoint directory: `config.json`, `*.safetensors`, `tokenizer.json`
-/// (and `tokenizer_config.json` / `chat_template.jinja` for the chat template).
-pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
-    let config_path = dir.join("config.json");
-    let bytes = std::fs::read(&config_path).map_err(|e| Error::io(&config_path, e))?;
-    let cfg: HfConfig = serde_json::from_slice(&bytes)
-        .map_err(|e| model_err(&config_path, format!("parsing config.json: {e}")))?;
-    let arch_name = cfg
-        .model_type
-        .clone()
-        .or_else(|| {
-            cfg.architectures
-                .first()
-                .map(|a| a.to_lowercase().replace("forcausallm", ""))
-        })
-        .unwrap_or_default();
-    let arch = Architecture::parse(&arch_name).ok_or_else(|| {
-        model_err(
-            &config_path,
-            format!("unsupported model_type {arch_name:?} (supported: llama, qwen2)"),
-        )
-    })?;
-    let head_dim = cfg
-        .head_dim
-        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1));
-    let rope_theta = cfg.rope_theta.unwrap_or(10_000.0);
-    let rope_freq_divisors = match &cfg.rope_scaling {
-        None | Some(serde_json::Value::Null) => None,
-        Some(s) => {
-            let kind = s["rope_type"]
-                .as_str()
-                .or_else(|| s["type"].as_str())
-                .unwrap_or("");
-            match kind {
-                "default" => None,
-                "llama3" => Some(
-                    llama3_divisors(s, rope_theta, head_dim)
-                        .ok_or_else(|| model_err(&config_path, "incomplete llama3 rope_scaling"))?,
-                ),
-                other => {
-                    return Err(model_err(
-                        &config_path,
-                        format!("unsupported rope_scaling type {other:?}"),
-                    ))
+impl HfConfig {
+    /// Reads and parses `dir/config.json`.
+    fn read(dir: &Path) -> Result<(PathBuf, Self)> {
+        let path = dir.join("config.json");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let cfg = serde_json::from_slice(&bytes)
+            .map_err(|e| model_err(&path, format!("parsing config.json: {e}")))?;
+        Ok((path, cfg))
+    }
+
+    /// The decoder config (`path` names config.json in errors). Its vocabulary is
+    /// `vocab_size`; the loader replaces it with the embedding's row count.
+    fn model_config(&self, path: &Path) -> Result<ModelConfig> {
+        let arch_name = self
+            .model_type
+            .clone()
+            .or_else(|| {
+                self.architectures
+                    .first()
+                    .map(|a| a.to_lowercase().replace("forcausallm", ""))
+            })
+            .unwrap_or_default();
+        let arch = Architecture::parse(&arch_name).ok_or_else(|| {
+            model_err(
+                path,
+                format!("unsupported model_type {arch_name:?} (supported: llama, qwen2)"),
+            )
+        })?;
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let rope_theta = self.rope_theta.unwrap_or(10_000.0);
+        let rope_freq_divisors = match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(s) => {
+                let kind = s["rope_type"]
+                    .as_str()
+                    .or_else(|| s["type"].as_str())
+                    .unwrap_or("");
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(
+                        llama3_divisors(s, rope_theta, head_dim)
+                            .ok_or_else(|| model_err(path, "incomplete llama3 rope_scaling"))?,
+                    ),
+                    other => {
+                        return Err(model_err(
+                            path,
+                            format!("unsupported rope_scaling type {other:?}"),
+                        ))
+                    }
                 }
             }
-        }
-    };
+        };
+        Ok(ModelConfig {
+            architecture: arch,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            vocab_size: self.vocab_size,
+            context_length: self.max_position_embeddings.unwrap_or(4096),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_freq_divisors,
+        })
+    }
+}
 
-    let shards = safetensors_shards(dir)?;
+/// The tensors of every `*.safetensors` shard of `dir`, the directory's hash (sha256 over
+/// `"<shard name>\n<shard sha256>\n"` per shard in name order) and the first tensor's dtype.
+fn read_shards(dir: &Path) -> Result<(HashMap<String, Tensor>, String, Option<String>)> {
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     let mut hasher = Sha256::new();
-    let mut source_dtype = cfg.torch_dtype.clone();
-    for shard in &shards {
+    let mut dtype = None;
+    for shard in &safetensors_shards(dir)? {
         let tensors = candle_core::safetensors::load(shard, &Device::Cpu)
             .map_err(|e| model_err(shard, format!("reading safetensors: {e}")))?;
-        if source_dtype.is_none() {
-            source_dtype = tensors.values().next().map(|t| format!("{:?}", t.dtype()));
+        if dtype.is_none() {
+            dtype = tensors.values().next().map(|t| format!("{:?}", t.dtype()));
         }
         weights.extend(tensors);
         hasher.update(file_name(shard).as_bytes());
@@ -496,84 +272,56 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         hasher.update(sha256_file(shard)?.as_bytes());
         hasher.update(b"\n");
     }
-    let mut take = |name: &str| -> Result<Tensor> {
+    Ok((weights, hex::encode(hasher.finalize()), dtype))
+}
+
+/// Loads a Hugging Face checkpoint directory: `config.json`, `*.safetensors`, `tokenizer.json`
+/// (and `tokenizer_config.json` / `chat_template.jinja` for the chat template).
+pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
+    let (config_path, cfg) = HfConfig::read(dir)?;
+    let mut model_cfg = cfg.model_config(&config_path)?;
+    let (mut weights, sha256, shard_dtype) = read_shards(dir)?;
+    let mut take = |role: Role, layer: usize| -> Result<Tensor> {
+        let name = role.hf(layer);
         let t = weights
-            .remove(name)
+            .remove(&name)
             .ok_or_else(|| model_err(dir, format!("missing tensor {name}")))?;
         to_f32(t, device)
     };
-    let embed = take("model.embed_tokens.weight")?;
+    let embed = take(Role::Embed, 0)?;
+    model_cfg.vocab_size = embed.dims().first().copied().unwrap_or(0);
     let output = if cfg.tie_word_embeddings {
         None
     } else {
-        take("lm_head.weight").ok()
+        take(Role::Output, 0).ok()
     };
     let tied = output.is_none();
-    let norm = take("model.norm.weight")?;
-    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let qkv_bias = if arch == Architecture::Qwen2 {
-            Some((
-                take(&format!("{p}.self_attn.q_proj.bias"))?,
-                take(&format!("{p}.self_attn.k_proj.bias"))?,
-                take(&format!("{p}.self_attn.v_proj.bias"))?,
-            ))
-        } else {
-            None
-        };
-        layers.push(LayerWeights {
-            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-            q: take(&format!("{p}.self_attn.q_proj.weight"))?,
-            k: take(&format!("{p}.self_attn.k_proj.weight"))?,
-            v: take(&format!("{p}.self_attn.v_proj.weight"))?,
-            qkv_bias,
-            o: take(&format!("{p}.self_attn.o_proj.weight"))?,
-            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate: take(&format!("{p}.mlp.gate_proj.weight"))?,
-            up: take(&format!("{p}.mlp.up_proj.weight"))?,
-            down: take(&format!("{p}.mlp.down_proj.weight"))?,
-        });
-    }
-    let model_cfg = ModelConfig {
-        architecture: arch,
-        hidden_size: cfg.hidden_size,
-        intermediate_size: cfg.intermediate_size,
-        num_layers: cfg.num_hidden_layers,
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
-        head_dim,
-        vocab_size: embed.dims().first().copied().unwrap_or(0),
-        context_length: cfg.max_position_embeddings.unwrap_or(4096),
-        rms_norm_eps: cfg.rms_norm_eps,
-        rope_theta,
-        rope_freq_divisors,
-    };
-    let _ = cfg.vocab_size;
+    let norm = take(Role::FinalNorm, 0)?;
+    let arch = model_cfg.architecture;
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| LayerWeights::from_roles(arch, |role| take(role, i)))
+        .collect::<Result<Vec<_>>>()?;
     let model = TeacherModel::new(model_cfg, embed, layers, norm, output, device)?;
 
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.exists() {
         return Err(model_err(&tokenizer_path, "missing tokenizer.json"));
     }
-    let tokenizer = TeacherTokenizer::from_tokenizer_json(
-        &tokenizer_path,
-        [
-            first_id(&cfg.bos_token_id),
-            first_id(&cfg.eos_token_id),
-            first_id(&cfg.pad_token_id),
-        ],
-    )?;
+    let ids = [&cfg.bos_token_id, &cfg.eos_token_id, &cfg.pad_token_id].map(first_id);
+    let tokenizer = TeacherTokenizer::from_tokenizer_json(&tokenizer_path, ids)?;
     let chat_template = match hf_chat_template(dir)? {
         Some(src) => Some(compile_template(&src, &tokenizer)?),
         None => None,
     };
     let identity = TeacherIdentity {
         file_name: file_name(dir),
-        sha256: hex::encode(hasher.finalize()),
+        sha256,
         format: "safetensors".to_string(),
         architecture: arch.as_str().to_string(),
-        quantization: source_dtype.unwrap_or_else(|| "unknown".to_string()),
+        quantization: cfg
+            .torch_dtype
+            .or(shard_dtype)
+            .unwrap_or_else(|| "unknown".to_string()),
         compute: compute_description(device).replace(" (dequantized)", ""),
         context_length: model.config().context_length as u32,
         vocab_size: model.config().vocab_size as u32,

@@ -8,68 +8,14 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::qgemm::{self, Kernel, Precision, QWeight};
 use super::sgemm::PackedF32;
 use crate::error::{Error, Result};
+use crate::weights::Role;
 
-/// Architectures the teacher can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    /// Llama 2/3, SmolLM/SmolLM2, Mistral-style dense models without biases.
-    Llama,
-    /// Qwen2 / Qwen2.5: Llama with biases on the Q, K and V projections.
-    Qwen2,
-}
-
-impl Architecture {
-    /// The GGUF `general.architecture` / HF `model_type` spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::Qwen2 => "qwen2",
-        }
-    }
-
-    /// Parses a GGUF `general.architecture` or HF `model_type`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "llama" | "mistral" => Some(Architecture::Llama),
-            "qwen2" => Some(Architecture::Qwen2),
-            _ => None,
-        }
-    }
-}
-
-/// Hyper-parameters of the decoder.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelConfig {
-    /// Architecture family.
-    pub architecture: Architecture,
-    /// Model width.
-    pub hidden_size: usize,
-    /// MLP inner width.
-    pub intermediate_size: usize,
-    /// Number of decoder blocks.
-    pub num_layers: usize,
-    /// Query heads.
-    pub num_heads: usize,
-    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
-    pub num_kv_heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-    /// Output vocabulary (rows of the output matrix).
-    pub vocab_size: usize,
-    /// Longest sequence the model was trained for.
-    pub context_length: usize,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f64,
-    /// RoPE base.
-    pub rope_theta: f64,
-    /// Per-frequency divisors of the RoPE inverse frequencies (Llama 3.1 scaling), if any.
-    pub rope_freq_divisors: Option<Vec<f32>>,
-}
+pub use crate::weights::{Architecture, ModelConfig};
 
 /// One decoder block's weights in Hugging Face layout (`[out, in]`), f32.
 #[derive(Debug, Clone)]
@@ -94,6 +40,33 @@ pub struct LayerWeights {
     pub up: Tensor,
     /// `down_proj`.
     pub down: Tensor,
+}
+
+impl LayerWeights {
+    /// Reads one layer's weights through `get` (a role's tensor in Hugging Face layout);
+    /// the Q/K/V biases only for architectures that have them.
+    pub fn from_roles(
+        arch: Architecture,
+        mut get: impl FnMut(Role) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let qkv_bias = if arch.qkv_bias() {
+            Some((get(Role::QBias)?, get(Role::KBias)?, get(Role::VBias)?))
+        } else {
+            None
+        };
+        Ok(LayerWeights {
+            attn_norm: get(Role::AttnNorm)?,
+            q: get(Role::Q)?,
+            k: get(Role::K)?,
+            v: get(Role::V)?,
+            qkv_bias,
+            o: get(Role::O)?,
+            ffn_norm: get(Role::FfnNorm)?,
+            gate: get(Role::Gate)?,
+            up: get(Role::Up)?,
+            down: get(Role::Down)?,
+        })
+    }
 }
 
 /// How the teacher's matrix products are computed.
@@ -632,26 +605,7 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-/// Converts a weight to contiguous f32 on `device`.
-pub(crate) fn to_f32(t: Tensor, device: &Device) -> Result<Tensor> {
-    let t = if t.dtype() == DType::F32 {
-        t
-    } else {
-        t.to_dtype(DType::F32)?
-    };
-    Ok(t.to_device(device)?.contiguous()?)
-}
-
-/// Undoes llama.cpp's Q/K row permutation (interleaved RoPE pairs) for `n_head` heads:
-/// GGUF row `h*d + 2i + j` holds HF row `h*d + j*d/2 + i`.
-pub(crate) fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let hd = out / n_head;
-    Ok(w.reshape((n_head, hd / 2, 2, inp))?
-        .transpose(1, 2)?
-        .reshape((out, inp))?
-        .contiguous()?)
-}
+pub(crate) use crate::weights::to_f32;
 
 #[cfg(test)]
 mod tests {

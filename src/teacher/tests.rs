@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::model::{unpermute_qk, Architecture, LayerWeights, ModelConfig, TeacherModel};
+use super::model::{Architecture, LayerWeights, ModelConfig, TeacherModel};
 use super::*;
+use crate::weights::unpermute_qk;
 
 fn missing(what: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {

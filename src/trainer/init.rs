@@ -1,22 +1,20 @@
 //! Where a student's first weights come from: random, a Hugging Face safetensors directory, a
 //! GGUF file (dequantised to f32), or a subset of a teacher's layers.
 //!
-//! GGUF reading reuses the teacher's pieces: its config parsing (through
-//! [`Teacher::load`](crate::teacher::Teacher::load), which also yields the tokenizer identity),
-//! its dequantisation to f32 and its undoing of llama.cpp's Q/K row permutation.
+//! GGUF files are read with the teacher's reader, [`GgufFile`]: the config, the tokenizer and
+//! each tensor (dequantised to f32, Q/K rows un-permuted) under its name in
+//! [`crate::weights::ROLES`].
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use super::model::{Student, StudentConfig};
 use crate::error::{Error, Result};
-use crate::teacher::model::{to_f32, unpermute_qk};
-use crate::teacher::{Architecture, Teacher, TeacherTokenizer};
+use crate::tokenize::{SpecialToken, TeacherTokenizer};
+use crate::weights::gguf::GgufFile;
+use crate::weights::{hf_layer_name, hf_layer_of, tensors, to_f32};
 
 /// How to initialise a student.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,13 +161,13 @@ pub fn load_pretrained(path: &Path, layers: Option<&[usize]>) -> Result<Pretrain
         }
         let mut renamed = BTreeMap::new();
         for (name, t) in std::mem::take(&mut weights) {
-            match layer_of(&name) {
+            match hf_layer_of(&name) {
                 None => {
                     renamed.insert(name, t);
                 }
                 Some((src, suffix)) => {
                     for (dst, _) in keep.iter().enumerate().filter(|(_, &l)| l == src) {
-                        renamed.insert(format!("model.layers.{dst}.{suffix}"), t.clone());
+                        renamed.insert(hf_layer_name(dst, suffix), t.clone());
                     }
                 }
             }
@@ -178,13 +176,6 @@ pub fn load_pretrained(path: &Path, layers: Option<&[usize]>) -> Result<Pretrain
         cfg.num_hidden_layers = keep.len();
     }
     Ok((cfg, weights, sha))
-}
-
-/// `model.layers.N.rest` -> (N, rest).
-fn layer_of(name: &str) -> Option<(usize, &str)> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let (n, suffix) = rest.split_once('.')?;
-    Some((n.parse().ok()?, suffix))
 }
 
 fn model_err(path: &Path, reason: impl Into<String>) -> Error {
@@ -252,59 +243,42 @@ fn load_hf(dir: &Path) -> Result<Pretrained> {
 }
 
 fn load_gguf(path: &Path) -> Result<Pretrained> {
-    // The teacher loader parses the metadata (shapes, RoPE, tokenizer) once; its f32 copy of
-    // the weights is dropped before the student's own copy is read.
-    let (mcfg, tied, sha, ids) = {
-        let teacher = Teacher::load(path, &Device::Cpu)?;
-        let tok = teacher.tokenizer();
-        let identity = tok.identity();
-        let json = tok
-            .inner()
-            .to_string(false)
-            .map_err(|e| model_err(path, format!("serialising the tokenizer: {e}")))?;
-        let text = |t: &Option<crate::teacher::SpecialToken>| t.as_ref().map(|t| t.text.clone());
-        let config = serde_json::json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": text(&identity.bos),
-            "eos_token": text(&identity.eos),
-            "pad_token": text(&identity.pad),
-            "add_bos_token": tok.adds_bos(),
-            "chat_template": teacher.chat_template().map(|t| t.source().to_string()),
-        });
-        let files = vec![
-            ("tokenizer.json".to_string(), json.into_bytes()),
-            (
-                "tokenizer_config.json".to_string(),
-                serde_json::to_vec_pretty(&config)?,
-            ),
-        ];
-        let ids = (
-            identity.bos.as_ref().map(|t| t.id),
-            identity.eos.as_ref().map(|t| t.id),
-            identity.pad.as_ref().map(|t| t.id),
-        );
-        (
-            teacher.model().config().clone(),
-            teacher.identity().tied_embeddings,
-            TokenizerSource {
-                sha256: identity.sha256.clone(),
-                files,
-            },
-            ids,
-        )
-    };
+    let mut gguf = GgufFile::open(path)?;
+    let mcfg = gguf.config()?;
     if mcfg.rope_freq_divisors.is_some() {
         return Err(model_err(
             path,
             "RoPE frequency scaling is not supported by the student",
         ));
     }
+    let tied = gguf.tied();
+    let tok = gguf.tokenizer(None)?;
+    let identity = tok.identity();
+    let json = tok
+        .inner()
+        .to_string(false)
+        .map_err(|e| model_err(path, format!("serialising the tokenizer: {e}")))?;
+    let text = |t: &Option<SpecialToken>| t.as_ref().map(|t| t.text.clone());
+    let tokenizer_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(&identity.bos),
+        "eos_token": text(&identity.eos),
+        "pad_token": text(&identity.pad),
+        "add_bos_token": tok.adds_bos(),
+        "chat_template": gguf.chat_template_source(),
+    });
+    let files = vec![
+        ("tokenizer.json".to_string(), json.into_bytes()),
+        (
+            "tokenizer_config.json".to_string(),
+            serde_json::to_vec_pretty(&tokenizer_config)?,
+        ),
+    ];
+    let id = |t: &Option<SpecialToken>| t.as_ref().map(|t| serde_json::Value::from(t.id));
+    let arch = mcfg.architecture;
     let cfg = StudentConfig {
-        model_type: mcfg.architecture.as_str().to_string(),
-        architectures: vec![match mcfg.architecture {
-            Architecture::Llama => "LlamaForCausalLM".to_string(),
-            Architecture::Qwen2 => "Qwen2ForCausalLM".to_string(),
-        }],
+        model_type: arch.as_str().to_string(),
+        architectures: vec![arch.hf_class().to_string()],
         hidden_size: mcfg.hidden_size,
         intermediate_size: mcfg.intermediate_size,
         num_hidden_layers: mcfg.num_layers,
@@ -316,88 +290,24 @@ fn load_gguf(path: &Path) -> Result<Pretrained> {
         rms_norm_eps: mcfg.rms_norm_eps,
         rope_theta: mcfg.rope_theta,
         tie_word_embeddings: tied,
-        attention_bias: Some(mcfg.architecture == Architecture::Qwen2),
+        attention_bias: Some(arch.qkv_bias()),
         rope_scaling: None,
         hidden_act: "silu".into(),
-        bos_token_id: ids.0.map(serde_json::Value::from),
-        eos_token_id: ids.1.map(serde_json::Value::from),
-        pad_token_id: ids.2.map(serde_json::Value::from),
+        bos_token_id: id(&identity.bos),
+        eos_token_id: id(&identity.eos),
+        pad_token_id: id(&identity.pad),
         torch_dtype: "float32".into(),
     };
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let ct = gguf_file::Content::read(&mut reader)
-        .map_err(|e| model_err(path, format!("not a readable GGUF file: {e}")))?;
-    let mut read = |name: &str| -> Result<Tensor> {
-        let q = ct
-            .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| model_err(path, format!("tensor {name}: {e}")))?;
-        to_f32(q.dequantize(&Device::Cpu)?, &Device::Cpu)
-    };
     let mut weights = BTreeMap::new();
-    weights.insert(
-        "model.embed_tokens.weight".to_string(),
-        read("token_embd.weight")?,
-    );
-    weights.insert("model.norm.weight".to_string(), read("output_norm.weight")?);
-    if !tied {
-        weights.insert("lm_head.weight".to_string(), read("output.weight")?);
+    for (role, layer) in tensors(mcfg.num_layers, arch.qkv_bias(), tied) {
+        let t = gguf.role(role, layer, &mcfg, &Device::Cpu)?;
+        weights.insert(role.hf(layer), t);
     }
-    let llama = mcfg.architecture == Architecture::Llama;
-    for i in 0..mcfg.num_layers {
-        let (g, h) = (format!("blk.{i}"), format!("model.layers.{i}"));
-        let mut q = read(&format!("{g}.attn_q.weight"))?;
-        let mut k = read(&format!("{g}.attn_k.weight"))?;
-        if llama {
-            q = unpermute_qk(&q, mcfg.num_heads)?;
-            k = unpermute_qk(&k, mcfg.num_kv_heads)?;
-        }
-        let pairs = [
-            (
-                "input_layernorm.weight",
-                read(&format!("{g}.attn_norm.weight"))?,
-            ),
-            ("self_attn.q_proj.weight", q),
-            ("self_attn.k_proj.weight", k),
-            (
-                "self_attn.v_proj.weight",
-                read(&format!("{g}.attn_v.weight"))?,
-            ),
-            (
-                "self_attn.o_proj.weight",
-                read(&format!("{g}.attn_output.weight"))?,
-            ),
-            (
-                "post_attention_layernorm.weight",
-                read(&format!("{g}.ffn_norm.weight"))?,
-            ),
-            (
-                "mlp.gate_proj.weight",
-                read(&format!("{g}.ffn_gate.weight"))?,
-            ),
-            ("mlp.up_proj.weight", read(&format!("{g}.ffn_up.weight"))?),
-            (
-                "mlp.down_proj.weight",
-                read(&format!("{g}.ffn_down.weight"))?,
-            ),
-        ];
-        for (name, t) in pairs {
-            weights.insert(format!("{h}.{name}"), t);
-        }
-        if !llama {
-            for (src, dst) in [
-                ("attn_q", "q_proj"),
-                ("attn_k", "k_proj"),
-                ("attn_v", "v_proj"),
-            ] {
-                weights.insert(
-                    format!("{h}.self_attn.{dst}.bias"),
-                    read(&format!("{g}.{src}.bias"))?,
-                );
-            }
-        }
-    }
-    Ok((cfg, weights, Some(sha)))
+    let source = TokenizerSource {
+        sha256: identity.sha256.clone(),
+        files,
+    };
+    Ok((cfg, weights, Some(source)))
 }
 
 #[cfg(test)]
@@ -427,14 +337,5 @@ mod tests {
         );
         assert!(Init::parse("teacher-layers:/a/b.gguf:x", 0).is_err());
         assert!(Init::parse("nonsense", 0).is_err());
-    }
-
-    #[test]
-    fn layer_names() {
-        assert_eq!(
-            layer_of("model.layers.12.mlp.up_proj.weight"),
-            Some((12, "mlp.up_proj.weight"))
-        );
-        assert_eq!(layer_of("model.norm.weight"), None);
     }
 }

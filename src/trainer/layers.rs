@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, D};
 use super::fused;
 use super::model::{rms_norm, rope, StudentConfig};
 use crate::error::Result;
+use crate::weights::Role;
 
 /// What every block of one forward pass shares: the batch shape, the type of the matrix
 /// products and the attention inputs of the chosen path.
@@ -75,8 +76,8 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, dt: DType) -> Result<Tensor> {
         .to_dtype(DType::F32)?)
 }
 
-/// Looks a weight up by its name below a layer's prefix.
-pub(crate) type Weights<'a> = dyn Fn(&str) -> Result<Tensor> + 'a;
+/// Looks one layer's weight up by its role.
+pub(crate) type Weights<'a> = dyn Fn(Role) -> Result<Tensor> + 'a;
 
 /// Grouped-query self-attention with RoPE (query heads sharing a K/V head are folded into
 /// the rows instead of repeating K and V).
@@ -95,20 +96,16 @@ pub(crate) struct Attention {
 impl Attention {
     pub fn new(cfg: &StudentConfig, w: &Weights<'_>) -> Result<Self> {
         let bias = if cfg.qkv_bias() {
-            Some((
-                w("self_attn.q_proj.bias")?,
-                w("self_attn.k_proj.bias")?,
-                w("self_attn.v_proj.bias")?,
-            ))
+            Some((w(Role::QBias)?, w(Role::KBias)?, w(Role::VBias)?))
         } else {
             None
         };
         Ok(Attention {
-            q: w("self_attn.q_proj.weight")?,
-            k: w("self_attn.k_proj.weight")?,
-            v: w("self_attn.v_proj.weight")?,
+            q: w(Role::Q)?,
+            k: w(Role::K)?,
+            v: w(Role::V)?,
             bias,
-            o: w("self_attn.o_proj.weight")?,
+            o: w(Role::O)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.kv_heads(),
             head_dim: cfg.head_dim(),
@@ -200,9 +197,9 @@ pub(crate) struct Mlp {
 impl Mlp {
     pub fn new(w: &Weights<'_>) -> Result<Self> {
         Ok(Mlp {
-            gate: w("mlp.gate_proj.weight")?,
-            up: w("mlp.up_proj.weight")?,
-            down: w("mlp.down_proj.weight")?,
+            gate: w(Role::Gate)?,
+            up: w(Role::Up)?,
+            down: w(Role::Down)?,
         })
     }
 
@@ -228,14 +225,17 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Layer `l` of a student, its weights looked up under `model.layers.{l}.`.
-    pub fn new(cfg: &StudentConfig, l: usize, get: &Weights<'_>) -> Result<Self> {
-        let prefix = format!("model.layers.{l}");
-        let w = |n: &str| get(&format!("{prefix}.{n}"));
+    /// Layer `l` of a student, its weights looked up by their full Hugging Face names.
+    pub fn new(
+        cfg: &StudentConfig,
+        l: usize,
+        get: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let w = |role: Role| get(&role.hf(l));
         Ok(DecoderLayer {
-            input_norm: w("input_layernorm.weight")?,
+            input_norm: w(Role::AttnNorm)?,
             attn: Attention::new(cfg, &w)?,
-            post_norm: w("post_attention_layernorm.weight")?,
+            post_norm: w(Role::FfnNorm)?,
             mlp: Mlp::new(&w)?,
             eps: cfg.rms_norm_eps,
         })

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::fused;
 use super::layers::{DecoderLayer, Pass, Path};
 use crate::error::{Error, Result};
+use crate::weights::{tensors, Role, Sizes};
 
 /// Additive attention-mask value for masked keys (finite, so fully masked rows stay finite).
 const MASKED: f32 = -1e9;
@@ -162,38 +163,29 @@ impl StudentConfig {
         Ok(())
     }
 
+    /// The sizes that fix every tensor's shape.
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            vocab: self.vocab_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+        }
+    }
+
     /// Shapes of every trainable tensor by HF name.
     pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let hd = self.head_dim();
-        let (q, kv) = (self.num_attention_heads * hd, self.kv_heads() * hd);
-        let mut shapes = BTreeMap::new();
-        shapes.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
-        shapes.insert("model.norm.weight".to_string(), vec![h]);
-        if !self.tie_word_embeddings {
-            shapes.insert("lm_head.weight".to_string(), vec![v, h]);
-        }
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let mut put = |name: &str, shape: Vec<usize>| {
-                shapes.insert(format!("{p}.{name}"), shape);
-            };
-            put("input_layernorm.weight", vec![h]);
-            put("post_attention_layernorm.weight", vec![h]);
-            put("self_attn.q_proj.weight", vec![q, h]);
-            put("self_attn.k_proj.weight", vec![kv, h]);
-            put("self_attn.v_proj.weight", vec![kv, h]);
-            put("self_attn.o_proj.weight", vec![h, q]);
-            if self.qkv_bias() {
-                put("self_attn.q_proj.bias", vec![q]);
-                put("self_attn.k_proj.bias", vec![kv]);
-                put("self_attn.v_proj.bias", vec![kv]);
-            }
-            put("mlp.gate_proj.weight", vec![i, h]);
-            put("mlp.up_proj.weight", vec![i, h]);
-            put("mlp.down_proj.weight", vec![h, i]);
-        }
-        shapes
+        let sizes = self.sizes();
+        tensors(
+            self.num_hidden_layers,
+            self.qkv_bias(),
+            self.tie_word_embeddings,
+        )
+        .into_iter()
+        .map(|(role, l)| (role.hf(l), role.shape(&sizes)))
+        .collect()
     }
 
     /// Number of trainable parameters.
@@ -306,12 +298,12 @@ impl Student {
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| DecoderLayer::new(&cfg, l, &get))
             .collect::<Result<Vec<_>>>()?;
-        let embed = get("model.embed_tokens.weight")?;
-        let norm = get("model.norm.weight")?;
+        let embed = get(&Role::Embed.hf(0))?;
+        let norm = get(&Role::FinalNorm.hf(0))?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(get("lm_head.weight")?)
+            Some(get(&Role::Output.hf(0))?)
         };
         Ok(Student {
             cfg,
