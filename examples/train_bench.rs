@@ -86,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut opt = AdamW::new(student.vars(), AdamWParams::default())?;
         let spec = LossSpec {
             kind: LossKind::parse(name)?,
-            temperature: 1.0,
+            temperature: firstkd::Temperature::ONE,
             alpha: 0.5,
             mix_kd: KdKind::Kd,
             label_smoothing: 0.0,

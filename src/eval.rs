@@ -33,6 +33,7 @@ pub use task::{parse_item, read_task, EvalItem, TaskFormat};
 use crate::calibration::DEFAULT_N_BINS;
 use crate::error::{Error, Result};
 use crate::teacher::Teacher;
+use crate::temperature::Temperature;
 use score::{Readout, ScoredSequence};
 
 /// Scoring mode.
@@ -83,7 +84,7 @@ pub struct EvalOptions {
     pub prompt: PromptOptions,
     /// Temperature dividing the logits (letter) or the summed log-probs (cloze) before the
     /// softmax over options. Rankings, hence accuracy, do not change.
-    pub temperature: f64,
+    pub temperature: Temperature,
     /// Padded tokens per forward pass (a question's options always share one pass).
     pub batch_tokens: usize,
     /// Cloze: the prompt once per question (shared) or once per option (separate).
@@ -97,7 +98,7 @@ impl Default for EvalOptions {
         Self {
             mode: Mode::Cloze,
             prompt: PromptOptions::default(),
-            temperature: 1.0,
+            temperature: Temperature::ONE,
             batch_tokens: 4096,
             cloze_layout: ClozeLayout::Shared,
             n_bins: DEFAULT_N_BINS,
@@ -135,12 +136,6 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
-    if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "temperature {} must be positive",
-            opts.temperature
-        )));
-    }
     if items.is_empty() {
         return Err(Error::InvalidArgument("no items to evaluate".to_string()));
     }
@@ -205,7 +200,7 @@ pub fn evaluate(
                 tokens += s.ids.len() as u64;
             }
         }
-        let temperature = opts.temperature;
+        let temperature = opts.temperature.get();
         let out = score::run_batch(teacher, &flat, temperature)?;
         let mut k = 0;
         for &u in batch {
@@ -226,14 +221,14 @@ pub fn evaluate(
     if opts.mode.letter() {
         // The temperature already divided the logits.
         let mut r = ModeReport::from_scores(Mode::Letter, &scores, 1.0, opts.n_bins)?;
-        r.temperature = opts.temperature;
+        r.temperature = opts.temperature.get();
         reports.push(r);
     }
     if opts.mode.cloze() {
         reports.push(ModeReport::from_scores(
             Mode::Cloze,
             &scores,
-            opts.temperature,
+            opts.temperature.get(),
             opts.n_bins,
         )?);
     }

@@ -16,6 +16,7 @@ pub mod schema;
 pub mod share;
 pub mod store;
 pub mod teacher;
+pub mod temperature;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenize;
@@ -23,6 +24,7 @@ pub mod trainer;
 pub mod weights;
 
 pub use error::{parse_value, Error, Result};
+pub use temperature::Temperature;
 
 /// The firstkd version written into every store.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -35,6 +35,7 @@ pub use model::{Architecture, AttentionLayout, Compute, KeySpan, ModelConfig, Te
 pub use select::{select_row, RowSelection};
 
 use crate::error::{Error, Result};
+use crate::temperature::Temperature;
 
 /// Who the teacher is, for provenance.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -78,7 +79,7 @@ pub struct LabelOptions {
     /// How many top tokens to keep per position.
     pub k: usize,
     /// Softmax temperature applied to the logits before everything else (1.0 = none).
-    pub temperature: f32,
+    pub temperature: Temperature,
     /// Which positions to label.
     pub positions: Positions,
     /// Rows of logits computed at once (bounds memory at `chunk_rows * vocab * 4` bytes).
@@ -91,7 +92,7 @@ impl Default for LabelOptions {
     fn default() -> Self {
         Self {
             k: 5,
-            temperature: 1.0,
+            temperature: Temperature::ONE,
             positions: Positions::All,
             chunk_rows: 64,
             select: None,
@@ -261,12 +262,6 @@ impl Teacher {
                 cfg.vocab_size
             )));
         }
-        if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "temperature {} must be positive",
-                opts.temperature
-            )));
-        }
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -327,11 +322,11 @@ impl Teacher {
             });
         }
         let chunk_rows = opts.chunk_rows.max(1);
-        let inv_t = 1.0 / opts.temperature as f64;
+        let inv_t = 1.0 / opts.temperature.get();
         for (chunk_idx, row_chunk) in rows.chunks(chunk_rows).enumerate() {
             let index = Tensor::from_slice(row_chunk, row_chunk.len(), device)?;
             let mut logits = self.model.logits(&hidden.index_select(&index, 0)?)?;
-            if opts.temperature != 1.0 {
+            if !opts.temperature.is_one() {
                 logits = (logits * inv_t)?;
             }
             let span = chunk_idx * chunk_rows..chunk_idx * chunk_rows + row_chunk.len();

@@ -145,13 +145,10 @@ pub fn fit_store(
 /// Writes a fit into the store's manifest (atomically; the parts are untouched).
 pub fn record_fit(dir: &Path, store_fit: &StoreFit) -> Result<Manifest> {
     let mut manifest = Manifest::load(dir)?;
-    let objective = match store_fit.fit.objective {
-        FitObjective::Ece => "ece",
-        FitObjective::Nll => "nll",
-    };
     manifest.temperature = Some(TemperatureInfo {
         value: store_fit.fit.temperature,
-        objective: objective.into(),
+        objective: store_fit.fit.objective,
+        mode: Some(store_fit.fit.mode),
         fitted_on: store_fit.fitted_on.clone(),
         before: serde_json::to_value(&store_fit.fit.before)?,
         after: serde_json::to_value(&store_fit.fit.after)?,

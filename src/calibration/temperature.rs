@@ -28,6 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::temperature::{FitObjective, TemperatureMode};
 
 use super::metrics::{
     at_index, check_logprob, CalibrationAccumulator, CalibrationReport, LOGPROB_TOLERANCE,
@@ -42,21 +43,6 @@ pub const MAX_TEMPERATURE: f64 = 1e6;
 /// partial results are merged in unit order, so results do not depend on the
 /// number of threads.
 const CHUNK_POSITIONS: usize = 1 << 14;
-
-/// How the top-k distribution is renormalised after dividing by a temperature.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum TemperatureMode {
-    /// Softmax of `lp_i / T` over the `k` stored entries (FIRST); exact
-    /// logit temperature restricted to the top-k.
-    #[default]
-    #[value(alias = "renormalised")]
-    Renormalized,
-    /// The mass outside the top-k is modelled as `V - k` tokens of equal
-    /// probability and scaled along; exact at `T = 1` only.
-    #[value(alias = "uniform_tail")]
-    UniformTail,
-}
 
 /// One stored position: what the temperature functions read.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,18 +88,6 @@ pub struct RescaledTopK {
     /// temperature ([`TemperatureMode::UniformTail`] with a positive tail
     /// mass only; `None` otherwise).
     pub tail_logprob: Option<f64>,
-}
-
-/// What [`fit_temperature`] minimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum FitObjective {
-    /// Equal-width ECE of the top-1 confidence, with [`FitOptions::n_bins`] bins.
-    Ece,
-    /// Mean negative log-probability of the target. In
-    /// [`TemperatureMode::Renormalized`] only positions whose target is in
-    /// the top-k count (the others have probability 0 at every `T`).
-    Nll,
 }
 
 /// Settings of [`fit_temperature`]; `FitOptions::default()` is the documented

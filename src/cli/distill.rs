@@ -34,7 +34,7 @@ pub struct Args {
     pub loss: LossKind,
     /// Teacher temperature for `first`, overriding the store's fitted one.
     #[arg(long)]
-    pub temperature: Option<f64>,
+    pub temperature: Option<firstkd::Temperature>,
     /// Weight of the kd part of `mix`.
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,

@@ -31,8 +31,8 @@ pub struct Args {
     pub chat_template: bool,
     /// Temperature dividing the logits (letter) or summed log-probs (cloze) before the softmax
     /// over options.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
+    #[arg(long, default_value_t = firstkd::Temperature::ONE)]
+    pub temperature: firstkd::Temperature,
     /// Evaluate only the first N items.
     #[arg(long)]
     pub limit: Option<usize>,

@@ -23,8 +23,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Report::All)]
     pub report: Report,
     /// Temperature applied to the stored log-probs before the reports (1 = as stored).
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
+    #[arg(long, default_value_t = firstkd::Temperature::ONE)]
+    pub temperature: firstkd::Temperature,
     /// Calibration renormalisation at the temperature: uniform-tail (exact at T = 1:
     /// full-vocabulary confidence and NLL) or renormalized (over the top-k, as FIRST).
     #[arg(long, value_enum, default_value_t = TemperatureMode::UniformTail)]

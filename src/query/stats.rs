@@ -21,6 +21,7 @@ use crate::calibration::{
     CalibrationAccumulator, CalibrationReport, TemperatureMode, TopKPosition,
 };
 use crate::error::{Error, Result};
+use crate::temperature::Temperature;
 
 /// Quantiles reported by the coverage report.
 pub const COVERAGE_QUANTILES: [f64; 3] = [0.1, 0.5, 0.9];
@@ -31,7 +32,7 @@ pub const MASS_THRESHOLD: f64 = 0.95;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsOptions {
     /// Temperature applied to the stored log-probabilities (1 = as stored).
-    pub temperature: f64,
+    pub temperature: Temperature,
     /// How calibration renormalises at the temperature. The default, `UniformTail`, is exact
     /// at `T = 1`: confidence is the full-vocabulary top-1 probability and the NLL uses the
     /// stored full-vocabulary target log-prob. `Renormalized` (FIRST) renormalises over the
@@ -44,7 +45,7 @@ pub struct StatsOptions {
 impl Default for StatsOptions {
     fn default() -> Self {
         StatsOptions {
-            temperature: 1.0,
+            temperature: Temperature::ONE,
             mode: TemperatureMode::UniformTail,
             n_bins: crate::calibration::DEFAULT_N_BINS,
         }
@@ -53,12 +54,6 @@ impl Default for StatsOptions {
 
 impl StatsOptions {
     fn check(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "temperature must be finite and positive, got {}",
-                self.temperature
-            )));
-        }
         if self.n_bins == 0 {
             return Err(Error::InvalidArgument(
                 "number of bins must be at least 1".into(),
@@ -104,12 +99,15 @@ pub struct CoverageReport {
 fn logprob_expr(opts: &StatsOptions, mode: TemperatureMode, vocab: u32) -> String {
     let lp = "l.topk_logprobs";
     match mode {
-        TemperatureMode::UniformTail if opts.temperature == 1.0 => lp.to_string(),
+        TemperatureMode::UniformTail if opts.temperature.is_one() => lp.to_string(),
         TemperatureMode::UniformTail => {
-            format!("topk_logprobs_at({lp}, {:?}, {vocab})", opts.temperature)
+            format!(
+                "topk_logprobs_at({lp}, {:?}, {vocab})",
+                opts.temperature.get()
+            )
         }
         TemperatureMode::Renormalized => {
-            format!("topk_logprobs_at({lp}, {:?})", opts.temperature)
+            format!("topk_logprobs_at({lp}, {:?})", opts.temperature.get())
         }
     }
 }
@@ -196,7 +194,7 @@ pub fn coverage(session: &QuerySession, opts: &StatsOptions) -> Result<CoverageR
     }
     Ok(CoverageReport {
         k,
-        temperature: opts.temperature,
+        temperature: opts.temperature.get(),
         quantile_levels: COVERAGE_QUANTILES.to_vec(),
         rows,
         sql,
@@ -341,11 +339,13 @@ pub fn calibration(session: &QuerySession, opts: &StatsOptions) -> Result<Calibr
             let (so, sp) = (source.value(i), split.value(i));
             groups
                 .get(false, so, sp)?
-                .push_topk(&position, opts.temperature, opts.mode)?;
+                .push_topk(&position, opts.temperature.get(), opts.mode)?;
             if in_loss.value(i) {
-                groups
-                    .get(true, so, sp)?
-                    .push_topk(&position, opts.temperature, opts.mode)?;
+                groups.get(true, so, sp)?.push_topk(
+                    &position,
+                    opts.temperature.get(),
+                    opts.mode,
+                )?;
             }
         }
         Ok(())
@@ -375,7 +375,7 @@ pub fn calibration(session: &QuerySession, opts: &StatsOptions) -> Result<Calibr
         }
     }
     Ok(CalibrationStats {
-        temperature: opts.temperature,
+        temperature: opts.temperature.get(),
         mode: opts.mode,
         n_bins: opts.n_bins,
         groups: out,

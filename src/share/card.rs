@@ -57,7 +57,7 @@ pub fn write_card(dir: &Path, opts: &CardOptions) -> Result<PathBuf> {
     let summary = summarize(dir)?;
     let session = QuerySession::open(dir, &QueryOptions::default())?;
     let stat_opts = StatsOptions {
-        temperature: 1.0,
+        temperature: crate::Temperature::ONE,
         mode: crate::calibration::TemperatureMode::UniformTail,
         n_bins: 15,
     };

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::schema::{self, LogprobDtype, Table, FORMAT_NAME};
+use crate::temperature::{FitObjective, TemperatureMode};
 
 /// File name of the manifest inside a store directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -54,7 +55,11 @@ pub struct SpecialToken {
 pub struct TemperatureInfo {
     pub value: f64,
     /// Objective minimised: `ece` or `nll`.
-    pub objective: String,
+    pub objective: FitObjective,
+    /// How the top-k list was renormalised at each candidate T when fitting (absent in stores
+    /// fitted before firstkd 0.1 recorded it here: see [`TemperatureInfo::mode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TemperatureMode>,
     /// Which positions it was fitted on (split or held-out rule, counts).
     pub fitted_on: serde_json::Value,
     /// Metrics at T = 1 and at the fitted T.
@@ -62,6 +67,16 @@ pub struct TemperatureInfo {
     pub after: serde_json::Value,
     /// firstkd version that fitted it.
     pub fitted_by: String,
+}
+
+impl TemperatureInfo {
+    /// The renormalisation the temperature was fitted with: the `mode` field, else the one
+    /// older stores kept in `fitted_on.mode`, else the default (renormalized).
+    pub fn mode(&self) -> TemperatureMode {
+        self.mode
+            .or_else(|| serde_json::from_value(self.fitted_on["mode"].clone()).ok())
+            .unwrap_or_default()
+    }
 }
 
 /// One Parquet file of a part.

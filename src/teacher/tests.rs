@@ -355,7 +355,7 @@ fn temperature_scales_the_distribution() {
         .label_batch(
             &input,
             &LabelOptions {
-                temperature: 0.5,
+                temperature: crate::Temperature::new(0.5).unwrap(),
                 ..Default::default()
             },
         )
@@ -364,7 +364,7 @@ fn temperature_scales_the_distribution() {
         .label_batch(
             &input,
             &LabelOptions {
-                temperature: 2.0,
+                temperature: crate::Temperature::new(2.0).unwrap(),
                 ..Default::default()
             },
         )
@@ -372,15 +372,8 @@ fn temperature_scales_the_distribution() {
     for p in 0..cold[0].len() {
         assert!(cold[0].entropy[p] <= warm[0].entropy[p] + 1e-5);
     }
-    assert!(t
-        .label_batch(
-            &input,
-            &LabelOptions {
-                temperature: 0.0,
-                ..Default::default()
-            }
-        )
-        .is_err());
+    // T = 0 cannot be expressed: the options take a Temperature.
+    assert!(crate::Temperature::new(0.0).is_err());
 }
 
 /// Throughput, printed; run with

@@ -26,6 +26,7 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::temperature::Temperature;
 
 /// Floor for probabilities inside a logarithm (the student's tail mass).
 const PROB_FLOOR: f64 = 1e-12;
@@ -86,7 +87,7 @@ pub struct LossSpec {
     /// The loss.
     pub kind: LossKind,
     /// Teacher temperature for `first` (ignored otherwise).
-    pub temperature: f64,
+    pub temperature: Temperature,
     /// Weight of the kd part in `mix`.
     pub alpha: f64,
     /// The kd part of `mix`.
@@ -125,12 +126,6 @@ impl LossSpec {
 
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "temperature {} must be positive",
-                self.temperature
-            )));
-        }
         if !(0.0..=1.0).contains(&self.alpha) {
             return Err(Error::InvalidArgument(format!(
                 "alpha {} must be in [0, 1]",
@@ -371,7 +366,7 @@ pub fn loss_rows(rows: &StudentRows, topk_logprobs: &Tensor, spec: &LossSpec) ->
         Some(KdKind::First) => Some(topk_kl_rows(
             &rows.topk_logits,
             topk_logprobs,
-            spec.temperature,
+            spec.temperature.get(),
             spec.teacher_smoothing,
         )?),
         Some(KdKind::Kd) => Some(topk_kl_rows(
@@ -428,7 +423,7 @@ mod tests {
     fn spec(kind: LossKind) -> LossSpec {
         LossSpec {
             kind,
-            temperature: 1.7,
+            temperature: Temperature::new(1.7).unwrap(),
             alpha: 0.3,
             mix_kd: KdKind::First,
             label_smoothing: 0.0,

@@ -12,9 +12,11 @@ use super::loss::{
 };
 use super::model::Student;
 use super::optim::AdamWParams;
+use crate::calibration::TemperatureMode;
 use crate::error::{Error, Result};
 use crate::store::StoreReader;
 use crate::teacher::TeacherModel;
+use crate::temperature::Temperature;
 
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,7 +24,7 @@ pub struct TrainOptions {
     /// Loss.
     pub loss: LossKind,
     /// Teacher temperature for `first`; None = the store's fitted temperature.
-    pub temperature: Option<f64>,
+    pub temperature: Option<Temperature>,
     /// Weight of the kd part in `mix`.
     pub alpha: f64,
     /// The kd part of `mix`.
@@ -359,7 +361,22 @@ pub(super) fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<
         || (opts.loss == LossKind::Mix && opts.mix_kd == KdKind::First);
     let temperature = match (opts.temperature, &reader.manifest().temperature) {
         (Some(t), _) => t,
-        (None, Some(info)) => info.value,
+        (None, Some(info)) => {
+            if uses_first && info.mode() != TemperatureMode::Renormalized {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: its temperature {} was fitted with the {} renormalisation, but the \
+                     first loss renormalises over the stored entries; refit it with the \
+                     renormalized mode or give a temperature",
+                    reader.dir().display(),
+                    info.value,
+                    info.mode(),
+                )));
+            }
+            Temperature::new(info.value).map_err(|e| Error::InvalidManifest {
+                path: reader.dir().join(crate::store::MANIFEST_FILE),
+                reason: format!("fitted {e}"),
+            })?
+        }
         (None, None) if uses_first => {
             return Err(Error::InvalidArgument(format!(
                 "loss first needs a teacher temperature but {} has none fitted: run \
@@ -367,7 +384,7 @@ pub(super) fn resolve_spec(opts: &TrainOptions, reader: &StoreReader) -> Result<
                 reader.dir().display()
             )))
         }
-        (None, None) => 1.0,
+        (None, None) => Temperature::ONE,
     };
     let spec = LossSpec {
         kind: opts.loss,

@@ -243,7 +243,11 @@ fn calibrate_fits_and_records_temperature() {
     let after = firstkd::store::Manifest::load(&dir).unwrap();
     let temp = after.temperature.as_ref().expect("temperature recorded");
     assert!((temp.value - t).abs() < 1e-12);
-    assert_eq!(temp.objective, "ece");
+    assert_eq!(temp.objective, firstkd::calibration::FitObjective::Ece);
+    assert_eq!(
+        temp.mode(),
+        firstkd::calibration::TemperatureMode::Renormalized
+    );
     assert_eq!(after.parts, before.parts, "parts are not rewritten");
     assert_eq!(firstkd(&["verify", d]).status.code(), Some(0));
     let shown = text(&firstkd(&["inspect", d]));

@@ -63,7 +63,7 @@ fn small_store(dir: &Path) -> PathBuf {
 fn opts(loss: LossKind, steps: u64) -> TrainOptions {
     TrainOptions {
         loss,
-        temperature: Some(1.5),
+        temperature: Some(firstkd::Temperature::new(1.5).unwrap()),
         steps,
         batch_tokens: 256,
         lr: 3e-3,
@@ -286,7 +286,7 @@ fn packed_and_padded_batches_give_the_same_epoch_loss() {
     for kind in [LossKind::Kd, LossKind::KdTail, LossKind::Ce] {
         let spec = LossSpec {
             kind,
-            temperature: 1.0,
+            temperature: firstkd::Temperature::ONE,
             alpha: 0.5,
             mix_kd: KdKind::Kd,
             label_smoothing: 0.0,
@@ -396,6 +396,58 @@ fn first_needs_a_temperature() {
     };
     let err = run(&store, &init, &tmp.path().join("o"), &o, false).unwrap_err();
     assert!(err.to_string().contains("firstkd calibrate"), "{err}");
+}
+
+/// A temperature fitted with the uniform-tail renormalisation is not the one `first` applies
+/// (a softmax over the stored entries): the trainer refuses it rather than train on it; a
+/// manifest from before the mode was a field (mode only in `fitted_on`) is read the same way.
+#[test]
+fn first_refuses_a_temperature_fitted_in_another_mode() {
+    use firstkd::calibration::{FitObjective, TemperatureMode};
+    let tmp = tempdir();
+    let store = small_store(tmp.path());
+    let init = random_init(tmp.path(), true, 0);
+    let mut m = firstkd::store::Manifest::load(&store).unwrap();
+    let info = firstkd::store::TemperatureInfo {
+        value: 1.7,
+        objective: FitObjective::Ece,
+        mode: Some(TemperatureMode::UniformTail),
+        fitted_on: serde_json::json!({}),
+        before: serde_json::json!({}),
+        after: serde_json::json!({}),
+        fitted_by: "test".into(),
+    };
+    for (mode, fitted_on) in [
+        (Some(TemperatureMode::UniformTail), serde_json::json!({})),
+        (None, serde_json::json!({"mode": "uniform_tail"})),
+    ] {
+        m.temperature = Some(firstkd::store::TemperatureInfo {
+            mode,
+            fitted_on,
+            ..info.clone()
+        });
+        m.save(&store).unwrap();
+        let o = TrainOptions {
+            temperature: None,
+            ..opts(LossKind::First, 1)
+        };
+        let err = run(&store, &init, &tmp.path().join("o"), &o, false).unwrap_err();
+        assert!(
+            err.to_string().contains("uniform") && err.to_string().contains("refit"),
+            "{err}"
+        );
+    }
+    // Fitted renormalized: trains.
+    m.temperature = Some(firstkd::store::TemperatureInfo {
+        mode: Some(TemperatureMode::Renormalized),
+        ..info
+    });
+    m.save(&store).unwrap();
+    let o = TrainOptions {
+        temperature: None,
+        ..opts(LossKind::First, 1)
+    };
+    run(&store, &init, &tmp.path().join("o2"), &o, false).unwrap();
 }
 
 #[test]
@@ -707,7 +759,7 @@ fn student_copy_of_the_real_teacher() {
     for kind in [LossKind::KdTail, LossKind::Kd] {
         let spec = LossSpec {
             kind,
-            temperature: 1.0,
+            temperature: firstkd::Temperature::ONE,
             alpha: 1.0,
             mix_kd: KdKind::Kd,
             label_smoothing: 0.0,

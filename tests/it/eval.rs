@@ -535,7 +535,7 @@ fn temperature_keeps_rankings_and_chat_template_runs() {
     let run = |temperature: f64, chat_template: bool| {
         let opts = EvalOptions {
             mode: Mode::Both,
-            temperature,
+            temperature: firstkd::Temperature::new(temperature).unwrap(),
             prompt: firstkd::eval::PromptOptions { chat_template },
             ..EvalOptions::default()
         };

@@ -494,7 +494,7 @@ fn stats_calibration_matches_calibration_module() {
         (1.7, TemperatureMode::Renormalized),
     ] {
         let opts = stats::StatsOptions {
-            temperature: t,
+            temperature: firstkd::Temperature::new(t).unwrap(),
             mode,
             ..Default::default()
         };
