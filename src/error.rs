@@ -57,6 +57,15 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// An output directory that cannot take what the command writes: not empty, or holding a
+    /// store (or export) written with other settings. Nothing was written to it.
+    #[error("{path}: {reason}")]
+    OutputInUse { path: PathBuf, reason: String },
+
+    /// Another live process holds the writer lock of a store or shard.
+    #[error("{what}: another `firstkd label` is writing it now (it holds {path}); wait for it to finish or stop it, then rerun to resume")]
+    Locked { what: String, path: PathBuf },
+
     /// A broken invariant of firstkd itself, not of the input: a bug to report.
     #[error("internal error: {0} (a bug in firstkd; please report it)")]
     Internal(String),
@@ -127,6 +136,18 @@ fn row_suffix(row: &Option<u64>) -> String {
 }
 
 impl Error {
+    /// Attributes a problem with a model's contents (its config or weights, reported by
+    /// code that does not know the file) to the model file `path`.
+    pub fn in_model(self, path: impl Into<PathBuf>) -> Self {
+        match self {
+            Error::InvalidArgument(reason) => Error::Model {
+                path: path.into(),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// Wraps an io error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

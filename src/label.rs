@@ -362,10 +362,10 @@ pub fn label_with(
                 && shards::unsharded_labeling(&m.labeling)
                     == shards::unsharded_labeling(&meta.labeling);
             if !same {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: holds a store that is not a {count}-way sharded run with these settings; use a new output directory",
-                    out.display()
-                )));
+                return Err(Error::OutputInUse {
+                    path: out.to_path_buf(),
+                    reason: format!("holds a store that is not a {count}-way sharded run with these settings; use a new output directory"),
+                });
             }
             return Ok(done(&m, Some((count, count))));
         }
@@ -380,10 +380,10 @@ pub fn label_with(
             {
                 return Ok(done(&m, None));
             }
-            return Err(Error::InvalidArgument(format!(
-                "{}: a store labelled by a {n}-way sharded run with other settings; use a new output directory",
-                out.display()
-            )));
+            return Err(Error::OutputInUse {
+                path: out.to_path_buf(),
+                reason: format!("a store labelled by a {n}-way sharded run with other settings; use a new output directory"),
+            });
         }
     }
     let existing = StoreWriter::existing_slot(out, &meta, slot)?;
@@ -416,7 +416,7 @@ pub fn label_with(
             .map(|i| i.path.display().to_string())
             .collect();
         return Err(Error::InvalidArgument(format!(
-            "{}: no sequence to label (empty input{}); nothing was written (--allow-empty writes an empty store)",
+            "{}: no sequence to label (empty input{}); nothing was written (allow empty input to write an empty store)",
             files.join(", "),
             if records_skipped > 0 {
                 format!(", or all {records_skipped} records skipped as invalid")

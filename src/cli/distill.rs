@@ -152,6 +152,15 @@ fn flag_hint(err: firstkd::Error) -> anyhow::Error {
         firstkd::Error::InvalidArgument(m) if m.contains("needs a teacher temperature") => {
             Some("or pass --temperature T")
         }
+        firstkd::Error::InvalidArgument(m) if m.contains("train with the sampled loss") => {
+            Some("pass --loss sampled (or --loss ce, or --loss mix --mix-kd sampled)")
+        }
+        firstkd::Error::InvalidArgument(m) if m.contains("the online loss and a teacher") => {
+            Some("--loss online needs --teacher MODEL, and --teacher is only for it")
+        }
+        firstkd::Error::InvalidArgument(m) if m.contains("train without packing") => {
+            Some("drop --pack")
+        }
         _ => None,
     };
     match hint {

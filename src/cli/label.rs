@@ -93,6 +93,26 @@ fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
     Ok((i, n))
 }
 
+/// Adds the command-line flag that addresses an error (library messages name no flags).
+fn flag_hint(err: firstkd::Error) -> anyhow::Error {
+    let hint = match &err {
+        firstkd::Error::InvalidArgument(m) if m.contains("allow empty input") => {
+            Some("pass --allow-empty to write an empty store")
+        }
+        firstkd::Error::InvalidArgument(m) if m.contains("quantized log-prob layout") => {
+            Some("pass --dtype quantized")
+        }
+        firstkd::Error::InvalidArgument(m) if m.contains("as one of its shards") => {
+            Some("pass --shard i/n")
+        }
+        _ => None,
+    };
+    match hint {
+        Some(hint) => anyhow::anyhow!("{err}; {hint}"),
+        None => err.into(),
+    }
+}
+
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let device = super::device(&args.device)?;
     let mut teacher = Teacher::load_with_tokenizer(&args.model, args.tokenizer.as_deref(), &device)
@@ -158,11 +178,14 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             label(&teacher, &cfg, &dir, &mut on_progress)
         }
         firstkd::store::remote::Location::Remote(remote) => {
-            let slot = firstkd::store::shards::Slot::of(cfg.shard.0, cfg.shard.1)?;
-            let (dir, mut sink) = remote.prepare_write(slot)?;
-            label_with(&teacher, &cfg, &dir, &mut on_progress, &mut sink)
+            firstkd::store::shards::Slot::of(cfg.shard.0, cfg.shard.1)
+                .and_then(|slot| remote.prepare_write(slot))
+                .and_then(|(dir, mut sink)| {
+                    label_with(&teacher, &cfg, &dir, &mut on_progress, &mut sink)
+                })
         }
     }
+    .map_err(flag_hint)
     .with_context(|| format!("labelling into {}", args.out.display()))?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();

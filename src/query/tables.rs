@@ -197,7 +197,8 @@ fn logical_batch(
     columns: &[LabelColumn],
     schema: &SchemaRef,
 ) -> Result<RecordBatch> {
-    let k = i32::try_from(rows.k).map_err(|_| Error::InvalidArgument("k too large".into()))?;
+    let k = i32::try_from(rows.k)
+        .map_err(|_| Error::Internal(format!("k {} does not fit a list size", rows.k)))?;
     let list = |values: ArrayRef| -> Result<ArrayRef> {
         let field = Arc::new(Field::new("item", values.data_type().clone(), false));
         if rows.offsets.is_empty() {

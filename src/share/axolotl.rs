@@ -314,10 +314,11 @@ pub fn export_axolotl(
             reason: e.to_string(),
         })?;
         if old.get("options") != Some(&description) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: holds an export with other settings; use a new output directory",
-                out.display()
-            )));
+            return Err(Error::OutputInUse {
+                path: out.to_path_buf(),
+                reason: "holds an export with other settings; use a new output directory"
+                    .to_string(),
+            });
         }
         let files = files_of(&old);
         return Ok(ExportReport {
@@ -466,10 +467,12 @@ fn resume_point(
             reason: e.to_string(),
         })?;
         if old.get("options") != Some(description) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: holds an interrupted export with other settings; use a new output directory",
-                out.display()
-            )));
+            return Err(Error::OutputInUse {
+                path: out.to_path_buf(),
+                reason:
+                    "holds an interrupted export with other settings; use a new output directory"
+                        .to_string(),
+            });
         }
         let files: Vec<(String, u64)> = files_of(&old);
         // Files of a part that was being written when the export stopped are rewritten.
@@ -490,10 +493,10 @@ fn resume_point(
     if out.exists() {
         let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
         if entries.next().is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: output directory exists and is not empty",
-                out.display()
-            )));
+            return Err(Error::OutputInUse {
+                path: out.to_path_buf(),
+                reason: "output directory exists and is not empty".to_string(),
+            });
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

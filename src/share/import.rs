@@ -214,7 +214,7 @@ pub(crate) fn import_tokenizer(
         let vocab = vocab_size.unwrap_or(max_id + 1);
         if vocab <= max_id {
             return Err(Error::InvalidArgument(format!(
-                "--vocab-size {vocab} but the data holds token id {max_id}"
+                "a vocabulary of {vocab} was given but the data holds token id {max_id}"
             )));
         }
         return Ok(TokenizerInfo {

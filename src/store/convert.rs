@@ -36,10 +36,10 @@ pub fn convert(
     let reader = StoreReader::open(src)?;
     let m = reader.manifest();
     if std::path::absolute(src).ok() == std::path::absolute(dst).ok() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: convert writes a new store; give another output directory",
-            dst.display()
-        )));
+        return Err(Error::OutputInUse {
+            path: dst.to_path_buf(),
+            reason: "convert writes a new store; give another output directory".to_string(),
+        });
     }
     let meta = meta_of(m, dtype);
     let (mut writer, done) = match StoreWriter::open(dst, meta, WriterOptions::default())? {

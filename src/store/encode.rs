@@ -165,7 +165,8 @@ pub(super) fn validate(
 
 pub(super) fn fixed_list(values: ArrayRef, k: usize) -> Result<ArrayRef> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), false));
-    let size = i32::try_from(k).map_err(|_| Error::InvalidArgument(format!("k {k} too large")))?;
+    let size =
+        i32::try_from(k).map_err(|_| Error::Internal(format!("k {k} does not fit a list size")))?;
     Ok(Arc::new(FixedSizeListArray::try_new(
         field, size, values, None,
     )?))

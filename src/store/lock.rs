@@ -39,10 +39,10 @@ pub fn lock(path: &Path, what: &str) -> Result<WriterLock> {
             _file: file,
             path: path.to_path_buf(),
         }),
-        Err(TryLockError::WouldBlock) => Err(Error::InvalidArgument(format!(
-            "{what}: another `firstkd label` is writing it now (it holds {}); wait for it to finish or stop it, then rerun to resume",
-            path.display()
-        ))),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+        }),
         Err(TryLockError::Error(e)) => Err(Error::io(path, e)),
     }
 }

@@ -122,10 +122,11 @@ pub fn merge(
     let mut readers = Vec::with_capacity(inputs.len());
     for path in inputs {
         if std::path::absolute(path).ok() == out_abs {
-            return Err(Error::InvalidArgument(format!(
-                "{}: merge writes a new store; give an output directory that is not an input",
-                out.display()
-            )));
+            return Err(Error::OutputInUse {
+                path: out.to_path_buf(),
+                reason: "merge writes a new store; give an output directory that is not an input"
+                    .to_string(),
+            });
         }
         readers.push(StoreReader::open(path)?);
     }

@@ -455,7 +455,7 @@ impl Remote {
             let shards = dir.join(SHARDS_DIR);
             if std::fs::remove_dir(&shards).is_err() && !Manifest::path(&dir).exists() {
                 return Err(Error::InvalidArgument(format!(
-                    "{}: a sharded store being written (`firstkd status {}`); label into it with --shard i/n",
+                    "{}: a sharded store being written (`firstkd status {}`); label into it as one of its shards",
                     self.url, self.url
                 )));
             }

@@ -134,14 +134,16 @@ pub fn unsharded_labeling(labeling: &serde_json::Value) -> serde_json::Value {
 pub fn check_count(dir: &Path, slot: Slot) -> Result<()> {
     for s in scan(dir)? {
         if s.slot.count != slot.count {
-            return Err(Error::InvalidArgument(format!(
-                "{}: holds shards of a {}-way run ({}); this run is shard {}/{}: use the same n for every shard of a store",
-                dir.display(),
-                s.slot.count,
-                s.slot.manifest_rel(),
-                slot.index,
-                slot.count
-            )));
+            return Err(Error::OutputInUse {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "holds shards of a {}-way run ({}); this run is shard {}/{}: use the same n for every shard of a store",
+                    s.slot.count,
+                    s.slot.manifest_rel(),
+                    slot.index,
+                    slot.count,
+                ),
+            });
         }
     }
     Ok(())
@@ -154,11 +156,13 @@ pub fn combined(dir: &Path, count: u64) -> Result<Option<Manifest>> {
     let mut manifests = Vec::new();
     for s in shards {
         if s.slot.count != count {
-            return Err(Error::InvalidArgument(format!(
-                "{}: holds shards of a {}-way and a {count}-way run",
-                dir.display(),
-                s.slot.count
-            )));
+            return Err(Error::OutputInUse {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "holds shards of a {}-way and a {count}-way run",
+                    s.slot.count,
+                ),
+            });
         }
         let m = s.manifest.map_err(|reason| Error::InvalidManifest {
             path: dir.join(s.slot.manifest_rel()),
@@ -185,12 +189,14 @@ pub fn combined(dir: &Path, count: u64) -> Result<Option<Manifest>> {
                     .then(|| "labelling settings".to_string())
             });
         if let Some(what) = mismatch {
-            return Err(Error::InvalidArgument(format!(
-                "{}: shards {} and {} were labelled with different settings ({what})",
-                dir.display(),
-                first_slot.manifest_rel(),
-                slot.manifest_rel()
-            )));
+            return Err(Error::OutputInUse {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "shards {} and {} were labelled with different settings ({what})",
+                    first_slot.manifest_rel(),
+                    slot.manifest_rel(),
+                ),
+            });
         }
         skipped = skipped.max(m.cursor["records_skipped"].as_u64().unwrap_or(0));
         for part in &m.parts {

@@ -153,10 +153,10 @@ pub fn split(
         .iter()
         .any(|t| std::path::absolute(t).ok() == src_abs)
     {
-        return Err(Error::InvalidArgument(format!(
-            "{}: split writes new stores; give another output directory",
-            out.display()
-        )));
+        return Err(Error::OutputInUse {
+            path: out.to_path_buf(),
+            reason: "split writes new stores; give another output directory".to_string(),
+        });
     }
     let rule = serde_json::json!({
         "store": src.display().to_string(),

@@ -190,25 +190,25 @@ impl StoreWriter {
         }
         if !meta.selection.fixed_len() && meta.logprob_dtype != LogprobDtype::Quantized {
             return Err(Error::InvalidArgument(format!(
-                "selection {} needs the quantized layout (--dtype quantized): format 1.0 stores fixed-length lists",
+                "selection {} needs the quantized log-prob layout: format 1.0 stores fixed-length lists",
                 meta.selection
             )));
         }
         if slot.is_some() && Manifest::path(dir).exists() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: holds a store manifest ({MANIFEST_FILE}), so it is not a sharded store being written; a sharded run needs a new output directory",
-                dir.display()
-            )));
+            return Err(Error::OutputInUse {
+                path: dir.to_path_buf(),
+                reason: format!("holds a store manifest ({MANIFEST_FILE}), so it is not a sharded store being written; a sharded run needs a new output directory"),
+            });
         }
         if dir.exists() && slot.is_none() {
             let mut entries = std::fs::read_dir(dir)
                 .map_err(|e| Error::io(dir, e))?
                 .filter(|e| !matches!(e, Ok(e) if e.file_name() == super::lock::WRITER_LOCK));
             if entries.next().is_some() {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: output directory exists and is not empty",
-                    dir.display()
-                )));
+                return Err(Error::OutputInUse {
+                    path: dir.to_path_buf(),
+                    reason: "output directory exists and is not empty".to_string(),
+                });
             }
         }
         for table in Table::ALL {
@@ -591,11 +591,13 @@ fn check_same_settings(dir: &Path, manifest: &Manifest, meta: &StoreMeta) -> Res
         ));
     }
     if !diffs.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-                "{}: existing store was written with different settings ({}); use a new output directory",
-                dir.display(),
-                diffs.join("; ")
-            )));
+        return Err(Error::OutputInUse {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "existing store was written with different settings ({}); use a new output directory",
+                    diffs.join("; "),
+                ),
+            });
     }
     Ok(())
 }

@@ -154,7 +154,7 @@ pub(crate) fn span_softmax(
     let rows_total = shape.elem_count() / s.max(1);
     let batch = spans.len() / s.max(1);
     if batch == 0 || spans.len() != batch * s || !rows_total.is_multiple_of(batch) {
-        return Err(crate::error::Error::InvalidArgument(format!(
+        return Err(crate::error::Error::Internal(format!(
             "span softmax: {} spans for scores {shape:?}",
             spans.len()
         )));

@@ -76,7 +76,8 @@ pub(crate) fn load_gguf(
         None => None,
     };
     let arch = cfg.architecture;
-    let model = TeacherModel::new(cfg, embed, layers, norm, output, device)?;
+    let model = TeacherModel::new(cfg, embed, layers, norm, output, device)
+        .map_err(|e| e.in_model(path))?;
     let identity = TeacherIdentity {
         file_name: file_name(path),
         sha256: sha256_file(path)?,
@@ -301,7 +302,8 @@ pub(crate) fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let layers = (0..cfg.num_hidden_layers)
         .map(|i| LayerWeights::from_roles(arch, |role| take(role, i)))
         .collect::<Result<Vec<_>>>()?;
-    let model = TeacherModel::new(model_cfg, embed, layers, norm, output, device)?;
+    let model = TeacherModel::new(model_cfg, embed, layers, norm, output, device)
+        .map_err(|e| e.in_model(&config_path))?;
 
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.exists() {

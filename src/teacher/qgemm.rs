@@ -180,7 +180,7 @@ impl QWeight {
     /// Quantises a row-major `[n, k]` f32 matrix.
     pub fn quantize(w: &[f32], n: usize, k: usize, precision: Precision) -> Result<Self> {
         if n == 0 || k == 0 || w.len() != n * k {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "int8 weight of {} values cannot be a [{n}, {k}] matrix",
                 w.len()
             )));
@@ -408,7 +408,7 @@ fn load_value(bytes: &[u8], precision: Precision) -> i32 {
 /// `y = x W^T` for row-major `x` of `[m, w.cols()]`: returns row-major `[m, w.rows()]`.
 pub fn matmul(x: &[f32], m: usize, w: &QWeight, kernel: Kernel) -> Result<Vec<f32>> {
     if x.len() != m * w.k {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Internal(format!(
             "int8 product of {} activations with a [{}, {}] weight: not a multiple of its {} columns",
             x.len(),
             w.n,

@@ -175,14 +175,14 @@ pub fn select_row_into(
     out: &mut RowSelection,
 ) -> Result<()> {
     if k == 0 || k > logits.len() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Internal(format!(
             "top-k of {k} over a row of {} logits",
             logits.len()
         )));
     }
     if let Some(t) = target {
         if t as usize >= logits.len() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "target id {t} outside a vocabulary of {}",
                 logits.len()
             )));

@@ -85,7 +85,7 @@ impl PackedF32 {
     ) -> Result<Self> {
         use rayon::prelude::*;
         if n == 0 || k == 0 || values.len() != n * k {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "f32 matrix of {} values cannot hold {n} x {k}",
                 values.len()
             )));
@@ -136,7 +136,7 @@ impl PackedF32 {
 
     fn matmul_with(&self, x: &[f32], m: usize, transposed: bool) -> Result<Vec<f32>> {
         if x.len() != m * self.k {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "f32 product of {} activations with a [{}, {}] weight",
                 x.len(),
                 self.n,

@@ -215,7 +215,7 @@ pub fn save_checkpoint(
 /// Llama/Qwen2 safetensors directory).
 pub fn load_model(dir: &Path, device: &Device) -> Result<Student> {
     let (cfg, weights, _) = load_pretrained(dir, None)?;
-    Student::from_weights(cfg, weights, device)
+    Student::from_weights(cfg, weights, device).map_err(|e| e.in_model(dir))
 }
 
 /// Reads a checkpoint's trainer state and optimizer moments.

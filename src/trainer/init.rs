@@ -114,7 +114,8 @@ pub fn initialise(init: &Init, device: &Device) -> Result<Initialised> {
         Init::Gguf(path) | Init::Hf(path) => {
             let (cfg, weights, tok) = load_pretrained(path, None)?;
             Ok(Initialised {
-                student: Student::from_weights(cfg, weights, device)?,
+                student: Student::from_weights(cfg, weights, device)
+                    .map_err(|e| e.in_model(path))?,
                 tokenizer_sha256: tok.as_ref().map(|t| t.sha256.clone()),
                 tokenizer_files: tok.map(|t| t.files).unwrap_or_default(),
             })
@@ -122,7 +123,8 @@ pub fn initialise(init: &Init, device: &Device) -> Result<Initialised> {
         Init::TeacherLayers { path, layers } => {
             let (cfg, weights, tok) = load_pretrained(path, Some(layers))?;
             Ok(Initialised {
-                student: Student::from_weights(cfg, weights, device)?,
+                student: Student::from_weights(cfg, weights, device)
+                    .map_err(|e| e.in_model(path))?,
                 tokenizer_sha256: tok.as_ref().map(|t| t.sha256.clone()),
                 tokenizer_files: tok.map(|t| t.files).unwrap_or_default(),
             })
@@ -137,7 +139,7 @@ pub fn read_config(path: &Path) -> Result<StudentConfig> {
         path: path.to_path_buf(),
         reason: format!("parsing student config: {e}"),
     })?;
-    cfg.validate()?;
+    cfg.validate().map_err(|e| e.in_model(path))?;
     Ok(cfg)
 }
 

@@ -71,27 +71,29 @@ fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Resul
     };
     if (opts.loss == LossKind::Online) != opts.teacher.is_some() {
         return Err(Error::InvalidArgument(
-            "--loss online and --teacher MODEL go together: the teacher runs in the loop".into(),
+            "the online loss and a teacher model go together: the teacher runs in the loop".into(),
         ));
     }
     if opts.loss == LossKind::Online && opts.pack {
         return Err(Error::InvalidArgument(
-            "--loss online does not pack sequences (the teacher attends across a packed row); \
-             drop --pack"
+            "the online loss does not pack sequences (the teacher would attend across a packed \
+             row); train without packing"
                 .into(),
         ));
     }
     match (sampled_store, kd) {
         (true, Some(kd)) if kd != KdKind::Sampled => {
             return Err(Error::InvalidArgument(format!(
-                "{} was labelled with --select {}: its lists are draws, not the teacher's top                  tokens; train with --loss sampled (or ce, or mix --mix-kd sampled)",
+                "{} was labelled with selection {}: its lists are draws, not the teacher's top \
+                 tokens; train with the sampled loss (or ce, or mix with sampled as its kd part)",
                 store.display(),
                 manifest.selection()
             )))
         }
         (false, Some(KdKind::Sampled)) => {
             return Err(Error::InvalidArgument(format!(
-                "{}: the sampled loss needs a store labelled with --select sample:N (this one                  has {})",
+                "{}: the sampled loss needs a store labelled with selection sample:N (this one \
+                 has {})",
                 store.display(),
                 manifest.selection()
             )))
@@ -176,7 +178,8 @@ impl Trainer {
                 }
                 let student = checkpoint::load_model(dir, device)?;
                 check_tokenizer(&student, None, &reader, opts.ignore_tokenizer_hash)?;
-                (student, Some((state, moments)))
+                let optimizer_file = dir.join(checkpoint::OPTIMIZER_FILE);
+                (student, Some((state, moments, optimizer_file)))
             }
             None => {
                 let made = initialise(init, device)?;
@@ -203,8 +206,18 @@ impl Trainer {
         let mut optimizer = AdamW::new(student.vars(), opts.adamw)?;
         let (mut step, mut consumed, mut tokens_seen, mut losses) = (0, 0, 0, Vec::new());
         let resumed_from = match state {
-            Some((state, moments)) => {
-                optimizer.load_state(moments, state.optimizer_steps)?;
+            Some((state, moments, optimizer_file)) => {
+                // A state that does not fit the model is a damaged checkpoint.
+                optimizer
+                    .load_state(moments, state.optimizer_steps)
+                    .map_err(|e| match e {
+                        Error::InvalidArgument(reason) => Error::Corrupt {
+                            path: optimizer_file,
+                            row: None,
+                            reason,
+                        },
+                        other => other,
+                    })?;
                 step = state.step;
                 consumed = state.batches_consumed;
                 tokens_seen = state.tokens_seen;

@@ -242,7 +242,9 @@ pub fn batch_loss(
     let h = hidden.index_select(&rows, 0)?;
     if spec.kind == LossKind::Online {
         let teacher = teacher.ok_or_else(|| {
-            Error::InvalidArgument("the online loss needs a teacher (--teacher MODEL)".into())
+            Error::InvalidArgument(
+                "the online loss needs a teacher model to run in the loop".into(),
+            )
         })?;
         return Ok((
             online_loss(teacher, student, &ids, &h, &rows, chunk_rows)?,

@@ -636,7 +636,11 @@ fn top_p_and_sampled_selections_label_verify_and_repeat_exactly() {
         "float16",
     ]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("quantized layout"), "{}", text(&o));
+    assert!(
+        text(&o).contains("quantized log-prob layout"),
+        "{}",
+        text(&o)
+    );
     let o = label(
         &model,
         &tmp.path().join("x"),
@@ -650,7 +654,11 @@ fn top_p_and_sampled_selections_label_verify_and_repeat_exactly() {
         ],
     );
     assert!(!o.status.success());
-    assert!(text(&o).contains("quantized layout"), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("needs the quantized log-prob layout") && t.contains("pass --dtype quantized"),
+        "{t}"
+    );
 }
 
 #[test]

@@ -382,7 +382,7 @@ fn create_refuses_non_empty_directory() {
         meta(2, LogprobDtype::Float16, 50),
         WriterOptions::default(),
     );
-    assert!(matches!(err, Err(Error::InvalidArgument(m)) if m.contains("not empty")));
+    assert!(matches!(err, Err(Error::OutputInUse { reason, .. }) if reason.contains("not empty")));
 }
 
 #[test]
@@ -445,7 +445,7 @@ fn interrupted_store_resumes_to_the_same_content() {
     other.k = 4;
     assert!(matches!(
         StoreWriter::open(&dir, other, opts()),
-        Err(Error::InvalidArgument(_))
+        Err(Error::OutputInUse { .. })
     ));
 
     let Opened::Resumed { mut writer, cursor } =
