@@ -14,6 +14,7 @@
 //!
 //! Design notes live in `docs/teacher.md`.
 
+mod attention;
 mod kernels;
 mod load;
 pub use load::gguf_tokenizer;
@@ -30,8 +31,9 @@ pub use crate::digest::sha256_file;
 pub use crate::tokenize::{chat, tokenizer};
 pub use crate::tokenize::{ChatTemplate, Message};
 pub use crate::tokenize::{SpecialToken, TeacherTokenizer, TokenizerIdentity};
+pub use attention::{AttentionLayout, KeySpan};
 pub(crate) use load::safetensors_shards;
-pub use model::{Architecture, AttentionLayout, Compute, KeySpan, ModelConfig, TeacherModel};
+pub use model::{Architecture, Compute, ModelConfig, TeacherModel};
 pub use select::{select_row, RowSelection};
 
 use crate::error::{Error, Result};

@@ -460,7 +460,7 @@ impl Remote {
                 )));
             }
         }
-        let rel = slot.map_or_else(|| MANIFEST_FILE.to_string(), |s| s.manifest_rel());
+        let rel = super::shards::manifest_rel(slot);
         let mut uploaded = HashSet::new();
         if dir.join(&rel).exists() {
             let own = Manifest::load_file(&dir, &rel)?;

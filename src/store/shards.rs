@@ -130,6 +130,12 @@ pub fn unsharded_labeling(labeling: &serde_json::Value) -> serde_json::Value {
     v
 }
 
+/// The manifest a writer of `slot` commits to: `manifest.json` for a whole store, else the
+/// shard's own.
+pub fn manifest_rel(slot: Option<Slot>) -> String {
+    slot.map_or_else(|| MANIFEST_FILE.to_string(), |s| s.manifest_rel())
+}
+
 /// Refuses a shard `slot` for a store whose other shards were started with another count.
 pub fn check_count(dir: &Path, slot: Slot) -> Result<()> {
     for s in scan(dir)? {

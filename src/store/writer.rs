@@ -14,13 +14,13 @@ use parquet::schema::types::ColumnPath;
 use super::encode::{
     canonicalize, labels_batch, samples_batch, sort_quantized, sort_quantized_with, validate,
 };
-use super::manifest::{
-    sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo, MANIFEST_FILE,
-};
-use super::sha256_file;
-use super::shards::Slot;
+use super::manifest::{Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo, MANIFEST_FILE};
+use super::shards::{manifest_rel, Slot};
+
+mod files;
 use crate::error::{Error, Result};
 use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Selection, Table};
+use files::{check_same_settings, finish_file, remove_uncommitted};
 
 /// What a new store records about itself; fixed for the store's lifetime.
 #[derive(Debug, Clone, PartialEq)]
@@ -545,115 +545,4 @@ impl StoreWriter {
             .save_file(&self.dir, &manifest_rel(self.slot))?;
         Ok(self.manifest)
     }
-}
-
-/// An error naming every setting in which `meta` differs from the existing `manifest`.
-fn check_same_settings(dir: &Path, manifest: &Manifest, meta: &StoreMeta) -> Result<()> {
-    let mut diffs = Vec::new();
-    if manifest.k != meta.k {
-        diffs.push(format!("k {} vs {}", manifest.k, meta.k));
-    }
-    if manifest.logprob_dtype != meta.logprob_dtype {
-        diffs.push(format!(
-            "logprob dtype {} vs {}",
-            manifest.logprob_dtype.name(),
-            meta.logprob_dtype.name()
-        ));
-    }
-    if manifest.selection() != meta.selection {
-        diffs.push(format!(
-            "selection {} vs {}",
-            manifest.selection(),
-            meta.selection
-        ));
-    }
-    if manifest.teacher != meta.teacher {
-        let (a, b) = (&manifest.teacher, &meta.teacher);
-        let mut what = Vec::new();
-        if a.sha256 != b.sha256 || a.file_name != b.file_name {
-            what.push(format!("model {} vs {}", a.file_name, b.file_name));
-        }
-        if a.compute_dtype != b.compute_dtype || a.compute_mode != b.compute_mode {
-            what.push(format!("compute {} vs {}", a.compute_mode, b.compute_mode));
-        }
-        if what.is_empty() {
-            what.push("model description".to_string());
-        }
-        diffs.push(format!("teacher: {}", what.join(", ")));
-    }
-    if manifest.tokenizer != meta.tokenizer {
-        diffs.push("tokenizer".into());
-    }
-    if manifest.labeling != meta.labeling {
-        diffs.push(format!(
-            "labelling settings {} vs {}",
-            manifest.labeling, meta.labeling
-        ));
-    }
-    if !diffs.is_empty() {
-        return Err(Error::OutputInUse {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "existing store was written with different settings ({}); use a new output directory",
-                    diffs.join("; "),
-                ),
-            });
-    }
-    Ok(())
-}
-
-/// The manifest a writer for `slot` commits to.
-fn manifest_rel(slot: Option<Slot>) -> String {
-    slot.map_or_else(|| MANIFEST_FILE.to_string(), |s| s.manifest_rel())
-}
-
-fn finish_file(writer: ArrowWriter<File>, tmp: &Path, name: &str, dir: &Path) -> Result<PartFile> {
-    let file = writer.into_inner().map_err(|e| Error::parquet(tmp, e))?;
-    file.sync_all().map_err(|e| Error::io(tmp, e))?;
-    drop(file);
-    let folder = tmp.parent().unwrap_or(dir);
-    let final_path = folder.join(name);
-    std::fs::rename(tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
-    sync_dir(folder);
-    let bytes = std::fs::metadata(&final_path)
-        .map_err(|e| Error::io(&final_path, e))?
-        .len();
-    let relative = final_path
-        .strip_prefix(dir)
-        .unwrap_or(&final_path)
-        .to_string_lossy()
-        .replace('\\', "/");
-    Ok(PartFile {
-        file: relative,
-        rows: 0,
-        bytes,
-        sha256: sha256_file(&final_path)?,
-    })
-}
-
-/// Removes files in the table folders that the manifest does not list (temporary files of an
-/// interrupted part, or a part renamed but never recorded). A shard's writer removes only its
-/// own files: the other shards' are theirs.
-fn remove_uncommitted(dir: &Path, manifest: &Manifest, slot: Option<Slot>) -> Result<()> {
-    let prefix = slot_prefix(slot);
-    let listed: std::collections::HashSet<&str> = manifest
-        .parts
-        .iter()
-        .flat_map(|p| [p.labels.file.as_str(), p.samples.file.as_str()])
-        .collect();
-    for table in Table::ALL {
-        let sub = dir.join(table.name());
-        std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
-        for entry in std::fs::read_dir(&sub).map_err(|e| Error::io(&sub, e))? {
-            let entry = entry.map_err(|e| Error::io(&sub, e))?;
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let own = file.starts_with(&prefix) || file.starts_with(&format!(".{prefix}"));
-            let name = format!("{}/{file}", table.name());
-            if own && !listed.contains(name.as_str()) {
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            }
-        }
-    }
-    Ok(())
 }

@@ -148,7 +148,7 @@ pub(crate) fn causal_softmax(scores: &Tensor, s: usize, mask: &Tensor) -> Result
 pub(crate) fn span_softmax(
     scores: &Tensor,
     s: usize,
-    spans: &[super::model::KeySpan],
+    spans: &[super::attention::KeySpan],
 ) -> Result<Tensor> {
     let shape = scores.shape().clone();
     let rows_total = shape.elem_count() / s.max(1);
@@ -243,7 +243,7 @@ mod tests {
 
     #[test]
     fn span_softmax_matches_masked_softmax() {
-        use super::super::model::KeySpan;
+        use super::super::attention::KeySpan;
         let dev = Device::Cpu;
         let (b, heads, s) = (2, 3, 9);
         // Row 0: a prompt of 4 tokens and two branches (4..6, 6..9); row 1: plain causal.
