@@ -11,6 +11,11 @@ if ! command -v java >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless; } \
     >/dev/null || echo "test.sh: could not install Java; the Spark reader test will fail under CI" >&2
 fi
+# strace records the fsync/rename sequence of a commit (tests/it/crash.rs, docs/reliability.md).
+if ! command -v strace >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; } \
+    >/dev/null || echo "test.sh: could not install strace; the commit-durability test will fail under CI" >&2
+fi
 for model in smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b; do
   scripts/fetch-model.sh "$model" >/dev/null
 done

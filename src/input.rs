@@ -343,16 +343,22 @@ impl<'a> SampleReader<'a> {
         let parsed: std::result::Result<Record, String> = match &mut self.source {
             Source::Lines(lines) => {
                 let line = match lines.next()? {
-                    Ok(l) => l,
+                    Ok(l) => Ok(l),
+                    // The line's bytes are consumed, so the next line reads normally.
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        Err("not valid UTF-8 (JSON Lines are UTF-8 text)".to_string())
+                    }
                     Err(e) => return Some(Err(Error::io(&self.path, e))),
                 };
-                if line.trim().is_empty() {
-                    Err("empty record (blank line)".to_string())
-                } else {
-                    serde_json::from_str::<serde_json::Value>(&line)
-                        .map_err(|e| format!("malformed JSON: {e}"))
-                        .and_then(|v| records::parse(&v, self.opts.format))
-                }
+                line.and_then(|line| {
+                    if line.trim().is_empty() {
+                        Err("empty record (blank line)".to_string())
+                    } else {
+                        serde_json::from_str::<serde_json::Value>(&line)
+                            .map_err(|e| format!("malformed JSON: {e}"))
+                            .and_then(|v| records::parse(&v, self.opts.format))
+                    }
+                })
             }
             Source::Array(values) => {
                 let v = values.next()?;

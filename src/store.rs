@@ -16,6 +16,7 @@ pub mod copy;
 pub mod decode;
 pub mod decode_v2;
 mod encode;
+pub mod fault;
 pub mod inspect;
 pub mod join;
 pub mod lock;

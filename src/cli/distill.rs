@@ -143,29 +143,28 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-/// Adds the command-line flag that addresses an error (library messages name no flags).
+/// The flags that fix `distill`'s errors (library messages name no flags).
+const HINTS: &[(&str, &str)] = &[
+    ("needs a teacher temperature", "or pass --temperature T"),
+    (
+        "train with the sampled loss",
+        "pass --loss sampled (or --loss ce, or --loss mix --mix-kd sampled)",
+    ),
+    (
+        "the online loss and a teacher",
+        "--loss online needs --teacher MODEL, and --teacher is only for it",
+    ),
+    ("train without packing", "drop --pack"),
+];
+
 fn flag_hint(err: firstkd::Error) -> anyhow::Error {
-    let hint = match &err {
+    match &err {
         firstkd::Error::TokenizerMismatch { store, .. } if store.contains("sha256") => {
-            Some("pass --ignore-tokenizer-hash if the two tokenizers give the same ids")
+            anyhow::anyhow!(
+                "{err}; pass --ignore-tokenizer-hash if the two tokenizers give the same ids"
+            )
         }
-        firstkd::Error::InvalidArgument(m) if m.contains("needs a teacher temperature") => {
-            Some("or pass --temperature T")
-        }
-        firstkd::Error::InvalidArgument(m) if m.contains("train with the sampled loss") => {
-            Some("pass --loss sampled (or --loss ce, or --loss mix --mix-kd sampled)")
-        }
-        firstkd::Error::InvalidArgument(m) if m.contains("the online loss and a teacher") => {
-            Some("--loss online needs --teacher MODEL, and --teacher is only for it")
-        }
-        firstkd::Error::InvalidArgument(m) if m.contains("train without packing") => {
-            Some("drop --pack")
-        }
-        _ => None,
-    };
-    match hint {
-        Some(hint) => anyhow::anyhow!("{err}; {hint}"),
-        None => err.into(),
+        _ => super::flag_hint(err, HINTS),
     }
 }
 

@@ -93,24 +93,18 @@ fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
     Ok((i, n))
 }
 
-/// Adds the command-line flag that addresses an error (library messages name no flags).
+/// The flags that fix `label`'s errors (library messages name no flags).
+const HINTS: &[(&str, &str)] = &[
+    (
+        "allow empty input",
+        "pass --allow-empty to write an empty store",
+    ),
+    ("quantized log-prob layout", "pass --dtype quantized"),
+    ("as one of its shards", "pass --shard i/n"),
+];
+
 fn flag_hint(err: firstkd::Error) -> anyhow::Error {
-    let hint = match &err {
-        firstkd::Error::InvalidArgument(m) if m.contains("allow empty input") => {
-            Some("pass --allow-empty to write an empty store")
-        }
-        firstkd::Error::InvalidArgument(m) if m.contains("quantized log-prob layout") => {
-            Some("pass --dtype quantized")
-        }
-        firstkd::Error::InvalidArgument(m) if m.contains("as one of its shards") => {
-            Some("pass --shard i/n")
-        }
-        _ => None,
-    };
-    match hint {
-        Some(hint) => anyhow::anyhow!("{err}; {hint}"),
-        None => err.into(),
-    }
+    super::flag_hint(err, HINTS)
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {

@@ -71,6 +71,22 @@ pub enum Command {
     Status(status::Args),
 }
 
+/// Appends to an `InvalidArgument` the command-line flag that fixes it: the first of
+/// `hints` (message fragment, hint) whose fragment the message contains.
+pub(crate) fn flag_hint(err: firstkd::Error, hints: &[(&str, &str)]) -> anyhow::Error {
+    let hint = match &err {
+        firstkd::Error::InvalidArgument(m) => hints
+            .iter()
+            .find(|(fragment, _)| m.contains(fragment))
+            .map(|(_, hint)| *hint),
+        _ => None,
+    };
+    match hint {
+        Some(hint) => anyhow::anyhow!("{err}; {hint}"),
+        None => err.into(),
+    }
+}
+
 /// Runs a parsed command line, writing its output to `out`. Returns the process exit code.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
     match cli.command {

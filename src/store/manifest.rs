@@ -271,7 +271,10 @@ impl Manifest {
             .and_then(|_| file.write_all(b"\n"))
             .and_then(|_| file.sync_all())
             .map_err(|e| Error::io(&tmp, e))?;
+        drop(file);
+        super::fault::point("manifest-tmp");
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        super::fault::point("manifest-renamed");
         sync_dir(&folder);
         Ok(())
     }

@@ -40,6 +40,7 @@ impl StoreReader {
     /// Opens a store that may still be being written; only committed parts are read.
     pub fn open_allow_incomplete(dir: &Path) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
+        check_part_sizes(dir, &manifest)?;
         Ok(StoreReader {
             dir: dir.to_path_buf(),
             manifest,
@@ -158,6 +159,30 @@ pub fn file_key_values(builder: &ParquetRecordBatchReaderBuilder<File>) -> HashM
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Checks that every listed part file exists with the size the manifest records: one `stat`
+/// per file, so a part replaced by another store's (or cut short) is refused before any row
+/// is read. `verify` checks the sha256 too.
+fn check_part_sizes(dir: &Path, manifest: &Manifest) -> Result<()> {
+    for file in manifest.parts.iter().flat_map(|p| [&p.labels, &p.samples]) {
+        let path = dir.join(&file.file);
+        let len = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        if len != file.bytes {
+            return Err(Error::Corrupt {
+                path,
+                row: None,
+                reason: format!(
+                    "the file is {len} bytes but the manifest lists {} bytes: not the part \
+                     this store committed (`firstkd verify` tells more)",
+                    file.bytes
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks a part's key-value metadata against the manifest: version first, then table and k.

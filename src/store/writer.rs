@@ -14,7 +14,9 @@ use parquet::schema::types::ColumnPath;
 use super::encode::{
     canonicalize, labels_batch, samples_batch, sort_quantized, sort_quantized_with, validate,
 };
-use super::manifest::{Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo, MANIFEST_FILE};
+use super::manifest::{
+    sync_dir, Manifest, PartEntry, PartFile, TeacherInfo, TokenizerInfo, MANIFEST_FILE,
+};
 use super::shards::{manifest_rel, Slot};
 
 mod files;
@@ -237,6 +239,11 @@ impl StoreWriter {
             parts: Vec::new(),
         };
         manifest.save_file(dir, &manifest_rel(slot))?;
+        // The store folder's own entry in its parent (the manifest's rename made its
+        // contents durable, not the folder itself).
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent);
+        }
         Ok(Self::with_manifest(dir, manifest, opts, slot))
     }
 
@@ -505,6 +512,7 @@ impl StoreWriter {
         part.samples
             .write(&samples)
             .map_err(|e| Error::parquet(&part.samples_tmp, e))?;
+        super::fault::point("part-write");
         part.label_rows += labels.num_rows() as u64;
         part.sample_rows += samples.num_rows() as u64;
         part.in_loss_rows += in_loss;
@@ -519,7 +527,9 @@ impl StoreWriter {
         if let Some(part) = self.open_part.take() {
             let name = format!("{}{}", slot_prefix(self.slot), part_file_name(part.index));
             let labels = finish_file(part.labels, &part.labels_tmp, &name, &self.dir)?;
+            super::fault::point("part-renamed");
             let samples = finish_file(part.samples, &part.samples_tmp, &name, &self.dir)?;
+            super::fault::point("manifest-pending");
             self.manifest.parts.push(PartEntry {
                 index: part.index,
                 labels: PartFile {

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, one module per area.
 
+mod badinput;
 mod cli;
+mod crash;
 mod distill;
 mod eval;
 mod fetch;

@@ -78,6 +78,7 @@ pub(super) fn finish_file(
     let file = writer.into_inner().map_err(|e| Error::parquet(tmp, e))?;
     file.sync_all().map_err(|e| Error::io(tmp, e))?;
     drop(file);
+    super::super::fault::point("part-closed");
     let folder = tmp.parent().unwrap_or(dir);
     let final_path = folder.join(name);
     std::fs::rename(tmp, &final_path).map_err(|e| Error::io(&final_path, e))?;
