@@ -22,7 +22,9 @@ use super::shards::{manifest_rel, Slot};
 mod files;
 use crate::error::{Error, Result};
 use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Selection, Table};
-use files::{check_same_settings, finish_file, remove_uncommitted};
+use files::{
+    check_same_settings, finish_file, remove_dead_manifest_temporaries, remove_uncommitted,
+};
 
 /// What a new store records about itself; fixed for the store's lifetime.
 #[derive(Debug, Clone, PartialEq)]
@@ -203,9 +205,18 @@ impl StoreWriter {
             });
         }
         if dir.exists() && slot.is_none() {
+            // What a create killed before its first manifest leaves (empty table folders, a
+            // dead process's temporary manifest) does not make the folder a user's.
+            remove_dead_manifest_temporaries(dir)?;
+            let leftover = |e: &std::fs::DirEntry| {
+                let name = e.file_name();
+                name == super::lock::WRITER_LOCK
+                    || (Table::ALL.iter().any(|t| name == t.name())
+                        && std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none()))
+            };
             let mut entries = std::fs::read_dir(dir)
                 .map_err(|e| Error::io(dir, e))?
-                .filter(|e| !matches!(e, Ok(e) if e.file_name() == super::lock::WRITER_LOCK));
+                .filter(|e| !matches!(e, Ok(e) if leftover(e)));
             if entries.next().is_some() {
                 return Err(Error::OutputInUse {
                     path: dir.to_path_buf(),

@@ -127,5 +127,35 @@ pub(super) fn remove_uncommitted(
             }
         }
     }
+    remove_dead_manifest_temporaries(dir)?;
+    remove_dead_manifest_temporaries(&dir.join(super::super::shards::SHARDS_DIR))
+}
+
+/// Removes the temporary manifests (`.NAME.json.PID.tmp`, see [`Manifest::save_file`]) that
+/// a process killed between writing and renaming one left in `folder`. A file whose process
+/// is still alive (another shard committing now) is left alone; where liveness cannot be told
+/// (no `/proc`), nothing is removed.
+pub(super) fn remove_dead_manifest_temporaries(folder: &Path) -> Result<()> {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() || !folder.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))? {
+        let entry = entry.map_err(|e| Error::io(folder, e))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let pid = file
+            .strip_prefix('.')
+            .and_then(|f| f.strip_suffix(".tmp"))
+            .and_then(|f| f.rsplit_once(".json."))
+            .map(|(_, pid)| pid);
+        let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if !proc.join(pid).exists() {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
     Ok(())
 }
