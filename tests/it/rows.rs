@@ -16,7 +16,10 @@ use parquet::file::properties::WriterProperties;
 
 use crate::util::{read_parquet, small_store, tempdir};
 
-/// Replaces `path` with `batch`, keeping the file's key-value metadata.
+/// Replaces `path` with `batch`, keeping the file's key-value metadata, and records its new
+/// size and sha256 in the store's manifest the way a writer would (readers refuse a part
+/// whose size is not the manifest's before they decode a row; these tests are about what the
+/// decoder finds).
 fn write_file(path: &Path, batch: &RecordBatch, kv: Vec<KeyValue>) {
     let props = WriterProperties::builder()
         .set_key_value_metadata(Some(kv))
@@ -25,6 +28,21 @@ fn write_file(path: &Path, batch: &RecordBatch, kv: Vec<KeyValue>) {
         ArrowWriter::try_new(File::create(path).unwrap(), batch.schema(), Some(props)).unwrap();
     w.write(batch).unwrap();
     w.close().unwrap();
+    let Some(store) = path.parent().and_then(Path::parent) else {
+        return;
+    };
+    let Ok(mut m) = firstkd::store::Manifest::load(store) else {
+        return;
+    };
+    for part in &mut m.parts {
+        for file in [&mut part.labels, &mut part.samples] {
+            if store.join(&file.file) == path {
+                file.bytes = std::fs::metadata(path).unwrap().len();
+                file.sha256 = firstkd::digest::sha256_file(path).unwrap();
+            }
+        }
+    }
+    m.save(store).unwrap();
 }
 
 /// `batch` with column `name` replaced by `array` of type `field`.
