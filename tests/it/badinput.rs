@@ -6,7 +6,7 @@ use std::path::Path;
 use firstkd::schema::LogprobDtype;
 use firstkd::store::Manifest;
 
-use crate::util::{firstkd, small_store, teacher_path, tempdir, text};
+use crate::util::{firstkd, label_args, small_store, teacher_path, tempdir, text};
 
 /// Exit 2, no panic, the message names `needle`.
 fn refused(o: &std::process::Output, needle: &str) {
@@ -25,15 +25,8 @@ fn no_complete_store(dir: &Path) {
 }
 
 fn label(model: &Path, out: &Path, input: &Path) -> std::process::Output {
-    firstkd(&[
-        "label",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-    ])
+    let args = label_args(model, out, input, &[]);
+    firstkd(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -177,4 +170,32 @@ fn a_student_config_with_missing_fields_names_the_file() {
     ]);
     refused(&o, "config.json");
     assert!(text(&o).contains("missing field"), "{}", text(&o));
+
+    // A config that parses but cannot work is a problem of that model file too.
+    let bad = tmp.path().join("gelu.json");
+    let mut cfg_json: serde_json::Value = serde_json::from_str(
+        r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 512,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    cfg_json["hidden_act"] = "gelu".into();
+    std::fs::write(&bad, cfg_json.to_string()).unwrap();
+    let o = firstkd(&[
+        "distill",
+        "--store",
+        store.to_str().unwrap(),
+        "--init",
+        &format!("random:{}", bad.display()),
+        "--loss",
+        "kd",
+        "--steps",
+        "1",
+        "--quiet",
+        "--out",
+        tmp.path().join("run2").to_str().unwrap(),
+    ]);
+    refused(&o, "gelu.json: model:");
+    assert!(text(&o).contains("hidden_act \"gelu\""), "{}", text(&o));
 }

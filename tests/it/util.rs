@@ -42,6 +42,22 @@ pub fn firstkd(args: &[&str]) -> Output {
         .expect("run firstkd binary")
 }
 
+/// `label --model MODEL --out OUT --input INPUT`, then `extra`.
+pub fn label_args(model: &Path, out: &Path, input: &Path, extra: &[&str]) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let mut args = vec![
+        "label".to_string(),
+        "--model".to_string(),
+        path(model),
+        "--out".to_string(),
+        path(out),
+        "--input".to_string(),
+        path(input),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// stdout + stderr as text.
 pub fn text(output: &Output) -> String {
     format!(
