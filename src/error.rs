@@ -63,7 +63,7 @@ pub enum Error {
     OutputInUse { path: PathBuf, reason: String },
 
     /// Another live process holds the writer lock of a store or shard.
-    #[error("{what}: another `firstkd label` is writing it now (it holds {path}); wait for it to finish or stop it, then rerun to resume")]
+    #[error("{what}: another firstkd process (`label` or `calibrate`) is writing it now (it holds {path}); wait for it to finish or stop it, then rerun to resume")]
     Locked { what: String, path: PathBuf },
 
     /// A broken invariant of firstkd itself, not of the input: a bug to report.

@@ -68,7 +68,13 @@ pub struct InputOptions {
     pub max_len: usize,
     /// Response of multiple-choice samples.
     pub mc_response: McResponse,
+    /// Longest JSONL line accepted, in bytes; a longer one is an invalid record (read in
+    /// bounded pieces and skipped, never held in memory whole).
+    pub max_record_bytes: usize,
 }
+
+/// Default of [`InputOptions::max_record_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 64 << 20;
 
 impl Default for InputOptions {
     fn default() -> Self {
@@ -77,6 +83,7 @@ impl Default for InputOptions {
             seq_len: 256,
             max_len: 2048,
             mc_response: McResponse::Letter,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
         }
     }
 }
@@ -259,9 +266,70 @@ pub fn multiple_choice_response(mc: &MultipleChoice, style: McResponse) -> Strin
     }
 }
 
+/// One line of a JSONL file, read with a bound on its length.
+enum Line {
+    Text(String),
+    /// Longer than the bound: its length in bytes (the rest of it was skipped).
+    TooLong(u64),
+    NotUtf8,
+}
+
+/// The lines of a file, like [`BufRead::lines`] (without the `\n` or `\r\n`), but a line
+/// longer than `limit` bytes is skipped in bounded pieces and reported, not read whole.
+struct Lines {
+    inner: BufReader<File>,
+    limit: usize,
+}
+
+impl Lines {
+    fn next_line(&mut self) -> Option<std::io::Result<Line>> {
+        let mut buf = Vec::new();
+        let read = (&mut self.inner)
+            .take(self.limit as u64 + 1)
+            .read_until(b'\n', &mut buf);
+        match read {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        } else if buf.len() > self.limit {
+            let mut total = buf.len() as u64;
+            drop(buf);
+            loop {
+                let chunk = match self.inner.fill_buf() {
+                    Ok(c) => c,
+                    Err(e) => return Some(Err(e)),
+                };
+                if chunk.is_empty() {
+                    break;
+                }
+                match chunk.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        total += i as u64;
+                        self.inner.consume(i + 1);
+                        break;
+                    }
+                    None => {
+                        let n = chunk.len();
+                        total += n as u64;
+                        self.inner.consume(n);
+                    }
+                }
+            }
+            return Some(Ok(Line::TooLong(total)));
+        }
+        Some(Ok(String::from_utf8(buf).map_or(Line::NotUtf8, Line::Text)))
+    }
+}
+
 enum Source {
     /// JSONL: one record per line.
-    Lines(std::io::Lines<BufReader<File>>),
+    Lines(Lines),
     /// A JSON array of records.
     Array(std::vec::IntoIter<serde_json::Value>),
     /// A `.txt` file: one text record.
@@ -316,7 +384,10 @@ impl<'a> SampleReader<'a> {
                 Source::Array(values.into_iter())
             } else {
                 // Reopen so that skipped leading blank lines still count as lines.
-                Source::Lines(BufReader::new(File::open(path).map_err(io)?).lines())
+                Source::Lines(Lines {
+                    inner: BufReader::new(File::open(path).map_err(io)?),
+                    limit: opts.max_record_bytes,
+                })
             }
         };
         Ok(Self {
@@ -342,12 +413,16 @@ impl<'a> SampleReader<'a> {
         let record = self.next_record;
         let parsed: std::result::Result<Record, String> = match &mut self.source {
             Source::Lines(lines) => {
-                let line = match lines.next()? {
-                    Ok(l) => Ok(l),
-                    // The line's bytes are consumed, so the next line reads normally.
-                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // A bad line's bytes are consumed, so the next line reads normally.
+                let line = match lines.next_line()? {
+                    Ok(Line::Text(l)) => Ok(l),
+                    Ok(Line::NotUtf8) => {
                         Err("not valid UTF-8 (JSON Lines are UTF-8 text)".to_string())
                     }
+                    Ok(Line::TooLong(n)) => Err(format!(
+                        "line of {n} bytes, longer than the limit of {} bytes for one record",
+                        lines.limit
+                    )),
                     Err(e) => return Some(Err(Error::io(&self.path, e))),
                 };
                 line.and_then(|line| {

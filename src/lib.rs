@@ -6,6 +6,8 @@ pub mod calibration;
 pub mod digest;
 pub mod error;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod input;
 pub mod label;

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::{DFParserBuilder, Statement};
 use futures::StreamExt;
@@ -44,6 +45,32 @@ pub struct QueryOptions {
     pub allow_incomplete: bool,
     /// DataFusion target partitions (threads per query); 0 = number of CPUs.
     pub target_partitions: usize,
+    /// Memory for the operators that buffer (sorts, hash aggregates and joins), in bytes;
+    /// past it they spill to the temporary folder or, when they cannot, the query fails with
+    /// a "resources exhausted" error. None: [`default_memory_limit`].
+    pub memory_limit: Option<usize>,
+}
+
+/// Half the memory this process may use: the smaller of the machine's total memory and the
+/// cgroup limit (`/sys/fs/cgroup/memory.max`), halved; 4 GiB when neither can be read.
+pub fn default_memory_limit() -> usize {
+    fn kib_line(text: &str, key: &str) -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| kib_line(&t, "MemTotal:"))
+        .map(|kib| kib * 1024);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    let limit = match (total, cgroup) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => 8 << 30,
+    };
+    usize::try_from(limit / 2).unwrap_or(usize::MAX)
 }
 
 /// A DataFusion session over one store.
@@ -104,7 +131,11 @@ impl QuerySession {
         if options.target_partitions > 0 {
             config = config.with_target_partitions(options.target_partitions);
         }
-        let ctx = SessionContext::new_with_config(config);
+        let limit = options.memory_limit.unwrap_or_else(default_memory_limit);
+        let runtime_env = RuntimeEnvBuilder::new()
+            .with_memory_limit(limit, 1.0)
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime_env);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -144,6 +144,11 @@ pub fn fit_store(
 
 /// Writes a fit into the store's manifest (atomically; the parts are untouched).
 pub fn record_fit(dir: &Path, store_fit: &StoreFit) -> Result<Manifest> {
+    // One writer of the manifest at a time; a `calibrate` killed while it wrote one left a
+    // temporary file that nobody else will remove.
+    let lock_path = crate::store::lock::lock_path(dir, None);
+    let _lock = crate::store::lock::lock(&lock_path, &dir.display().to_string())?;
+    crate::store::writer::remove_dead_manifest_temporaries(dir)?;
     let mut manifest = Manifest::load(dir)?;
     manifest.temperature = Some(TemperatureInfo {
         value: store_fit.fit.temperature,

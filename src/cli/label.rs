@@ -39,6 +39,10 @@ pub struct Args {
     /// Response of multiple-choice records: letter (" B") or text (" the answer").
     #[arg(long, value_enum, default_value_t = McResponse::Letter)]
     pub mc_response: McResponse,
+    /// Longest JSONL line accepted, in bytes; a longer line is an invalid record, skipped
+    /// without being read whole.
+    #[arg(long, default_value_t = firstkd::input::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
     /// Teacher tokens kept per position (top-k; see --select for other selections).
     #[arg(long, default_value_t = 5)]
     pub k: usize,
@@ -101,6 +105,7 @@ const HINTS: &[(&str, &str)] = &[
     ),
     ("quantized log-prob layout", "pass --dtype quantized"),
     ("as one of its shards", "pass --shard i/n"),
+    ("bytes for one record", "raise it with --max-record-bytes"),
 ];
 
 fn flag_hint(err: firstkd::Error) -> anyhow::Error {
@@ -141,6 +146,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 None => context.max(2),
             },
             mc_response,
+            max_record_bytes: args.max_record_bytes,
         },
         k: args.k,
         logprob_dtype: args.dtype,

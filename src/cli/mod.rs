@@ -75,10 +75,12 @@ pub enum Command {
 /// `hints` (message fragment, hint) whose fragment the message contains.
 pub(crate) fn flag_hint(err: firstkd::Error, hints: &[(&str, &str)]) -> anyhow::Error {
     let hint = match &err {
-        firstkd::Error::InvalidArgument(m) => hints
-            .iter()
-            .find(|(fragment, _)| m.contains(fragment))
-            .map(|(_, hint)| *hint),
+        firstkd::Error::InvalidArgument(m) | firstkd::Error::InvalidRecord { reason: m, .. } => {
+            hints
+                .iter()
+                .find(|(fragment, _)| m.contains(fragment))
+                .map(|(_, hint)| *hint)
+        }
         _ => None,
     };
     match hint {
@@ -214,5 +216,53 @@ pub(crate) fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
             }
         }
         other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
+    }
+}
+
+/// A size in bytes: a whole number, optionally followed by K, M, G or T (powers of 1024,
+/// with or without a trailing `B` or `iB`).
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{text:?}: unknown unit {c:?} (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (for example 512M or 4G)"))?;
+    n.checked_mul(1u64 << shift)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{text:?} is not a size this machine can address"))
+}
+
+#[cfg(test)]
+mod parse_bytes_tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("2 kB"), Ok(2048));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12Q").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
     }
 }

@@ -45,6 +45,11 @@ pub struct Args {
     /// Query the committed parts of a store whose writer has not finished.
     #[arg(long)]
     pub allow_incomplete: bool,
+    /// Memory for sorts, aggregates and joins (bytes, or with K, M, G); past it they spill
+    /// to the temporary folder or the query fails with a clear error. Default: half the
+    /// machine's (or the cgroup's) memory.
+    #[arg(long, value_parser = super::parse_bytes)]
+    pub memory_limit: Option<usize>,
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
@@ -62,6 +67,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     };
     let query_options = QueryOptions {
         allow_incomplete: args.allow_incomplete,
+        memory_limit: args.memory_limit,
         ..QueryOptions::default()
     };
     let session = QuerySession::open(&store.dir, &query_options)

@@ -12,6 +12,16 @@
 //! | `manifest-tmp` | the manifest's temporary file is written and fsynced, not renamed |
 //! | `manifest-renamed` | the manifest is renamed into place, its folder not yet fsynced |
 //!
+//! and, for `distill` ([`TRAIN_POINTS`]):
+//!
+//! | point | where |
+//! |---|---|
+//! | `train-step` | an optimizer step has changed the weights in memory, its metrics line is not written |
+//! | `checkpoint-tmp` | a checkpoint's `.tmp` folder holds the model, not yet the optimizer state |
+//! | `checkpoint-written` | the `.tmp` folder is complete and fsynced, not renamed |
+//! | `checkpoint-aside` | a folder being replaced (`final/`) is renamed to `.old`, the new one not yet in place |
+//! | `checkpoint-renamed` | the new folder is in place, old checkpoints not yet pruned |
+//!
 //! With `FIRSTKD_FAULT_LOG=FILE` each visit appends the point's name to FILE (how the tests
 //! learn how often a run passes each point). Without either variable a point costs one
 //! initialised `OnceLock` read.
@@ -33,6 +43,15 @@ pub const POINTS: [&str; 6] = [
     "manifest-pending",
     "manifest-tmp",
     "manifest-renamed",
+];
+
+/// The points of `distill`'s steps and checkpoint writes.
+pub const TRAIN_POINTS: [&str; 5] = [
+    "train-step",
+    "checkpoint-tmp",
+    "checkpoint-written",
+    "checkpoint-aside",
+    "checkpoint-renamed",
 ];
 
 fn armed() -> Option<&'static (String, u64)> {

@@ -65,7 +65,10 @@ mod tests {
         let path = dir.path().join("writer.lock");
         let held = lock(&path, "store").unwrap();
         let err = lock(&path, "store").unwrap_err().to_string();
-        assert!(err.contains("another `firstkd label` is writing"), "{err}");
+        assert!(
+            err.contains("another firstkd process (`label` or `calibrate`) is writing"),
+            "{err}"
+        );
         drop(held);
         lock(&path, "store").unwrap();
     }

@@ -22,9 +22,8 @@ use super::shards::{manifest_rel, Slot};
 mod files;
 use crate::error::{Error, Result};
 use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Selection, Table};
-use files::{
-    check_same_settings, finish_file, remove_dead_manifest_temporaries, remove_uncommitted,
-};
+pub(crate) use files::remove_dead_manifest_temporaries;
+use files::{check_same_settings, finish_file, remove_uncommitted};
 
 /// What a new store records about itself; fixed for the store's lifetime.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,8 +2,8 @@
 //! with the usual tensor names) plus, for resuming, `optimizer.safetensors` (AdamW moments) and
 //! `trainer_state.json` (step, data position, settings fingerprint).
 //!
-//! A checkpoint is written into `NAME.tmp` and renamed into place, so an interrupted save never
-//! leaves a directory that looks complete.
+//! A checkpoint is written into `NAME.tmp`, made durable and renamed into place, so an
+//! interrupted save never leaves a directory that looks complete ([`write_atomically`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::init::load_pretrained;
 use super::model::Student;
 use crate::error::{Error, Result};
+use crate::store::fault;
+use crate::store::manifest::sync_dir;
 
 /// Model weights file name.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -171,17 +173,94 @@ pub fn copy_tokenizer_files(out: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Atomically replaces `dir` with the output of `fill` (written into `dir.tmp` first).
+/// `dir` with `.SUFFIX` appended to its name (`step-00000004.tmp`).
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}.{suffix}", dir.display()))
+}
+
+/// Flushes every file of a (flat) folder and then the folder itself to the disk.
+fn sync_folder(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Atomically replaces `dir` with the output of `fill`. `fill` writes into `dir.tmp`; its
+/// files and the folder are fsynced, a previous `dir` is moved aside to `dir.old`, `dir.tmp`
+/// is renamed to `dir`, the parent folder is fsynced and only then is `dir.old` deleted. A
+/// kill at any instant leaves either the old or the new `dir`, or the old one as `dir.old`,
+/// which [`recover_interrupted`] puts back.
 pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = PathBuf::from(format!("{}.tmp", dir.display()));
+    let tmp = sibling(dir, "tmp");
+    let old = sibling(dir, "old");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     fill(&tmp)?;
+    sync_folder(&tmp)?;
+    fault::point("checkpoint-written");
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        fault::point("checkpoint-aside");
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent);
+    }
+    fault::point("checkpoint-renamed");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// Cleans up after a run killed while it wrote a checkpoint or the final model: a folder
+/// moved aside (`NAME.old`) whose replacement never arrived is put back, one whose
+/// replacement is in place is deleted, and half-written `NAME.tmp` and half-deleted
+/// `NAME.deleting` folders are deleted.
+/// Returns what it did, one line per folder.
+pub fn recover_interrupted(out: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for root in [out.to_path_buf(), out.join("checkpoints")] {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(&root, e))?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let ours = name.starts_with("step-") || name.starts_with("final.");
+            if !ours || !path.is_dir() {
+                continue;
+            }
+            if name.ends_with(".tmp") || name.ends_with(".deleting") {
+                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                done.push(format!("removed the unfinished {name}"));
+            } else if let Some(base) = name.strip_suffix(".old") {
+                let target = root.join(base);
+                if target.exists() {
+                    std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                    done.push(format!("removed {name}, replaced by {base}"));
+                } else {
+                    std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
+                    done.push(format!("restored {base} from {name}"));
+                }
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Saves a full checkpoint (model, tokenizer files of the run `out`, optimizer moments, state)
@@ -196,6 +275,7 @@ pub fn save_checkpoint(
     write_atomically(dir, |tmp| {
         write_model_files(student, tmp)?;
         copy_tokenizer_files(out, tmp)?;
+        fault::point("checkpoint-tmp");
         let opt_path = tmp.join(OPTIMIZER_FILE);
         let cpu: HashMap<String, Tensor> = optimizer
             .iter()
@@ -277,7 +357,11 @@ pub fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
     let all = list_checkpoints(out)?;
     let excess = all.len().saturating_sub(keep.max(1));
     for (_, path) in all.into_iter().take(excess) {
-        std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        // Renamed first, so a kill halfway through the deletion leaves no folder that
+        // looks like a checkpoint.
+        let doomed = sibling(&path, "deleting");
+        std::fs::rename(&path, &doomed).map_err(|e| Error::io(&path, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
     }
     Ok(())
 }

@@ -56,6 +56,37 @@ fn append_json(file: &mut File, path: &Path, value: &impl Serialize) -> Result<(
     writeln!(file, "{line}").map_err(|e| Error::io(path, e))
 }
 
+/// Drops the lines of `metrics.jsonl` that a killed run wrote after its last checkpoint
+/// (steps after `step`, and a line cut short by the kill), so a resumed run's metrics have
+/// each step once. The file is replaced atomically.
+fn keep_metrics_up_to(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::new();
+    for line in text.split(|&b| b == b'\n') {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        if value
+            .get("step")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|s| s <= step)
+        {
+            kept.push_str(&String::from_utf8_lossy(line));
+            kept.push('\n');
+        }
+    }
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 /// Refuses a store the trainer cannot learn from, and settings that make no run.
 fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Result<()> {
     let manifest = reader.manifest();
@@ -160,6 +191,7 @@ impl Trainer {
         let spec = resolve_spec(opts, &reader)?;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let latest = if resume {
+            checkpoint::recover_interrupted(out)?;
             checkpoint::list_checkpoints(out)?.pop()
         } else {
             None
@@ -227,6 +259,9 @@ impl Trainer {
             None => None,
         };
         let metrics_path = out.join("metrics.jsonl");
+        if let Some(step) = resumed_from {
+            keep_metrics_up_to(&metrics_path, step)?;
+        }
         let metrics = OpenOptions::new()
             .create(true)
             .write(true)
@@ -397,6 +432,7 @@ impl Trainer {
         let lr = self.schedule.lr_at(self.step);
         let scale = clip_scale(grad_norm, self.opts.clip_grad_norm);
         self.optimizer.step_scaled(&grads, lr, scale)?;
+        crate::store::fault::point("train-step");
         self.step += 1;
         self.consumed += micro.len() as u64;
         let tokens: u64 = micro.iter().map(|b| b.tokens() as u64).sum();
@@ -464,7 +500,11 @@ impl Trainer {
     /// Saves a final resumable checkpoint and, when the run is complete (all steps, or the
     /// data ran out), the model alone under `final/`.
     pub fn finish(self) -> Result<TrainSummary> {
-        self.save()?;
+        // A resumed run with no step left already has this step's checkpoint.
+        let dir = checkpoint::checkpoint_dir(&self.out, self.step);
+        if self.last_checkpoint.as_deref() != Some(dir.as_path()) {
+            self.save()?;
+        }
         let final_dir = self.out.join("final");
         if self.step >= self.opts.steps || self.data_exhausted {
             checkpoint::write_atomically(&final_dir, |tmp| {

@@ -293,3 +293,113 @@ fn commits_fsync_files_then_rename_then_fsync_folders() {
         "the store folder's parent is fsynced"
     );
 }
+
+/// Four `label --shard i/4` processes into one store at the same time, crashed at seeded
+/// random (point, visit) pairs and one of them SIGKILLed at a random instant in each round;
+/// every unfinished shard is rerun (all at once again) until the store is committed. The
+/// store verifies clean, equals one process's run row for row and holds no temporary file.
+#[test]
+fn concurrent_shards_crashed_in_rounds_equal_one_process() {
+    let Some(model) = teacher_path() else { return };
+    let Some(input) = firstkd::testing::require_shared("data/alpaca_en_demo/alpaca_en_demo.json")
+    else {
+        return;
+    };
+    let tmp = tempdir();
+    let base = [
+        "--format",
+        "alpaca",
+        "--limit",
+        "16",
+        "--part-sequences",
+        "1",
+    ];
+    let shard_args = |out: &Path, shard: Option<usize>| {
+        let spec = shard.map(|i| format!("{i}/4"));
+        let mut extra: Vec<&str> = base.to_vec();
+        if let Some(s) = &spec {
+            extra.extend(["--shard", s.as_str()]);
+        }
+        label_args(&model, out, &input, &extra)
+    };
+    let bin = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_firstkd"));
+        c.env_remove(FAULT_ENV)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let full = tmp.path().join("full");
+    let o = bin().args(shard_args(&full, None)).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let store = tmp.path().join("sharded");
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut unfinished: Vec<usize> = (0..4).collect();
+    let (mut crashes, mut kills, mut rounds) = (0, 0, 0);
+    while !unfinished.is_empty() {
+        rounds += 1;
+        assert!(
+            rounds <= 8,
+            "shards {unfinished:?} still unfinished after 7 rounds"
+        );
+        // The last allowed round runs without faults.
+        let faulty = rounds < 7;
+        let victim = unfinished[rng.random_range(0..unfinished.len())];
+        let mut children = Vec::new();
+        for &i in &unfinished {
+            let mut c = bin();
+            c.args(shard_args(&store, Some(i)));
+            if faulty && i != victim {
+                let point = POINTS[rng.random_range(0..POINTS.len())];
+                c.env(FAULT_ENV, format!("{point}:{}", rng.random_range(1..=5)));
+            }
+            children.push((i, c.spawn().unwrap()));
+        }
+        if faulty {
+            std::thread::sleep(std::time::Duration::from_millis(
+                rng.random_range(300..3000),
+            ));
+            if let Some((_, child)) = children.iter_mut().find(|(i, _)| *i == victim) {
+                if child.try_wait().unwrap().is_none() {
+                    child.kill().unwrap();
+                    kills += 1;
+                }
+            }
+        }
+        let mut still = Vec::new();
+        for (i, child) in children {
+            let o = child.wait_with_output().unwrap();
+            if o.status.success() {
+                continue;
+            }
+            use std::os::unix::process::ExitStatusExt;
+            let signal = o.status.signal();
+            assert!(
+                matches!(signal, Some(6) | Some(9)),
+                "shard {i}/4 failed without a crash: {}",
+                text(&o)
+            );
+            crashes += usize::from(signal == Some(6));
+            still.push(i);
+        }
+        unfinished = still;
+    }
+    let m = Manifest::load(&store).unwrap();
+    assert!(
+        m.complete,
+        "all shards finished but the store is not committed"
+    );
+    assert_eq!(m.parts.len(), 16);
+    assert!(verify(&store).unwrap().is_clean());
+    assert_eq!(label_rows(&store), label_rows(&full), "rows differ");
+    let left: Vec<String> = files(&store)
+        .into_iter()
+        .filter(|f| f.rsplit('/').next().is_some_and(|n| n.starts_with('.')))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    eprintln!(
+        "4 concurrent shards: {crashes} fault-point crashes and {kills} kills over {rounds} \
+         rounds; the store equals one process's run"
+    );
+}

@@ -699,7 +699,7 @@ fn a_second_writer_of_the_same_store_is_refused_and_a_dead_ones_lock_does_not_bl
     let o = label(&model, &out, &["--input", input.as_str()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
-        text(&o).contains("another `firstkd label` is writing it now"),
+        text(&o).contains("another firstkd process (`label` or `calibrate`) is writing it now"),
         "{}",
         text(&o)
     );

@@ -135,7 +135,7 @@ pub(super) fn remove_uncommitted(
 /// a process killed between writing and renaming one left in `folder`. A file whose process
 /// is still alive (another shard committing now) is left alone; where liveness cannot be told
 /// (no `/proc`), nothing is removed.
-pub(super) fn remove_dead_manifest_temporaries(folder: &Path) -> Result<()> {
+pub(crate) fn remove_dead_manifest_temporaries(folder: &Path) -> Result<()> {
     let proc = Path::new("/proc");
     if !proc.is_dir() || !folder.is_dir() {
         return Ok(());
