@@ -162,12 +162,10 @@ fn distill_killed_in_steps_and_checkpoint_writes_resumes_to_the_same_weights() {
     let tmp = tempdir();
     let (store, config) = setup(tmp.path());
     let reference = tmp.path().join("full");
-    let started = Instant::now();
     let o = distill(&store, &config, &reference, false)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let run_time = started.elapsed();
     let full = finished_run(&reference);
     assert!(full.iter().any(|(n, _)| n == "final/model.safetensors"));
     assert!(full
