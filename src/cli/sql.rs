@@ -75,6 +75,12 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
 /// would repeat them). Other errors keep their chain, so a broken pipe is still recognised.
 pub fn query_error(err: firstkd::Error) -> anyhow::Error {
     match err {
+        firstkd::Error::DataFusion(_) if err.to_string().contains("Resources exhausted") => {
+            anyhow::anyhow!(
+                "{err}\nthe query needs more memory than --memory-limit allows \
+                 (default: half the machine's); raise it, or narrow the query"
+            )
+        }
         firstkd::Error::DataFusion(_) => anyhow::anyhow!("{err}"),
         other => other.into(),
     }

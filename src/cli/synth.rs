@@ -32,6 +32,10 @@ pub struct Args {
     /// Label rows per part.
     #[arg(long, default_value_t = 1 << 20)]
     pub part_rows: u64,
+    /// zstd level of the Parquet columns (19, `label`'s, by default; 1-3 write a large store
+    /// for a load test several times faster, at a larger size).
+    #[arg(long, default_value_t = WriterOptions::default().zstd_level)]
+    pub zstd_level: i32,
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
@@ -45,7 +49,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         part_rows: args.part_rows,
         ..SyntheticConfig::default()
     };
-    let manifest = generate(&args.out, &cfg, WriterOptions::default())
+    let opts = WriterOptions {
+        zstd_level: args.zstd_level,
+        ..WriterOptions::default()
+    };
+    let manifest = generate(&args.out, &cfg, opts)
         .with_context(|| format!("writing synthetic store {}", args.out.display()))?;
     writeln!(
         out,

@@ -267,11 +267,16 @@ impl Manifest {
         let tmp = folder.join(format!(".{name}.{}.tmp", std::process::id()));
         let text = serde_json::to_string_pretty(self)?;
         let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        file.write_all(text.as_bytes())
+        let written = file
+            .write_all(text.as_bytes())
             .and_then(|_| file.write_all(b"\n"))
-            .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
+            .and_then(|_| file.sync_all());
         drop(file);
+        if let Err(e) = written {
+            // A full disk, say: the old manifest stays, and so does nothing of this one.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
+        }
         super::fault::point("manifest-tmp");
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         super::fault::point("manifest-renamed");

@@ -159,6 +159,21 @@ pub struct StoreWriter {
     slot: Option<Slot>,
 }
 
+impl Drop for StoreWriter {
+    /// A writer dropped with a part still open (its commit never came: an error while the
+    /// part was written) removes that part's temporary files; they would only be deleted by
+    /// the resume otherwise.
+    fn drop(&mut self) {
+        if let Some(part) = self.open_part.take() {
+            let paths = [part.labels_tmp.clone(), part.samples_tmp.clone()];
+            drop(part);
+            for path in paths {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
 /// File name of part `index` (inside the table's folder).
 pub fn part_file_name(index: u32) -> String {
     format!("part-{index:05}.parquet")
@@ -534,25 +549,47 @@ impl StoreWriter {
     /// A commit with no pending rows only updates the cursor.
     pub fn commit(&mut self, cursor: serde_json::Value) -> Result<()> {
         self.flush()?;
-        if let Some(part) = self.open_part.take() {
-            let name = format!("{}{}", slot_prefix(self.slot), part_file_name(part.index));
-            let labels = finish_file(part.labels, &part.labels_tmp, &name, &self.dir)?;
-            super::fault::point("part-renamed");
-            let samples = finish_file(part.samples, &part.samples_tmp, &name, &self.dir)?;
-            super::fault::point("manifest-pending");
-            self.manifest.parts.push(PartEntry {
-                index: part.index,
-                labels: PartFile {
-                    rows: part.label_rows,
-                    ..labels
-                },
-                samples: PartFile {
-                    rows: part.sample_rows,
-                    ..samples
-                },
-                in_loss_rows: part.in_loss_rows,
-            });
+        let Some(part) = self.open_part.take() else {
+            self.manifest.cursor = cursor;
+            return self.manifest.save_file(&self.dir, &manifest_rel(self.slot));
+        };
+        let name = format!("{}{}", slot_prefix(self.slot), part_file_name(part.index));
+        // What this commit may leave behind when it fails (a full disk, say): its temporary
+        // files and the renamed files the manifest does not list yet.
+        let mut leftovers = vec![part.labels_tmp.clone(), part.samples_tmp.clone()];
+        for tmp in [&part.labels_tmp, &part.samples_tmp] {
+            leftovers.push(tmp.parent().unwrap_or(&self.dir).join(&name));
         }
+        let listed = self.manifest.parts.len();
+        let previous_cursor = self.manifest.cursor.clone();
+        let result = self.commit_part(part, &name, cursor);
+        if result.is_err() {
+            for path in &leftovers {
+                let _ = std::fs::remove_file(path);
+            }
+            self.manifest.parts.truncate(listed);
+            self.manifest.cursor = previous_cursor;
+        }
+        result
+    }
+
+    fn commit_part(&mut self, part: OpenPart, name: &str, cursor: serde_json::Value) -> Result<()> {
+        let labels = finish_file(part.labels, &part.labels_tmp, name, &self.dir)?;
+        super::fault::point("part-renamed");
+        let samples = finish_file(part.samples, &part.samples_tmp, name, &self.dir)?;
+        super::fault::point("manifest-pending");
+        self.manifest.parts.push(PartEntry {
+            index: part.index,
+            labels: PartFile {
+                rows: part.label_rows,
+                ..labels
+            },
+            samples: PartFile {
+                rows: part.sample_rows,
+                ..samples
+            },
+            in_loss_rows: part.in_loss_rows,
+        });
         self.manifest.cursor = cursor;
         self.manifest.save_file(&self.dir, &manifest_rel(self.slot))
     }
@@ -563,6 +600,6 @@ impl StoreWriter {
         self.manifest.complete = true;
         self.manifest
             .save_file(&self.dir, &manifest_rel(self.slot))?;
-        Ok(self.manifest)
+        Ok(self.manifest.clone())
     }
 }

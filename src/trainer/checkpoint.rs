@@ -203,8 +203,11 @@ pub fn write_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    fill(&tmp)?;
-    sync_folder(&tmp)?;
+    if let Err(e) = fill(&tmp).and_then(|()| sync_folder(&tmp)) {
+        // A full disk, say: the previous folder stays, and nothing of this one.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     fault::point("checkpoint-written");
     if dir.exists() {
         if old.exists() {

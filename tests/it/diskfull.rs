@@ -102,6 +102,7 @@ fn label_on_a_full_disk_fails_cleanly_and_resumes_when_space_is_freed() {
     let script = format!(
         "mount -t tmpfs -o size={half} tmpfs \"$MNT\" || exit 9
          {label} > {r}/first.log 2>&1; echo $? > {r}/first.rc
+         find \"$MNT/store\" -name '.*' > {r}/temporaries.txt
          \"$BIN\" verify \"$MNT/store\" > {r}/verify.log 2>&1; echo $? > {r}/verify.rc
          cp -r \"$MNT/store\" {r}/after-failure
          mount -o remount,size=64m \"$MNT\" || exit 9
@@ -120,6 +121,7 @@ fn label_on_a_full_disk_fails_cleanly_and_resumes_when_space_is_freed() {
         "No space left on device",
     );
     assert!(first.contains(&store.display().to_string()), "{first}");
+    assert_eq!(read(&report, "temporaries.txt"), "", "temporary files left");
     assert_ne!(
         read(&report, "verify.rc").trim(),
         "0",
@@ -274,6 +276,7 @@ fn distill_on_a_full_disk_fails_cleanly_and_resumes_to_the_same_weights() {
     );
     let listing = read(&report, "after-failure.ls");
     assert!(!listing.contains("final"), "{listing}");
+    assert!(!listing.contains(".tmp"), "a half-written checkpoint was left: {listing}");
     assert_eq!(
         read(&report, "second.rc").trim(),
         "0",

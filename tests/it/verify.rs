@@ -224,6 +224,26 @@ fn detects_nan() {
 }
 
 #[test]
+fn detects_nan_and_infinite_logprobs() {
+    // The first top-k log-prob, the last one and the target's, each NaN or infinite: every
+    // case is a verify problem naming the part and the row, none passes as a label.
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let found = corrupt_row(|c, r, _| c.lps[r * 5] = bad);
+        assert!(!found.is_empty(), "{bad} as the first log-prob");
+        assert!(
+            found
+                .iter()
+                .any(|m| m.contains("labels/part-00001.parquet row ")),
+            "{bad}: {found:?}"
+        );
+        let found = corrupt_row(|c, r, k| c.lps[r * k + k - 1] = bad);
+        assert!(!found.is_empty(), "{bad} as the last log-prob");
+        let found = corrupt_row(|c, r, _| c.tlp[r] = bad);
+        assert!(!found.is_empty(), "{bad} as the target log-prob");
+    }
+}
+
+#[test]
 fn detects_truncated_part() {
     let tmp = tempdir();
     let (dir, m) = small_store(tmp.path(), "s", LogprobDtype::Float16);
