@@ -141,8 +141,8 @@ pub fn coverage_sql(k: usize, vocab: u32, opts: &StatsOptions) -> String {
     };
     format!(
         "WITH t AS (\n  SELECT s.source, s.split, l.in_loss, {masses}\n  \
-         FROM (SELECT sample_id, in_loss, {lp} AS lp FROM labels l) l\n  \
-         JOIN samples s ON l.sample_id = s.sample_id\n)\n\
+         FROM samples s\n  \
+         JOIN (SELECT sample_id, in_loss, {lp} AS lp FROM labels l) l ON l.sample_id = s.sample_id\n)\n\
          SELECT * FROM (\n{all}\n  UNION ALL\n{in_loss}\n)\n\
          ORDER BY positions, source NULLS LAST, split NULLS LAST",
         masses = masses.join(", "),
@@ -262,10 +262,14 @@ pub struct CalibrationStats {
 
 /// The SQL of the calibration report: the positions with what
 /// [`crate::calibration::TopKPosition`] needs.
+///
+/// `samples` comes first: a hash join builds its table from the left side, and the decoded
+/// labels table reports no row count the planner could use to swap the sides, so `labels`
+/// on the left made a 10^8-row store's report take 14 GB (docs/reliability.md, "Load").
 pub fn calibration_sql() -> String {
     "SELECT s.source, s.split, l.in_loss, l.topk_logprobs,\n  \
      target_rank(l.topk_ids, l.target_id) AS target_rank, l.target_logprob\n\
-     FROM labels l JOIN samples s ON l.sample_id = s.sample_id"
+     FROM samples s JOIN labels l ON l.sample_id = s.sample_id"
         .to_string()
 }
 

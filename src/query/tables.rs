@@ -69,7 +69,8 @@ fn file_url(path: &Path) -> Result<ListingTableUrl> {
 
 /// The logical `labels` table of a 2.0 store: the stored fixed-point columns decoded by the
 /// store's typed reader (so SQL sees exactly the 1.0 table, log-probs as float32), one
-/// DataFusion partition per committed part, decoding only the columns a query reads.
+/// DataFusion partition per target partition (a run of consecutive parts each), decoding only
+/// the columns a query reads.
 #[derive(Debug)]
 pub struct DecodedLabels {
     reader: StoreReader,
@@ -126,7 +127,7 @@ impl TableProvider for DecodedLabels {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         _filters: &[Expr],
         limit: Option<usize>,
@@ -145,11 +146,16 @@ impl TableProvider for DecodedLabels {
             })
             .collect();
         let schema = Arc::new(self.schema.project(&indices)?);
-        let partitions: Vec<Arc<dyn PartitionStream>> = (0..self.reader.manifest().parts.len())
-            .map(|part| {
+        // One stream per target partition, each reading a run of consecutive parts: a stream
+        // per part would give a 100-part store 100 sorts or aggregations side by side, each
+        // with its own buffers.
+        let parts = self.reader.manifest().parts.len();
+        let streams = state.config().target_partitions().clamp(1, parts.max(1));
+        let partitions: Vec<Arc<dyn PartitionStream>> = (0..streams)
+            .map(|i| {
                 Arc::new(LabelPart {
                     reader: self.reader.clone(),
-                    part,
+                    parts: i * parts / streams..(i + 1) * parts / streams,
                     columns: columns.clone(),
                     schema: Arc::clone(&schema),
                 }) as Arc<dyn PartitionStream>
@@ -160,11 +166,11 @@ impl TableProvider for DecodedLabels {
     }
 }
 
-/// One committed part of a [`DecodedLabels`] table, decoded `columns` only.
+/// Consecutive committed parts of a [`DecodedLabels`] table, decoded `columns` only.
 #[derive(Debug)]
 struct LabelPart {
     reader: StoreReader,
-    part: usize,
+    parts: std::ops::Range<usize>,
     columns: Vec<LabelColumn>,
     schema: SchemaRef,
 }
@@ -179,7 +185,7 @@ impl PartitionStream for LabelPart {
         let columns = self.columns.clone();
         let rows = self
             .reader
-            .part_label_rows(self.part..self.part + 1, &columns, 8192);
+            .part_label_rows(self.parts.clone(), &columns, 8192);
         let batches = rows.map(move |rows| {
             rows.and_then(|rows| logical_batch(&rows, &columns, &schema))
                 .map_err(|e| DataFusionError::External(Box::new(e)))

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, ListArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, SchemaRef};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -247,9 +246,7 @@ pub(crate) fn parquet_batches(
     batch_rows: usize,
     mut each: impl FnMut(u64, &RecordBatch) -> Result<()>,
 ) -> Result<()> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::parquet(path, e))?
+    let reader = crate::store::reader::open_parquet(path)?
         .with_batch_size(batch_rows)
         .build()
         .map_err(|e| Error::parquet(path, e))?;

@@ -119,9 +119,7 @@ impl StoreReader {
             ))
         })?;
         let path = self.dir.join(&entry.file(table).file);
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(&path, e))?;
+        let builder = open_parquet(&path)?;
         check_part_metadata(&path, &builder, table, &self.manifest)?;
         check_part_schema(&path, builder.schema(), &self.schema(table))?;
         Ok(builder)
@@ -145,6 +143,41 @@ impl StoreReader {
             .build()
             .map_err(|e| Error::parquet(&path, e))
     }
+}
+
+/// Opens a Parquet file for reading, refusing a footer whose column chunks do not lie inside
+/// the file (a negative offset or length, or one past the end). The `parquet` crate asserts
+/// on a negative one while it reads (found by the `store_files` fuzz target), so a damaged
+/// footer would otherwise panic the reader instead of being reported.
+pub fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    for (g, group) in builder.metadata().row_groups().iter().enumerate() {
+        for (c, chunk) in group.columns().iter().enumerate() {
+            let start = chunk
+                .dictionary_page_offset()
+                .unwrap_or(chunk.data_page_offset());
+            let size = chunk.compressed_size();
+            let inside = start >= 0
+                && size >= 0
+                && (start as u64)
+                    .checked_add(size as u64)
+                    .is_some_and(|end| end <= len);
+            if !inside {
+                return Err(Error::Corrupt {
+                    path: path.to_path_buf(),
+                    row: None,
+                    reason: format!(
+                        "the footer puts column chunk {c} of row group {g} at bytes \
+                         {start}..+{size}, outside the file's {len} bytes"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(builder)
 }
 
 /// Key-value metadata of a Parquet file as a map.

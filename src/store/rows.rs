@@ -37,9 +37,7 @@ struct FileBatches {
 impl FileBatches {
     /// Opens `path` projected on `names` (found by name in the file's own schema).
     fn open(path: &Path, names: &[&str], batch_rows: usize) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+        let builder = super::reader::open_parquet(path)?;
         Self::from_builder(path, builder, names, batch_rows)
     }
 

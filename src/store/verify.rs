@@ -1,11 +1,9 @@
 //! `firstkd verify`: manifest vs files, schema, and row invariants.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
 use super::decode::{LabelColumn, LabelRows, SampleColumn};
@@ -198,11 +196,7 @@ fn check_file(
             return;
         }
     }
-    let opened = File::open(&path)
-        .map_err(|e| Error::io(&path, e))
-        .and_then(|f| {
-            ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::parquet(&path, e))
-        });
+    let opened = super::reader::open_parquet(&path);
     let builder = match opened {
         Ok(b) => b,
         Err(e) => {
@@ -495,8 +489,8 @@ pub fn check_topk(ids: &[u32], lps: &[f32], vocab: u32, messages: &mut Vec<Strin
             messages.push(format!("top-k id {id} repeated"));
         }
     }
-    if let Some(lp) = lps.iter().find(|lp| lp.is_nan() || **lp > 0.0) {
-        messages.push(format!("top-k log-prob {lp} is not <= 0"));
+    if let Some(lp) = lps.iter().find(|lp| !lp.is_finite() || **lp > 0.0) {
+        messages.push(format!("top-k log-prob {lp} is not a finite value <= 0"));
         return;
     }
     for j in 1..lps.len() {
@@ -572,8 +566,8 @@ fn check_target(
     prob_slack: f32,
     messages: &mut Vec<String>,
 ) {
-    if lp.is_nan() || lp > 0.0 {
-        messages.push(format!("target_logprob {lp} is not <= 0"));
+    if !lp.is_finite() || lp > 0.0 {
+        messages.push(format!("target_logprob {lp} is not a finite value <= 0"));
         return;
     }
     let tolerance = |x: f32| 2e-3 + 2e-3 * x.abs();

@@ -276,7 +276,10 @@ fn distill_on_a_full_disk_fails_cleanly_and_resumes_to_the_same_weights() {
     );
     let listing = read(&report, "after-failure.ls");
     assert!(!listing.contains("final"), "{listing}");
-    assert!(!listing.contains(".tmp"), "a half-written checkpoint was left: {listing}");
+    assert!(
+        !listing.contains(".tmp"),
+        "a half-written checkpoint was left: {listing}"
+    );
     assert_eq!(
         read(&report, "second.rc").trim(),
         "0",

@@ -658,10 +658,24 @@ fn queries_past_the_memory_limit_spill_or_fail_cleanly() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert!(!t.contains("panicked"), "{t}");
-    assert!(t.contains("Resources exhausted") && t.contains("--memory-limit"), "{t}");
-    let o = firstkd(&["sql", s, "--memory-limit", "512M", "--format", "csv", distinct]);
+    assert!(
+        t.contains("Resources exhausted") && t.contains("--memory-limit"),
+        "{t}"
+    );
+    let o = firstkd(&[
+        "sql",
+        s,
+        "--memory-limit",
+        "512M",
+        "--format",
+        "csv",
+        distinct,
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("n\n{rows}"));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("n\n{rows}")
+    );
     // A full sort under 32 MiB spills to the temporary folder and returns every row.
     let out = tmp.path().join("sorted.csv");
     let o = firstkd(&[

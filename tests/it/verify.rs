@@ -184,7 +184,10 @@ fn detects_repeated_id() {
 
 #[test]
 fn detects_positive_logprob() {
-    assert_found(&corrupt_row(|c, r, k| c.lps[r * k] = 0.5), "is not <= 0");
+    assert_found(
+        &corrupt_row(|c, r, k| c.lps[r * k] = 0.5),
+        "is not a finite value <= 0",
+    );
 }
 
 #[test]
