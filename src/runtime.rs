@@ -1,4 +1,5 @@
-//! Process-level tuning for long CPU runs.
+//! Process-level tuning for long CPU runs, and [`guarded`] for third-party decoders that
+//! panic on malformed input.
 //!
 //! A training step allocates and frees many tensors of tens to hundreds of MiB (activations,
 //! gradients, the `[vocab, hidden]` embedding gradient). glibc serves every allocation above
@@ -109,4 +110,40 @@ mod tests {
         big[(96 << 20) - 1] = 7;
         assert_eq!(big.iter().map(|&b| b as u64).sum::<u64>(), 7);
     }
+}
+
+std::thread_local! {
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that is silent for panics inside [`guarded`] and hands every
+/// other panic to the hook that was there before (the default one, or a fuzzer's).
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic inside it into `Err(message)`. For third-party decoders that
+/// assert instead of returning an error on some malformed input (the Arrow schema embedded
+/// in a Parquet footer, found by the `store_files` fuzz target): the caller reports the file
+/// as damaged instead of the process dying.
+pub fn guarded<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    install_panic_hook();
+    let was = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string())
+    })
 }

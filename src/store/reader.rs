@@ -152,8 +152,13 @@ impl StoreReader {
 pub fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+    let builder = crate::runtime::guarded(|| ParquetRecordBatchReaderBuilder::try_new(file))
+        .map_err(|message| Error::Corrupt {
+            path: path.to_path_buf(),
+            row: None,
+            reason: format!("malformed Parquet footer (the decoder stopped: {message})"),
+        })?
+        .map_err(|e| Error::parquet(path, e))?;
     for (g, group) in builder.metadata().row_groups().iter().enumerate() {
         for (c, chunk) in group.columns().iter().enumerate() {
             let start = chunk
