@@ -236,24 +236,36 @@ fn distill_killed_in_steps_and_checkpoint_writes_resumes_to_the_same_weights() {
     );
     crashes += 1;
 
-    // SIGKILL at seeded random instants (steps, validation, checkpoint writes, start-up).
+    // SIGKILL at seeded random moments inside the run: once `metrics.jsonl` holds a seeded
+    // number of steps, after a seeded delay of up to a tenth of a warm run (a step, a
+    // validation or a checkpoint write is under way), whatever the machine's load.
     let mut kills = 0;
     let mut instants = Vec::new();
     for i in 0..8 {
         let out = tmp.path().join(format!("kill-{i}"));
-        let at = run_time.mul_f64(rng.random_range(0.05..0.95));
+        let after_steps = rng.random_range(1..STEPS);
+        let delay = run_time.mul_f64(rng.random_range(0.0..0.1));
+        let metrics = out.join("metrics.jsonl");
         let crashed = crash_and_resume(&store, &config, &out, &full, |mut c| {
             let mut child = c.spawn().unwrap();
-            std::thread::sleep(at);
+            while child.try_wait().unwrap().is_none() {
+                let steps = std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count());
+                if steps as u64 >= after_steps {
+                    std::thread::sleep(delay);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             child.kill().ok();
             child.wait_with_output().unwrap()
         });
         kills += usize::from(crashed);
-        instants.push(at);
+        instants.push((after_steps, delay));
         std::fs::remove_dir_all(&out).unwrap();
     }
     eprintln!(
-        "distill: {crashes} fault-point crashes and {kills} of 8 kills (at {instants:?}) each \
+        "distill: {crashes} fault-point crashes and {kills} of 8 kills (after (steps, delay) \
+         {instants:?}) each \
          resumed to the uninterrupted run's files bit for bit (an uninterrupted run took \
          {run_time:?}; visits per run: {counts:?})"
     );
