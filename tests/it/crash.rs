@@ -14,7 +14,7 @@ use firstkd::store::{verify, Manifest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::util::{label_args, label_rows, teacher_path, tempdir, text};
+use crate::util::{files_below as files, label_args, label_rows, teacher_path, tempdir, text};
 
 fn args(model: &Path, out: &Path) -> Vec<String> {
     let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/chat.jsonl");
@@ -29,24 +29,6 @@ fn command(model: &Path, out: &Path) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     c
-}
-
-/// Every file below `dir`, relative, sorted.
-fn files(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
 }
 
 /// What a finished store is made of: its files (the lock file aside) and each part's sha256.

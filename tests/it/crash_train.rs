@@ -15,7 +15,7 @@ use firstkd::store::{verify, Manifest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::util::{firstkd, tempdir, text};
+use crate::util::{files_below as files, firstkd, tempdir, text};
 
 fn aborted(out: &Output) -> bool {
     use std::os::unix::process::ExitStatusExt;
@@ -89,24 +89,6 @@ fn distill(store: &Path, config: &Path, out: &Path, resume: bool) -> Command {
         c.arg("--resume");
     }
     c
-}
-
-/// Every file below `dir`, relative, sorted.
-fn files(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
 }
 
 /// What a finished run is: every file's bytes (weights, optimizer moments, trainer state
