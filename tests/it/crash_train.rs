@@ -308,6 +308,17 @@ fn calibrate_killed_at_any_instant_leaves_a_whole_manifest() {
         assert!(verify(dir).unwrap().is_clean(), "{what}");
         assert_eq!(files(dir), store_files, "{what}: left-over files");
     };
+    // One writer of a manifest at a time: while another process holds the store's lock,
+    // `calibrate` is refused and the manifest is left alone.
+    let locked = copy("locked");
+    let before = std::fs::read(locked.join("manifest.json")).unwrap();
+    let held = firstkd::store::lock::lock(&locked.join("writer.lock"), "test").unwrap();
+    let o = calibrate(&locked).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("is writing it now"), "{}", text(&o));
+    assert_eq!(std::fs::read(locked.join("manifest.json")).unwrap(), before);
+    drop(held);
+
     let mut crashes = 0;
     for point in ["manifest-tmp", "manifest-renamed"] {
         let dir = copy(point);

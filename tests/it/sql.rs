@@ -648,14 +648,54 @@ fn queries_past_the_memory_limit_spill_or_fail_cleanly() {
     let tmp = tempdir();
     let store = tmp.path().join("store");
     let s = store.to_str().unwrap();
-    let o = firstkd(&["synth", s, "--rows", "300000", "--seed", "3"]);
+    let o = firstkd(&[
+        "synth",
+        s,
+        "--rows",
+        "300000",
+        "--seed",
+        "3",
+        "--zstd-level",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
+    // The same store at level 19 (the default) is smaller: the level reaches the writer.
+    let tight = tmp.path().join("tight");
+    let o = firstkd(&[
+        "synth",
+        tight.to_str().unwrap(),
+        "--rows",
+        "300000",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = |d: &Path| {
+        firstkd::store::Manifest::load(d)
+            .unwrap()
+            .bytes(Table::Labels)
+    };
+    assert!(
+        bytes(&tight) < bytes(&store),
+        "{} vs {}",
+        bytes(&tight),
+        bytes(&store)
+    );
     let rows = firstkd::store::Manifest::load(&store)
         .unwrap()
         .rows(Table::Labels);
     let distinct = "SELECT count(DISTINCT sample_id * 65536 + position) AS n FROM labels";
-    let o = firstkd(&["sql", s, "--memory-limit", "1M", distinct]);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_firstkd"))
+        .args(["sql", s, "--memory-limit", "1M", distinct])
+        .env("FIRSTKD_REPORT_PEAK_RSS", "1")
+        .output()
+        .unwrap();
     let t = text(&o);
+    // The load test reads the peak from this line (on the error path too).
+    assert!(
+        t.contains("firstkd: peak RSS ") && t.contains(" KiB"),
+        "{t}"
+    );
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert!(!t.contains("panicked"), "{t}");
     assert!(
