@@ -425,12 +425,27 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
         v.as_object_mut().unwrap().remove("store");
         v
     };
-    // The same rows (checked above) in another part order: sums differ in the last bits, and
-    // the streaming quantile sketch (several parts per stream) by up to about 5e-4.
-    let (remote_stats, local_stats) = (stats(url), stats(full.to_str().unwrap()));
+    // The same rows (checked above) in another part order: sums differ in the last bits;
+    // the approximate quantiles (`approx_percentile_cont`, a t-digest merged in part order)
+    // by up to about 2e-3 in this test, so they are compared on their own, within 5e-3.
+    let (mut remote_stats, mut local_stats) = (stats(url), stats(full.to_str().unwrap()));
+    let take_quantiles = |v: &mut serde_json::Value| -> Vec<serde_json::Value> {
+        let rows = v["coverage"]["rows"].as_array_mut().unwrap();
+        rows.iter_mut()
+            .map(|r| r.as_object_mut().unwrap().remove("quantiles").unwrap())
+            .collect()
+    };
+    let (remote_q, local_q) = (
+        take_quantiles(&mut remote_stats),
+        take_quantiles(&mut local_stats),
+    );
     assert!(
-        json_close(&remote_stats, &local_stats, 1e-3),
+        json_close(&remote_stats, &local_stats, 1e-4),
         "{remote_stats}\nvs\n{local_stats}"
+    );
+    assert!(
+        json_close(&remote_q.into(), &local_q.clone().into(), 5e-3),
+        "quantiles: {local_q:?}"
     );
 
     // pyarrow's own S3 filesystem reads the same parts.
