@@ -11,7 +11,9 @@ pub mod distillkit;
 mod files;
 pub mod import;
 
-pub use axolotl::{export_axolotl, ExportOptions, ExportReport, ExportTemperature};
+pub use axolotl::{
+    export_axolotl, export_axolotl_reader, ExportOptions, ExportReport, ExportTemperature,
+};
 pub use card::{write_card, CardOptions};
 pub use distillkit::import_distillkit;
 pub use files::FileFormat;

@@ -27,6 +27,7 @@ pub mod remote;
 pub mod rows;
 pub mod shards;
 pub mod split;
+pub mod stream;
 pub mod synthetic;
 pub mod verify;
 pub mod writer;

@@ -33,5 +33,5 @@ pub use init::{initialise, Init, Initialised};
 pub use loss::{KdKind, LossKind, LossSpec};
 pub use model::{Student, StudentConfig};
 pub use optim::{AdamW, AdamWParams, Schedule};
-pub use run::{train, Trainer};
+pub use run::{train, train_reader, Trainer};
 pub use train::{batch_loss, evaluate, Precision, StepReport, TrainOptions, TrainSummary};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use firstkd::trainer::{
-    train, AdamWParams, Init, KdKind, LossKind, Precision, StepReport, TrainOptions,
+    train_reader, AdamWParams, Init, KdKind, LossKind, Precision, StepReport, TrainOptions,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -141,6 +141,8 @@ pub struct Args {
     /// Run directory: checkpoints/, final/, metrics.jsonl.
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub stream: super::StreamArgs,
 }
 
 /// The flags that fix `distill`'s errors (library messages name no flags).
@@ -169,7 +171,8 @@ fn flag_hint(err: firstkd::Error) -> anyhow::Error {
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let store = super::StoreDir::open(&args.store)?;
+    let (reader, streamed) = super::open_streamed(&args.store, &args.stream)
+        .with_context(|| format!("distilling from {}", args.store.display()))?;
     let mut opts = TrainOptions {
         loss: args.loss,
         temperature: args.temperature,
@@ -238,8 +241,8 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             r.loss, r.lr, r.grad_norm, r.tokens_per_s
         ));
     };
-    let summary = train(
-        &store.dir,
+    let summary = train_reader(
+        reader,
         &init,
         &args.out,
         &opts,
@@ -269,6 +272,10 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let peak = firstkd::runtime::peak_rss_line();
     if !peak.is_empty() {
         writeln!(out, "{peak}")?;
+    }
+    if let Some(parts) = &streamed {
+        writeln!(out, "{}", super::stream_report(parts, &args.stream))?;
+        parts.close();
     }
     if summary.steps_done >= args.steps || summary.data_exhausted {
         writeln!(out, "final model: {}", summary.final_dir.display())?;

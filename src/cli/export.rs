@@ -2,7 +2,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use firstkd::share::{export_axolotl, ExportOptions, ExportTemperature, FileFormat};
+use firstkd::share::{export_axolotl_reader, ExportOptions, ExportTemperature, FileFormat};
 
 /// Export layouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,17 +30,20 @@ pub struct Args {
     /// full-vocabulary log-probs at T = 1, unchanged).
     #[arg(long, default_value = "fitted")]
     pub temperature: String,
+    #[command(flatten)]
+    pub stream: super::StreamArgs,
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
-    let store = super::StoreDir::open(&args.store)?;
+    let (reader, streamed) = super::open_streamed(&args.store, &args.stream)
+        .with_context(|| format!("exporting {}", args.store.display()))?;
     let opts = ExportOptions {
         file_format: args.file_format,
         temperature: ExportTemperature::parse(&args.temperature)?,
     };
     let Format::Axolotl = args.format;
     let bar = super::parts_bar("exporting");
-    let report = export_axolotl(&store.dir, &args.out, opts, |done, total| {
+    let report = export_axolotl_reader(&reader, &args.out, opts, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
@@ -71,5 +74,9 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         },
         report.files.len()
     )?;
+    if let Some(parts) = &streamed {
+        writeln!(out, "{}", super::stream_report(parts, &args.stream))?;
+        parts.close();
+    }
     Ok(0)
 }

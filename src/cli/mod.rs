@@ -9,6 +9,7 @@ mod calibrate;
 mod card;
 mod compare;
 mod convert;
+mod copy;
 mod distill;
 mod eval;
 mod export;
@@ -51,6 +52,8 @@ pub enum Command {
     Synth(synth::Args),
     /// Rewrite a store into another layout (quantized 2.0 <-> float32 / float16 1.0).
     Convert(convert::Args),
+    /// Copy a complete store between a local folder and object storage (s3://), resumable.
+    Copy(copy::Args),
     /// Merge stores labelled by the same teacher and tokenizer into one.
     Merge(merge::Args),
     /// Split a store into train / valid / test by a hash of each sample.
@@ -100,6 +103,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<u8> {
         Command::Inspect(args) => inspect::run(args, out),
         Command::Synth(args) => synth::run(args, out),
         Command::Convert(args) => convert::run(args, out),
+        Command::Copy(args) => copy::run(args, out),
         Command::Merge(args) => merge::run(args, out),
         Command::Split(args) => split::run(args, out),
         Command::Export(args) => export::run(args, out),
@@ -149,6 +153,65 @@ impl StoreDir {
         }
         Ok(())
     }
+}
+
+/// How a sequential reader (`distill`, `export`) reads a store on object storage.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StreamArgs {
+    /// For a store on object storage: parts fetched ahead of the one being read.
+    #[arg(long, default_value_t = 2)]
+    pub read_ahead: usize,
+    /// For a store on object storage: local disk its fetched parts may take (for example
+    /// 512M or 8G); the least recently read parts are deleted first. Parts are fetched as
+    /// they are read, never all up front.
+    #[arg(long, default_value = "2G", value_parser = parse_bytes)]
+    pub stream_disk: usize,
+}
+
+/// A store opened for one sequential pass (or several epochs): a local store as it is, a
+/// store on object storage streamed part by part (the fetcher is returned for its report).
+pub(crate) fn open_streamed(
+    arg: &std::path::Path,
+    stream: &StreamArgs,
+) -> anyhow::Result<(
+    firstkd::store::StoreReader,
+    Option<std::sync::Arc<firstkd::store::stream::RemoteParts>>,
+)> {
+    use firstkd::store::remote::Location;
+    use firstkd::store::stream::StreamOptions;
+    use firstkd::store::StoreReader;
+    match Location::parse(arg)? {
+        Location::Local(dir) => Ok((StoreReader::open(&dir)?, None)),
+        Location::Remote(remote) => {
+            let opts = StreamOptions {
+                read_ahead: stream.read_ahead,
+                disk_limit: stream.stream_disk as u64,
+            };
+            let (dir, parts) = remote
+                .stream(opts)
+                .with_context(|| format!("opening {}", remote.url()))?;
+            let source: std::sync::Arc<dyn firstkd::store::reader::PartSource> = parts.clone();
+            Ok((StoreReader::open_with_source(&dir, source)?, Some(parts)))
+        }
+    }
+}
+
+/// One line on what a streamed read fetched.
+pub(crate) fn stream_report(
+    parts: &firstkd::store::stream::RemoteParts,
+    stream: &StreamArgs,
+) -> String {
+    use firstkd::store::reader::PartSource;
+    let r = parts.report();
+    format!(
+        "streamed {}: {} part fetch(es), {} bytes; at most {} bytes on local disk (limit {}), {} part(s) deleted to stay under it",
+        parts.name(),
+        r.fetches,
+        r.bytes,
+        r.peak_on_disk,
+        stream.stream_disk,
+        r.evictions
+    )
 }
 
 pub(crate) fn print_table(

@@ -269,9 +269,20 @@ pub fn export_axolotl(
     store: &Path,
     out: &Path,
     opts: ExportOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<ExportReport> {
+    export_axolotl_reader(&StoreReader::open(store)?, out, opts, progress)
+}
+
+/// [`export_axolotl`] of a store already opened (for example one streamed from object
+/// storage).
+pub fn export_axolotl_reader(
+    reader: &StoreReader,
+    out: &Path,
+    opts: ExportOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<ExportReport> {
-    let reader = StoreReader::open(store)?;
+    let store = reader.name();
     let m = reader.manifest().clone();
     if matches!(m.selection(), Selection::Sample { .. }) {
         return Err(Error::InvalidArgument(format!(

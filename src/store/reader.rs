@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -14,11 +15,23 @@ use super::manifest::Manifest;
 use crate::error::{Error, Result};
 use crate::schema::{self, meta_keys, Table};
 
+/// Where a store's part files come from when they are not all in its folder: a store on
+/// object storage read part by part ([`super::stream::RemoteParts`]).
+pub trait PartSource: Send + Sync + std::fmt::Debug {
+    /// Opens the file of `table` in committed part `part` (at `path`, in the store folder),
+    /// fetching and checking it first when it is not there.
+    fn open(&self, part: usize, table: Table, path: &Path) -> Result<File>;
+
+    /// What the store is called in messages (its URL).
+    fn name(&self) -> &str;
+}
+
 /// A store opened for reading.
 #[derive(Debug, Clone)]
 pub struct StoreReader {
     dir: PathBuf,
     manifest: Manifest,
+    source: Option<Arc<dyn PartSource>>,
 }
 
 impl StoreReader {
@@ -44,12 +57,42 @@ impl StoreReader {
         Ok(StoreReader {
             dir: dir.to_path_buf(),
             manifest,
+            source: None,
         })
     }
 
-    /// The store directory.
+    /// Opens a complete store whose folder holds its manifest and whose parts come from
+    /// `source` as they are read (checked by it against the manifest's sizes and sha256).
+    pub fn open_with_source(dir: &Path, source: Arc<dyn PartSource>) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        if !manifest.complete {
+            return Err(Error::IncompleteStore {
+                path: PathBuf::from(source.name()),
+                reason: format!(
+                    "manifest says complete = false after {} committed part(s)",
+                    manifest.parts.len()
+                ),
+            });
+        }
+        Ok(StoreReader {
+            dir: dir.to_path_buf(),
+            manifest,
+            source: Some(source),
+        })
+    }
+
+    /// The store directory (for a store read through a [`PartSource`], the local folder
+    /// its parts are fetched into).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The store as messages name it: its folder, or its URL when read from object storage.
+    pub fn name(&self) -> PathBuf {
+        match &self.source {
+            Some(source) => PathBuf::from(source.name()),
+            None => self.dir.clone(),
+        }
     }
 
     /// The store's manifest.
@@ -119,7 +162,10 @@ impl StoreReader {
             ))
         })?;
         let path = self.dir.join(&entry.file(table).file);
-        let builder = open_parquet(&path)?;
+        let builder = match &self.source {
+            Some(source) => open_parquet_file(&path, source.open(part, table, &path)?)?,
+            None => open_parquet(&path)?,
+        };
         check_part_metadata(&path, &builder, table, &self.manifest)?;
         check_part_schema(&path, builder.schema(), &self.schema(table))?;
         Ok(builder)
@@ -151,6 +197,11 @@ impl StoreReader {
 /// footer would otherwise panic the reader instead of being reported.
 pub fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    open_parquet_file(path, file)
+}
+
+/// [`open_parquet`] on a file already open (`path` names it in messages).
+pub fn open_parquet_file(path: &Path, file: File) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let builder = crate::runtime::guarded(|| ParquetRecordBatchReaderBuilder::try_new(file))
         .map_err(|message| Error::Corrupt {

@@ -20,7 +20,12 @@
 //!
 //! Credentials, region and endpoint come from the standard AWS environment variables
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
-//! `AWS_ENDPOINT_URL` for S3-compatible servers; plain `http://` endpoints are allowed).
+//! `AWS_ENDPOINT_URL` for S3-compatible servers; plain `http://` endpoints are allowed), then
+//! from the profile `AWS_PROFILE` names in `~/.aws/credentials` and `~/.aws/config`
+//! ([`profile`]).
+//! - `distill` and `export` read a remote store part by part instead ([`Remote::stream`],
+//!   [`super::stream`]): read-ahead, bounded local disk.
+//! - `firstkd copy` ([`copy_store`]) moves a complete store between a folder and a bucket.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -34,8 +39,13 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 
 use super::manifest::{Manifest, MANIFEST_FILE};
 use super::shards::{self, Slot, SHARDS_DIR};
+use super::stream::{RemoteParts, StreamOptions};
 use crate::error::{Error, Result};
 use crate::schema::Table;
+
+pub mod profile;
+mod transfer;
+pub use transfer::{copy_store, CopyReport};
 
 /// Parts at least this large are uploaded in several requests.
 const MULTIPART_BYTES: u64 = 16 << 20;
@@ -102,18 +112,35 @@ impl Remote {
             return Err(err("no bucket name".into()));
         }
         let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // The shared configuration files fill in what the environment leaves out.
+        let profile = profile::from_environment().map_err(|e| err(e.to_string()))?;
+        let env_set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+        if !env_set("AWS_ACCESS_KEY_ID") {
+            if let (Some(id), Some(secret)) = (&profile.access_key_id, &profile.secret_access_key) {
+                builder = builder
+                    .with_access_key_id(id)
+                    .with_secret_access_key(secret);
+                if let Some(token) = &profile.session_token {
+                    builder = builder.with_token(token);
+                }
+            }
+        }
+        let env_region = env_set("AWS_REGION") || env_set("AWS_DEFAULT_REGION");
+        if let (false, Some(region)) = (env_region, &profile.region) {
+            builder = builder.with_region(region);
+        }
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
             .or_else(|_| std::env::var("AWS_ENDPOINT"))
-            .ok();
+            .ok()
+            .filter(|e| !e.is_empty())
+            .or_else(|| profile.endpoint_url.clone());
         if let Some(endpoint) = &endpoint {
             builder = builder.with_endpoint(endpoint);
             if endpoint.starts_with("http://") {
                 builder = builder.with_allow_http(true);
             }
         }
-        if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
+        if !env_region && profile.region.is_none() {
             builder = builder.with_region("us-east-1");
         }
         let store = builder.build().map_err(|e| err(e.to_string()))?;
@@ -312,18 +339,7 @@ impl Remote {
         let dir = self.cache.join("read");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let Some((bytes, etag)) = self.get_bytes(MANIFEST_FILE)? else {
-            let shards = self.list(SHARDS_DIR)?;
-            return Err(Error::NotAStore {
-                path: PathBuf::from(&self.url),
-                reason: if shards.is_empty() {
-                    format!("no {MANIFEST_FILE}")
-                } else {
-                    format!(
-                        "no {MANIFEST_FILE}: a sharded store whose shards are not all complete yet (`firstkd status {}`)",
-                        self.url
-                    )
-                },
-            });
+            return Err(self.missing_manifest()?);
         };
         write_atomic(&dir, MANIFEST_FILE, &bytes)?;
         let manifest = Manifest::load(&dir)?;
@@ -369,6 +385,69 @@ impl Remote {
             }
         }
         Ok((dir, etag))
+    }
+
+    /// The store for a sequential reader: its manifest in a folder of this process, and the
+    /// [`RemoteParts`] that fetch its parts into that folder as they are read, `read_ahead`
+    /// parts ahead, keeping at most `disk_limit` bytes of them (see [`super::stream`]).
+    /// Folders left by killed readers are removed first.
+    pub fn stream(&self, opts: StreamOptions) -> Result<(PathBuf, Arc<RemoteParts>)> {
+        std::fs::create_dir_all(&self.cache).map_err(|e| Error::io(&self.cache, e))?;
+        if Path::new("/proc").is_dir() {
+            for entry in std::fs::read_dir(&self.cache).map_err(|e| Error::io(&self.cache, e))? {
+                let entry = entry.map_err(|e| Error::io(&self.cache, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let dead = name
+                    .strip_prefix("stream-")
+                    .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+                    .is_some_and(|pid| !Path::new("/proc").join(pid).exists());
+                if dead {
+                    let path = entry.path();
+                    std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+        }
+        let dir = self.cache.join(format!("stream-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let Some((bytes, _)) = self.get_bytes(MANIFEST_FILE)? else {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(self.missing_manifest()?);
+        };
+        write_atomic(&dir, MANIFEST_FILE, &bytes)?;
+        let manifest = Manifest::load(&dir)?;
+        let parts = manifest
+            .parts
+            .iter()
+            .map(|p| [p.labels.clone(), p.samples.clone()])
+            .collect();
+        let source = RemoteParts::start(
+            &self.url,
+            Arc::clone(&self.store),
+            self.prefix.clone(),
+            &dir,
+            parts,
+            opts,
+        )?;
+        Ok((dir, source))
+    }
+
+    /// Why a store has no manifest: never written, or a sharded store not yet committed.
+    fn missing_manifest(&self) -> Result<Error> {
+        let shards = self.list(SHARDS_DIR)?;
+        Ok(Error::NotAStore {
+            path: PathBuf::from(&self.url),
+            reason: if shards.is_empty() {
+                format!("no {MANIFEST_FILE}")
+            } else {
+                format!(
+                    "no {MANIFEST_FILE}: a sharded store whose shards are not all complete yet (`firstkd status {}`)",
+                    self.url
+                )
+            },
+        })
     }
 
     /// Replaces the remote manifest with the local `dir/manifest.json`, only if the remote one

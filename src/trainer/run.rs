@@ -88,7 +88,8 @@ fn keep_metrics_up_to(path: &Path, step: u64) -> Result<()> {
 }
 
 /// Refuses a store the trainer cannot learn from, and settings that make no run.
-fn check_store(store: &Path, reader: &StoreReader, opts: &TrainOptions) -> Result<()> {
+fn check_store(reader: &StoreReader, opts: &TrainOptions) -> Result<()> {
+    let store = reader.name();
     let manifest = reader.manifest();
     let sampled_store = matches!(manifest.selection(), Selection::Sample { .. });
     let kd = match opts.loss {
@@ -186,8 +187,20 @@ impl Trainer {
         resume: bool,
         device: &Device,
     ) -> Result<Self> {
-        let reader = StoreReader::open(store)?;
-        check_store(store, &reader, opts)?;
+        Self::open_reader(StoreReader::open(store)?, init, out, opts, resume, device)
+    }
+
+    /// [`Trainer::open`] on a store already opened (for example one streamed from object
+    /// storage, [`StoreReader::open_with_source`]).
+    pub fn open_reader(
+        reader: StoreReader,
+        init: &Init,
+        out: &Path,
+        opts: &TrainOptions,
+        resume: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        check_store(&reader, opts)?;
         let spec = resolve_spec(opts, &reader)?;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let latest = if resume {
@@ -535,7 +548,28 @@ pub fn train(
     device: &Device,
     observer: &mut dyn FnMut(&StepReport),
 ) -> Result<TrainSummary> {
-    let mut trainer = Trainer::open(store, init, out, opts, resume, device)?;
+    train_reader(
+        StoreReader::open(store)?,
+        init,
+        out,
+        opts,
+        resume,
+        device,
+        observer,
+    )
+}
+
+/// [`train`] on a store already opened.
+pub fn train_reader(
+    reader: StoreReader,
+    init: &Init,
+    out: &Path,
+    opts: &TrainOptions,
+    resume: bool,
+    device: &Device,
+    observer: &mut dyn FnMut(&StepReport),
+) -> Result<TrainSummary> {
+    let mut trainer = Trainer::open_reader(reader, init, out, opts, resume, device)?;
     while let Some(report) = trainer.step()? {
         observer(&report);
     }

@@ -484,7 +484,17 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
     let t = Manifest::load(&dir).unwrap().temperature.expect("fitted T");
     assert!(t.value > 0.0);
 
-    // A short distillation streams the store from S3.
+    // A distillation streams the store from S3, part by part within a disk limit of three
+    // parts, and trains exactly as on a local copy of the same store.
+    let (dir, _) = remote.pull().unwrap();
+    let m = Manifest::load(&dir).unwrap();
+    let largest = m
+        .parts
+        .iter()
+        .map(|p| p.labels.bytes + p.samples.bytes)
+        .max()
+        .unwrap();
+    let limit = 3 * largest;
     let cfg = tmp.path().join("student.json");
     std::fs::write(
         &cfg,
@@ -498,28 +508,225 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
         .to_string(),
     )
     .unwrap();
-    let run_dir = tmp.path().join("run");
+    let distill = |store: &str, out: &Path| {
+        let o = run(
+            &[
+                "distill".into(),
+                "--store".into(),
+                store.into(),
+                "--init".into(),
+                format!("random:{}", cfg.display()),
+                // About one and a half epochs: 16 parts, 2 windows of 128 per step.
+                "--steps".into(),
+                "24".into(),
+                "--batch-tokens".into(),
+                "256".into(),
+                "--max-seq-len".into(),
+                "128".into(),
+                "--shuffle-buffer".into(),
+                "4".into(),
+                "--read-ahead".into(),
+                "1".into(),
+                "--stream-disk".into(),
+                limit.to_string(),
+                "--quiet".into(),
+                "--out".into(),
+                out.display().to_string(),
+            ],
+            &env,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    let streamed = distill(url, &tmp.path().join("run-s3"));
+    let local = distill(dir.to_str().unwrap(), &tmp.path().join("run-local"));
+    assert!(!local.contains("streamed"), "{local}");
+    let line = streamed
+        .lines()
+        .find(|l| l.starts_with("streamed s3://"))
+        .unwrap_or_else(|| panic!("no stream report: {streamed}"));
+    eprintln!("{line}");
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "streamed URL: F part fetch(es), B bytes; at most P bytes ... (limit L), E part(s) ..."
+    let tail = &numbers[numbers.len() - 5..];
+    let (fetches, peak, evictions) = (tail[0], tail[2], tail[4]);
+    assert!(peak <= limit, "{line}");
+    assert!(fetches >= m.parts.len() as u64 && evictions > 0, "{line}");
+    for file in ["model.safetensors", "config.json"] {
+        let a = std::fs::read(tmp.path().join("run-s3/final").join(file)).unwrap();
+        let b = std::fs::read(tmp.path().join("run-local/final").join(file)).unwrap();
+        assert!(
+            a == b,
+            "final/{file} differs between the S3 and the local run"
+        );
+    }
+    // Nothing is left in the stream folder once the run ends.
+    let cache = tmp.path().join("cache/object-store");
+    let left: Vec<String> = crate::util::files_below(&cache)
+        .into_iter()
+        .filter(|p| p.contains("/stream-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A fresh bucket for one test.
+fn fresh_bucket(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let bucket = format!("firstkd-{what}-{}-{nanos}", std::process::id());
+    create_bucket(&bucket);
+    bucket
+}
+
+/// Every file of a local store, by path relative to it, with its bytes.
+fn store_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    crate::util::files_below(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(dir.join(&p)).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn copy_moves_a_store_to_s3_and_back_with_multipart_parts_and_a_profile() {
+    let Some(env) = s3_env() else { return };
+    let tmp = tempdir();
+    let mut env = env;
+    env.push((
+        "FIRSTKD_CACHE_DIR".into(),
+        tmp.path().join("cache").display().to_string(),
+    ));
+    // One part of more than 16 MiB (uploaded in several requests) and a small one.
+    let src = tmp.path().join("src");
     let o = run(
         &[
-            "distill".into(),
-            "--store".into(),
-            url.into(),
-            "--init".into(),
-            format!("random:{}", cfg.display()),
-            "--steps".into(),
-            "2".into(),
-            "--batch-tokens".into(),
-            "256".into(),
-            "--max-seq-len".into(),
-            "128".into(),
-            "--quiet".into(),
-            "--out".into(),
-            run_dir.display().to_string(),
+            "synth".into(),
+            src.display().to_string(),
+            "--rows".into(),
+            "1100000".into(),
+            "--part-rows".into(),
+            "1000000".into(),
+            "--dtype".into(),
+            "float32".into(),
+            "--zstd-level".into(),
+            "1".into(),
         ],
-        &env,
+        &[],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(run_dir.join("final").exists(), "{}", text(&o));
+    let m = Manifest::load(&src).unwrap();
+    assert!(m.parts.len() >= 2);
+    assert!(
+        m.parts[0].labels.bytes > 16 << 20,
+        "the first part is {} bytes; the test needs one above the multipart threshold",
+        m.parts[0].labels.bytes
+    );
+    let bucket = fresh_bucket("copy");
+    let url = format!("s3://{bucket}/stores/synth");
+    let copy = |from: &str, to: &str, env: &[(String, String)]| {
+        run(&["copy".into(), from.into(), to.into()], env)
+    };
+    let o = copy(src.to_str().unwrap(), &url, &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 already there"), "{}", text(&o));
+    // The server holds the whole parts: verify reads them back and checks every sha256.
+    let o = run(&["verify".into(), url.clone()], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    // The same copy again is a no-op.
+    let o = copy(src.to_str().unwrap(), &url, &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("already holds this store"),
+        "{}",
+        text(&o)
+    );
+    // Bucket to bucket, then back to a local folder: the same files, byte for byte.
+    let url2 = format!("s3://{}/copied", fresh_bucket("copy2"));
+    let o = copy(&url, &url2, &env);
+    assert!(o.status.success(), "{}", text(&o));
+    let back = tmp.path().join("back");
+    let o = copy(&url2, back.to_str().unwrap(), &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        store_files(&back) == store_files(&src),
+        "the copied store differs"
+    );
+    // An interrupted copy resumes: a folder holding one part file of the store.
+    let partial = tmp.path().join("partial");
+    let first = &m.parts[1].labels.file;
+    std::fs::create_dir_all(partial.join("labels")).unwrap();
+    std::fs::copy(src.join(first), partial.join(first)).unwrap();
+    let o = copy(&url, partial.to_str().unwrap(), &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("1 already there"), "{}", text(&o));
+    assert!(store_files(&partial) == store_files(&src));
+    // A folder holding something else is refused and left alone.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    let o = copy(&url, other.to_str().unwrap(), &env);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("notes.txt"), "{}", text(&o));
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+
+    // Credentials from a named profile of the shared files instead of the environment.
+    let get = |k: &str| {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let creds = tmp.path().join("aws-credentials");
+    std::fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n\
+             [firstkd-test]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            get("AWS_ACCESS_KEY_ID"),
+            get("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    let config = tmp.path().join("aws-config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile firstkd-test]\nregion = {}\nendpoint_url = {}\n",
+            get("AWS_REGION"),
+            get("AWS_ENDPOINT_URL")
+        ),
+    )
+    .unwrap();
+    let with_profile = |profile: &str| {
+        Command::new(env!("CARGO_BIN_EXE_firstkd"))
+            .args(["inspect", &url])
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_REGION")
+            .env("FIRSTKD_CACHE_DIR", tmp.path().join("cache"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_PROFILE", profile)
+            .output()
+            .unwrap()
+    };
+    let o = with_profile("firstkd-test");
+    assert!(o.status.success(), "{}", text(&o));
+    let o = with_profile("nobody");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("AWS profile \"nobody\" is in none of"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
