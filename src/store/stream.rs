@@ -452,6 +452,16 @@ mod tests {
         (Arc::new(store), out)
     }
 
+    /// A fetcher of `files` from `store` into `dir`.
+    fn start(
+        store: Arc<dyn ObjectStore>,
+        files: Vec<[PartFile; 2]>,
+        dir: &Path,
+        opts: StreamOptions,
+    ) -> Arc<RemoteParts> {
+        RemoteParts::start("s3://b/s", store, ObjPath::from("s"), dir, files, opts).unwrap()
+    }
+
     fn read(parts: &RemoteParts, dir: &Path, p: usize) -> Result<Vec<u8>> {
         let file = &parts.shared.parts[p][0].file;
         let mut f = parts.open(p, Table::Labels, &dir.join(file))?;
@@ -477,15 +487,7 @@ mod tests {
             read_ahead: 2,
             disk_limit: 4000,
         };
-        let src = RemoteParts::start(
-            "s3://b/s",
-            store,
-            ObjPath::from("s"),
-            &dir,
-            files.clone(),
-            opts,
-        )
-        .unwrap();
+        let src = start(store, files.clone(), &dir, opts);
         for _epoch in 0..2 {
             for p in 0..10 {
                 let got = read(&src, &dir, p).unwrap();
@@ -508,15 +510,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("stream");
         let (store, files) = parts(5, 1000);
-        let src = RemoteParts::start(
-            "s3://b/s",
-            store,
-            ObjPath::from("s"),
-            &dir,
-            files,
-            StreamOptions::default(),
-        )
-        .unwrap();
+        let src = start(store, files, &dir, StreamOptions::default());
         for _epoch in 0..3 {
             for p in 0..5 {
                 read(&src, &dir, p).unwrap();
@@ -533,15 +527,7 @@ mod tests {
         let (store, mut files) = parts(3, 1000);
         files[1][0].sha256 = "00".repeat(32);
         files[2][1].file = "samples/gone.parquet".into();
-        let src = RemoteParts::start(
-            "s3://b/s",
-            store,
-            ObjPath::from("s"),
-            &dir,
-            files,
-            StreamOptions::default(),
-        )
-        .unwrap();
+        let src = start(store, files, &dir, StreamOptions::default());
         assert!(read(&src, &dir, 0).is_ok());
         let err = read(&src, &dir, 1).unwrap_err().to_string();
         assert!(

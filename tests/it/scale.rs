@@ -387,12 +387,7 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
         tmp.path().join("cache").display().to_string(),
     ));
     // One fresh bucket per test run.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let bucket = format!("firstkd-sharded-{}-{nanos}", std::process::id());
-    create_bucket(&bucket);
+    let bucket = fresh_bucket("sharded");
     let url = format!("s3://{bucket}/corpus/v1");
     let url = url.as_str();
     let full = tmp.path().join("full");
