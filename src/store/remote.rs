@@ -40,6 +40,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use super::manifest::{Manifest, MANIFEST_FILE};
 use super::shards::{self, Slot, SHARDS_DIR};
 use super::stream::{RemoteParts, StreamOptions};
+use super::writer::files::process_is_dead;
 use crate::error::{Error, Result};
 use crate::schema::Table;
 
@@ -347,12 +348,7 @@ impl Remote {
         for part in &manifest.parts {
             for table in Table::ALL {
                 let entry = part.file(table);
-                if entry.file.contains("..") || entry.file.starts_with('/') {
-                    return Err(Error::InvalidManifest {
-                        path: PathBuf::from(format!("{}/{MANIFEST_FILE}", self.url)),
-                        reason: format!("part file {} is outside the store", entry.file),
-                    });
-                }
+                check_inside(&self.url, entry)?;
                 listed.insert(entry.file.clone());
                 let dest = dir.join(&entry.file);
                 let cached = std::fs::metadata(&dest).is_ok_and(|m| m.len() == entry.bytes)
@@ -393,18 +389,12 @@ impl Remote {
     /// Folders left by killed readers are removed first.
     pub fn stream(&self, opts: StreamOptions) -> Result<(PathBuf, Arc<RemoteParts>)> {
         std::fs::create_dir_all(&self.cache).map_err(|e| Error::io(&self.cache, e))?;
-        if Path::new("/proc").is_dir() {
-            for entry in std::fs::read_dir(&self.cache).map_err(|e| Error::io(&self.cache, e))? {
-                let entry = entry.map_err(|e| Error::io(&self.cache, e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let dead = name
-                    .strip_prefix("stream-")
-                    .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
-                    .is_some_and(|pid| !Path::new("/proc").join(pid).exists());
-                if dead {
-                    let path = entry.path();
-                    std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-                }
+        for entry in std::fs::read_dir(&self.cache).map_err(|e| Error::io(&self.cache, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.cache, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix("stream-").is_some_and(process_is_dead) {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
             }
         }
         let dir = self.cache.join(format!("stream-{}", std::process::id()));
@@ -569,6 +559,17 @@ impl Remote {
             },
         ))
     }
+}
+
+/// Refuses a manifest entry whose file would lie outside the store at `url`.
+pub(crate) fn check_inside(url: &str, file: &super::manifest::PartFile) -> Result<()> {
+    if file.file.contains("..") || file.file.starts_with('/') {
+        return Err(Error::InvalidManifest {
+            path: PathBuf::from(format!("{url}/{MANIFEST_FILE}")),
+            reason: format!("part file {} is outside the store", file.file),
+        });
+    }
+    Ok(())
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {

@@ -120,12 +120,7 @@ impl RemoteParts {
         opts: StreamOptions,
     ) -> Result<Arc<RemoteParts>> {
         for file in parts.iter().flatten() {
-            if file.file.contains("..") || file.file.starts_with('/') {
-                return Err(Error::InvalidManifest {
-                    path: PathBuf::from(format!("{url}/manifest.json")),
-                    reason: format!("part file {} is outside the store", file.file),
-                });
-            }
+            super::remote::check_inside(url, file)?;
         }
         for table in Table::ALL {
             let sub = dir.join(table.name());

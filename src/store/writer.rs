@@ -19,7 +19,7 @@ use super::manifest::{
 };
 use super::shards::{manifest_rel, Slot};
 
-mod files;
+pub(crate) mod files;
 use crate::error::{Error, Result};
 use crate::schema::{self, labels_v2, meta_keys, LogprobDtype, Quantization, Selection, Table};
 pub(crate) use files::remove_dead_manifest_temporaries;

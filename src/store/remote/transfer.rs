@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::schema::Table;
 use crate::store::manifest::{Manifest, PartFile, MANIFEST_FILE};
 use crate::store::shards::SHARDS_DIR;
+use crate::store::writer::files::process_is_dead;
 
 /// A folder of this process for manifests and parts in transit, removed when dropped.
 struct Scratch(PathBuf);
@@ -90,12 +91,7 @@ fn source_manifest(src: &Location, scratch: &Path) -> Result<(Vec<u8>, Manifest)
         });
     }
     for file in manifest.parts.iter().flat_map(|p| [&p.labels, &p.samples]) {
-        if file.file.contains("..") || file.file.starts_with('/') {
-            return Err(Error::InvalidManifest {
-                path: PathBuf::from(format!("{}/{MANIFEST_FILE}", name_of(src))),
-                reason: format!("part file {} is outside the store", file.file),
-            });
-        }
+        super::check_inside(&name_of(src), file)?;
     }
     Ok((bytes, manifest))
 }
@@ -168,11 +164,7 @@ fn existing(dst: &Location, bytes: &[u8], manifest: &Manifest) -> Result<Option<
             .map(|(_, pid)| pid)
         {
             if let Location::Local(dir) = dst {
-                let dead = !pid.is_empty()
-                    && pid.bytes().all(|b| b.is_ascii_digit())
-                    && Path::new("/proc").is_dir()
-                    && !Path::new("/proc").join(pid).exists();
-                if dead {
+                if process_is_dead(pid) {
                     let path = dir.join(&rel);
                     std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
                 }

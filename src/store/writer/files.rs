@@ -131,13 +131,22 @@ pub(super) fn remove_uncommitted(
     remove_dead_manifest_temporaries(&dir.join(super::super::shards::SHARDS_DIR))
 }
 
+/// Whether `pid` (decimal text) names a process that is known to be dead: false for text
+/// that is not a process id and where liveness cannot be told (no `/proc`).
+pub(crate) fn process_is_dead(pid: &str) -> bool {
+    let proc = Path::new("/proc");
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && proc.is_dir()
+        && !proc.join(pid).exists()
+}
+
 /// Removes the temporary manifests (`.NAME.json.PID.tmp`, see [`Manifest::save_file`]) that
 /// a process killed between writing and renaming one left in `folder`. A file whose process
 /// is still alive (another shard committing now) is left alone; where liveness cannot be told
 /// (no `/proc`), nothing is removed.
 pub(crate) fn remove_dead_manifest_temporaries(folder: &Path) -> Result<()> {
-    let proc = Path::new("/proc");
-    if !proc.is_dir() || !folder.is_dir() {
+    if !folder.is_dir() {
         return Ok(());
     }
     for entry in std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))? {
@@ -148,11 +157,7 @@ pub(crate) fn remove_dead_manifest_temporaries(folder: &Path) -> Result<()> {
             .and_then(|f| f.strip_suffix(".tmp"))
             .and_then(|f| f.rsplit_once(".json."))
             .map(|(_, pid)| pid);
-        let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if !proc.join(pid).exists() {
+        if pid.is_some_and(process_is_dead) {
             let path = entry.path();
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         }
