@@ -353,6 +353,16 @@ fn s3_env() -> Option<Vec<(String, String)>> {
     )
 }
 
+/// [`s3_env`] with the local copies of remote stores in `dir/cache` (this test's folder).
+fn s3_env_cached_in(dir: &Path) -> Option<Vec<(String, String)>> {
+    let mut env = s3_env()?;
+    env.push((
+        "FIRSTKD_CACHE_DIR".into(),
+        dir.join("cache").display().to_string(),
+    ));
+    Some(env)
+}
+
 /// Runs Python with the test server's environment.
 fn python(code: &str, args: &[&str]) -> String {
     let o = Command::new("python3")
@@ -378,14 +388,10 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
     let (Some(model), Some(input)) = (teacher_path(), alpaca()) else {
         return;
     };
-    let Some(env) = s3_env() else { return };
     let tmp = tempdir();
-    // The local copies of remote stores go to this test's folder.
-    let mut env = env;
-    env.push((
-        "FIRSTKD_CACHE_DIR".into(),
-        tmp.path().join("cache").display().to_string(),
-    ));
+    let Some(env) = s3_env_cached_in(tmp.path()) else {
+        return;
+    };
     // One fresh bucket per test run.
     let bucket = fresh_bucket("sharded");
     let url = format!("s3://{bucket}/corpus/v1");
@@ -533,7 +539,12 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
         assert!(o.status.success(), "{}", text(&o));
         text(&o)
     };
+    // A killed reader's stream folder is removed by the next reader.
+    let dead = dir.parent().unwrap().join("stream-999999999");
+    std::fs::create_dir_all(dead.join("labels")).unwrap();
+    std::fs::write(dead.join("labels/left.parquet"), "x").unwrap();
     let streamed = distill(url, &tmp.path().join("run-s3"));
+    assert!(!dead.exists(), "a dead reader's stream folder is left");
     let local = distill(dir.to_str().unwrap(), &tmp.path().join("run-local"));
     assert!(!local.contains("streamed"), "{local}");
     let line = streamed
@@ -558,6 +569,35 @@ fn sharded_labelling_into_s3_resumes_verifies_and_trains() {
             "final/{file} differs between the S3 and the local run"
         );
     }
+    // export streams the store too, and writes what it writes from a local copy.
+    let export = |store: &str, out: &Path| {
+        let o = run(
+            &[
+                "export".into(),
+                store.into(),
+                out.display().to_string(),
+                // JSON lines carry only the rows (Parquet files also name the store).
+                "--file-format".into(),
+                "jsonl".into(),
+                "--read-ahead".into(),
+                "1".into(),
+                "--stream-disk".into(),
+                limit.to_string(),
+            ],
+            &env,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    let said = export(url, &tmp.path().join("export-s3"));
+    assert!(said.contains("streamed s3://"), "{said}");
+    export(dir.to_str().unwrap(), &tmp.path().join("export-local"));
+    let data = |d: &str| store_files(&tmp.path().join(d).join("data"));
+    assert!(!data("export-s3").is_empty());
+    assert!(
+        data("export-s3") == data("export-local"),
+        "the exported files differ between the S3 and the local store"
+    );
     // Nothing is left in the stream folder once the run ends.
     let cache = tmp.path().join("cache/object-store");
     let left: Vec<String> = crate::util::files_below(&cache)
@@ -591,13 +631,10 @@ fn store_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn copy_moves_a_store_to_s3_and_back_with_multipart_parts_and_a_profile() {
-    let Some(env) = s3_env() else { return };
     let tmp = tempdir();
-    let mut env = env;
-    env.push((
-        "FIRSTKD_CACHE_DIR".into(),
-        tmp.path().join("cache").display().to_string(),
-    ));
+    let Some(env) = s3_env_cached_in(tmp.path()) else {
+        return;
+    };
     // One part of more than 16 MiB (uploaded in several requests) and a small one.
     let src = tmp.path().join("src");
     let o = run(
@@ -658,9 +695,13 @@ fn copy_moves_a_store_to_s3_and_back_with_multipart_parts_and_a_profile() {
     let first = &m.parts[1].labels.file;
     std::fs::create_dir_all(partial.join("labels")).unwrap();
     std::fs::copy(src.join(first), partial.join(first)).unwrap();
+    // ... and the temporary file of a killed copy, which is deleted.
+    let stale = partial.join("labels/.part.parquet.999999999.download");
+    std::fs::write(&stale, "half").unwrap();
     let o = copy(&url, partial.to_str().unwrap(), &env);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("1 already there"), "{}", text(&o));
+    assert!(!stale.exists(), "a killed copy's temporary file is left");
     assert!(store_files(&partial) == store_files(&src));
     // A folder holding something else is refused and left alone.
     let other = tmp.path().join("other");
