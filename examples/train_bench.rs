@@ -1,6 +1,7 @@
 //! Training-step benchmark: a 2-layer SmolLM2-shaped student (hidden 576, 9 heads, 3 KV heads,
 //! ffn 1536, vocab 49152, tied embeddings), batches of 4 x 256 tokens from a synthetic store,
-//! loss + backward + clipping + AdamW per step, f32 on the CPU.
+//! loss + backward + clipping + AdamW per step, f32 on the CPU. `FIRSTKD_BENCH_SEQ=S` (128, 256,
+//! 512 or 1024) trains on 1024 / S rows of S tokens instead (the same 1024 tokens per step).
 //!
 //! ```text
 //! cargo run --release --example train_bench -- [STEPS] [LOSS...]
@@ -45,12 +46,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         vec!["kd".into(), "kd-tail".into(), "ce".into()]
     };
+    let seq: usize = match std::env::var("FIRSTKD_BENCH_SEQ") {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("FIRSTKD_BENCH_SEQ={v}: not a number"))?,
+        Err(_) => 256,
+    };
+    if !(1..=1024).contains(&seq) || 1024 % seq != 0 {
+        return Err(format!("FIRSTKD_BENCH_SEQ={seq}: must divide 1024").into());
+    }
+    let rows = 1024 / seq;
     let tmp = std::env::temp_dir().join(format!("firstkd-train-bench-{}", std::process::id()));
     let store = tmp.join("store");
     let cfg = SyntheticConfig {
-        label_rows: 256 * 4 * (steps as u64 + 2) * 2,
-        min_len: 257,
-        max_len: 257,
+        label_rows: 1024 * (steps as u64 + 2) * 2,
+        min_len: seq + 1,
+        max_len: seq + 1,
         vocab_size: 49152,
         valid_fraction: 0.0,
         ..SyntheticConfig::default()
@@ -72,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => DType::F32,
     };
     println!(
-        "student: 2 layers, {} parameters; batch 4 x 256; device {device:?}, matmuls {dtype:?}; threads: {}; malloc keeps freed memory: {tuned}",
+        "student: 2 layers, {} parameters; batch {rows} x {seq}; device {device:?}, matmuls {dtype:?}; threads: {}; malloc keeps freed memory: {tuned}",
         student_cfg.num_parameters(),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -95,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let data = DataOptions {
             split: "train".into(),
             batch_tokens: 1024,
-            max_positions: 256,
+            max_positions: seq,
             shuffle_buffer: 1,
             seed: 0,
             epochs: None,

@@ -5,6 +5,7 @@ SmolLM2-shaped student (hidden 576, 9 heads, 3 KV heads, ffn 1536, vocab 49152, 
     python3 scripts/train_bench_torch.py [STEPS] [THREADS] [LOSS,LOSS,...]
 
 Losses: kd (top-5 KL, student renormalised over the k gathered logits, as firstkd does),
+FIRSTKD_BENCH_SEQ=S trains on 1024 / S rows of S tokens instead of 4 x 256 (as train_bench).
 kd-full (the same KL computed through the full-vocabulary log-softmax), kd-tail, ce.
 """
 import math, resource, sys, time
@@ -16,7 +17,11 @@ threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 kinds = sys.argv[3].split(",") if len(sys.argv) > 3 else ["kd", "kd-full", "kd-tail", "ce"]
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-H, I, L, NQ, NKV, V, B, S, K = 576, 1536, 2, 9, 3, 49152, 4, 256, 5
+import os
+S = int(os.environ.get("FIRSTKD_BENCH_SEQ", "256"))
+if S < 1 or 1024 % S:
+    sys.exit(f"FIRSTKD_BENCH_SEQ={S}: must divide 1024")
+H, I, L, NQ, NKV, V, B, K = 576, 1536, 2, 9, 3, 49152, 1024 // S, 5
 HD = H // NQ
 
 
