@@ -89,6 +89,23 @@ pub(super) unsafe fn vnni_tile(tile: &Tile<'_>) {
     }
 }
 
+/// `acc += x . w` by `vpdpwssd`, in inline assembly: LLVM's machine combiner otherwise splits
+/// most `_mm512_dpwssd_epi32` calls into `vpmaddwd` + `vpaddd` (to shorten the dependency
+/// chain on CPUs it does not know to have a fast `vpdpwssd`), which issues twice the
+/// instructions and halved the int16 kernel's rate (docs/benchmarks.md, "peak multiply rates").
+/// A macro rather than a function, so that it expands inside the `avx512vnni` function.
+macro_rules! dpwssd {
+    ($acc:expr, $x:expr, $w:expr) => {
+        std::arch::asm!(
+            "vpdpwssd {acc}, {x}, {w}",
+            acc = inout(zmm_reg) $acc,
+            x = in(zmm_reg) $x,
+            w = in(zmm_reg) $w,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+}
+
 /// `WIDE`: int16 values, `vpdpwssd`; otherwise int8 with offset activations, `vpdpbusd`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn vnni<const R: usize, const WIDE: bool>(tile: &Tile<'_>) {
@@ -115,8 +132,8 @@ unsafe fn vnni<const R: usize, const WIDE: bool>(tile: &Tile<'_>) {
                 let x = (a[r].add(ab + g * 4) as *const i32).read_unaligned();
                 let x = _mm512_set1_epi32(x);
                 if WIDE {
-                    dot[r][0] = _mm512_dpwssd_epi32(dot[r][0], x, w0);
-                    dot[r][1] = _mm512_dpwssd_epi32(dot[r][1], x, w1);
+                    dpwssd!(dot[r][0], x, w0);
+                    dpwssd!(dot[r][1], x, w1);
                 } else {
                     dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], x, w0);
                     dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], x, w1);
