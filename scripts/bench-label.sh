@@ -7,6 +7,7 @@
 #
 # Usage: scripts/bench-label.sh [--teacher smollm2|qwen1.5b] [--chars N] [--seq S] [--rounds R]
 #   defaults: smollm2, 24000 characters, seq 256, 3 rounds.
+# firstkd writes float32 (1.0) stores here, as the reference writes float32 log-probs.
 # firstkd modes: `--compute f32` with the AVX-512 kernel (the default on AVX-512 CPUs), the same
 # with candle's matmul (FIRSTKD_F32_KERNEL=candle), `--compute int16` and `--compute int8`.
 # Installs torch/transformers into a cached virtual environment ($FIRSTKD_CACHE/bench-venv).
@@ -56,7 +57,7 @@ for r in $(seq 1 "$rounds"); do
     compute=${mode%-candle}
     kernel=$([ "$mode" = f32-candle ] && echo candle || echo auto)
     FIRSTKD_F32_KERNEL=$kernel RAYON_NUM_THREADS=2 "$bin" label --model "$teacher" --input "$work/input.jsonl" \
-      --format text --seq-len "$seq" --out "$work/store-$mode" --compute "$compute" --json 2>"$work/label.log" \
+      --format text --seq-len "$seq" --out "$work/store-$mode" --compute "$compute" --dtype float32 --json 2>"$work/label.log" \
       | tr -d '\n' >>"$work/firstkd-$mode.jsonl" || { cat "$work/label.log" >&2; exit 1; }
     echo >>"$work/firstkd-$mode.jsonl"
   done
