@@ -54,37 +54,8 @@ print("|---:|---:|---:|")
 for seq in sorted(curves):
     for bt, tps in sorted(curves[seq]):
         print(f"| {seq} | {bt} | {tps:.0f} |")
-# A plain SVG line plot: x = log2(batch tokens), y = tokens/s.
-W, H, L, R, T, B = 640, 400, 70, 150, 30, 50
-xs = sorted({bt for c in curves.values() for bt, _ in c})
-ymax = max(t for c in curves.values() for _, t in c) * 1.1
-import math
-def px(bt):
-    lo, hi = math.log2(xs[0]), math.log2(xs[-1])
-    return L + (math.log2(bt) - lo) / max(hi - lo, 1e-9) * (W - L - R)
-def py(t):
-    return H - B - t / ymax * (H - T - B)
-colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
-out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-       f'<rect width="{W}" height="{H}" fill="white"/>',
-       f'<text x="{W/2}" y="18" text-anchor="middle">firstkd label tokens/s ({compute}) vs batch tokens</text>',
-       f'<line x1="{L}" y1="{H-B}" x2="{W-R}" y2="{H-B}" stroke="black"/>',
-       f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H-B}" stroke="black"/>',
-       f'<text x="{(L + W - R)/2}" y="{H-12}" text-anchor="middle">padded tokens per forward pass (--batch-tokens)</text>',
-       f'<text x="16" y="{(T + H - B)/2}" transform="rotate(-90 16 {(T + H - B)/2})" text-anchor="middle">tokens/s</text>']
-for bt in xs:
-    out.append(f'<text x="{px(bt):.1f}" y="{H-B+16}" text-anchor="middle">{bt}</text>')
-for i in range(6):
-    t = ymax * i / 5
-    out.append(f'<text x="{L-6}" y="{py(t)+4:.1f}" text-anchor="end">{t:.0f}</text>')
-    out.append(f'<line x1="{L}" y1="{py(t):.1f}" x2="{W-R}" y2="{py(t):.1f}" stroke="#ddd"/>')
-for i, seq in enumerate(sorted(curves)):
-    c = colors[i % len(colors)]
-    pts = " ".join(f"{px(bt):.1f},{py(t):.1f}" for bt, t in sorted(curves[seq]))
-    out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
-    for bt, t in sorted(curves[seq]):
-        out.append(f'<circle cx="{px(bt):.1f}" cy="{py(t):.1f}" r="3" fill="{c}"/>')
-    out.append(f'<text x="{W-R+10}" y="{T+20+18*i}" fill="{c}">seq {seq}</text>')
-out.append("</svg>")
-open(svg, "w").write("\n".join(out) + "\n")
+sys.path.insert(0, "scripts")
+from line_plot import write_svg
+write_svg(svg, curves, f"firstkd label tokens/s ({compute}) vs batch tokens",
+          "padded tokens per forward pass (--batch-tokens)", "tokens/s", legend=lambda seq: f"seq {seq}")
 PY

@@ -27,7 +27,7 @@ for seq in 128 256 512 1024; do
   echo "seq $seq done" >&2
 done
 python3 - "$work/points" "$svg" <<'PY'
-import math, sys
+import sys
 from collections import defaultdict
 points, svg = sys.argv[1], sys.argv[2]
 curves = defaultdict(list)  # (engine, loss) -> [(seq, seconds)]
@@ -40,36 +40,9 @@ for line in open(points):
     seq = int(seq)
     curves[("firstkd", loss)].append((seq, f)); curves[("torch", loss)].append((seq, t))
     print(f"| {seq} | {1024 // seq} x {seq} | {loss} | {f:.3f} | {t:.3f} | {ratio} |")
-W, H, L, R, T, B = 640, 400, 70, 170, 30, 50
-xs = sorted({s for c in curves.values() for s, _ in c})
-ymax = max(v for c in curves.values() for _, v in c) * 1.1
-def px(s):
-    lo, hi = math.log2(xs[0]), math.log2(xs[-1])
-    return L + (math.log2(s) - lo) / max(hi - lo, 1e-9) * (W - L - R)
-def py(v):
-    return H - B - v / ymax * (H - T - B)
-colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-       f'<rect width="{W}" height="{H}" fill="white"/>',
-       f'<text x="{W/2}" y="18" text-anchor="middle">training step seconds (1024 tokens) vs sequence length</text>',
-       f'<line x1="{L}" y1="{H-B}" x2="{W-R}" y2="{H-B}" stroke="black"/>',
-       f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H-B}" stroke="black"/>',
-       f'<text x="{(L + W - R)/2}" y="{H-12}" text-anchor="middle">sequence length (rows = 1024 / length)</text>',
-       f'<text x="16" y="{(T + H - B)/2}" transform="rotate(-90 16 {(T + H - B)/2})" text-anchor="middle">seconds per step</text>']
-for s in xs:
-    out.append(f'<text x="{px(s):.1f}" y="{H-B+16}" text-anchor="middle">{s}</text>')
-for i in range(6):
-    v = ymax * i / 5
-    out.append(f'<text x="{L-6}" y="{py(v)+4:.1f}" text-anchor="end">{v:.2f}</text>')
-    out.append(f'<line x1="{L}" y1="{py(v):.1f}" x2="{W-R}" y2="{py(v):.1f}" stroke="#ddd"/>')
-for i, key in enumerate(sorted(curves)):
-    c = colors[i % len(colors)]
-    dash = ' stroke-dasharray="6 4"' if key[0] == "torch" else ""
-    pts = " ".join(f"{px(s):.1f},{py(v):.1f}" for s, v in sorted(curves[key]))
-    out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"{dash}/>')
-    for s, v in sorted(curves[key]):
-        out.append(f'<circle cx="{px(s):.1f}" cy="{py(v):.1f}" r="3" fill="{c}"/>')
-    out.append(f'<text x="{W-R+10}" y="{T+20+18*i}" fill="{c}">{key[0]} {key[1]}</text>')
-out.append("</svg>")
-open(svg, "w").write("\n".join(out) + "\n")
+sys.path.insert(0, "scripts")
+from line_plot import write_svg
+write_svg(svg, curves, "training step seconds (1024 tokens) vs sequence length",
+          "sequence length (rows = 1024 / length)", "seconds per step",
+          legend=lambda key: f"{key[0]} {key[1]}", dashed=lambda key: key[0] == "torch", yfmt="{:.2f}")
 PY
