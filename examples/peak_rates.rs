@@ -22,16 +22,36 @@ mod x86 {
     use super::{CHAINS, ITERS};
     use std::arch::x86_64::*;
 
+    /// Runs `step` on each of [`CHAINS`] accumulators (all starting at `init`) [`ITERS`] times.
+    macro_rules! chains {
+        ($init:expr, |$a:ident| $step:expr) => {{
+            let mut acc = [$init; CHAINS];
+            for _ in 0..ITERS {
+                for $a in acc.iter_mut() {
+                    *$a = $step;
+                }
+            }
+            acc
+        }};
+    }
+
+    /// The sum of the 8 lanes of each 256-bit accumulator, as f32.
+    #[target_feature(enable = "avx2")]
+    unsafe fn sum256(acc: &[__m256; CHAINS]) -> f32 {
+        let mut out = [0f32; 8];
+        acc.iter()
+            .map(|a| {
+                _mm256_storeu_ps(out.as_mut_ptr(), *a);
+                out.iter().sum::<f32>()
+            })
+            .sum()
+    }
+
     /// 16 f32 multiplies per instruction.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn fma512() -> f32 {
         let b = _mm512_set1_ps(1.0e-7);
-        let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for _ in 0..ITERS {
-            for a in acc.iter_mut() {
-                *a = _mm512_fmadd_ps(b, b, *a);
-            }
-        }
+        let acc = chains!(_mm512_setzero_ps(), |a| _mm512_fmadd_ps(b, b, *a));
         acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
     }
 
@@ -39,31 +59,14 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fma256() -> f32 {
         let b = _mm256_set1_ps(1.0e-7);
-        let mut acc = [_mm256_setzero_ps(); CHAINS];
-        for _ in 0..ITERS {
-            for a in acc.iter_mut() {
-                *a = _mm256_fmadd_ps(b, b, *a);
-            }
-        }
-        let mut out = [0f32; 8];
-        let mut s = _mm256_setzero_ps();
-        for a in acc {
-            s = _mm256_add_ps(s, a);
-        }
-        _mm256_storeu_ps(out.as_mut_ptr(), s);
-        out.iter().sum()
+        sum256(&chains!(_mm256_setzero_ps(), |a| _mm256_fmadd_ps(b, b, *a)))
     }
 
     /// 32 int16 multiplies per instruction (`--compute int16` on AVX-512 VNNI).
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn dpwssd() -> f32 {
         let b = _mm512_set1_epi16(1);
-        let mut acc = [_mm512_setzero_si512(); CHAINS];
-        for _ in 0..ITERS {
-            for a in acc.iter_mut() {
-                *a = _mm512_dpwssd_epi32(*a, b, b);
-            }
-        }
+        let acc = chains!(_mm512_setzero_si512(), |a| _mm512_dpwssd_epi32(*a, b, b));
         acc.iter().map(|a| _mm512_reduce_add_epi32(*a) as f32).sum()
     }
 
@@ -71,12 +74,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn dpbusd() -> f32 {
         let b = _mm512_set1_epi8(1);
-        let mut acc = [_mm512_setzero_si512(); CHAINS];
-        for _ in 0..ITERS {
-            for a in acc.iter_mut() {
-                *a = _mm512_dpbusd_epi32(*a, b, b);
-            }
-        }
+        let acc = chains!(_mm512_setzero_si512(), |a| _mm512_dpbusd_epi32(*a, b, b));
         acc.iter().map(|a| _mm512_reduce_add_epi32(*a) as f32).sum()
     }
 
@@ -85,31 +83,18 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn maddwd256() -> f32 {
         let b = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_set1_epi16(1); CHAINS];
-        for _ in 0..ITERS {
-            for a in acc.iter_mut() {
-                *a = _mm256_add_epi32(b, _mm256_madd_epi16(*a, b));
-            }
-        }
-        let mut s = _mm256_setzero_si256();
-        for a in acc {
-            s = _mm256_add_epi32(s, a);
-        }
-        let mut out = [0i32; 8];
-        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s);
-        out.iter().map(|&v| v as f32).sum()
+        let acc = chains!(_mm256_set1_epi16(1), |a| _mm256_add_epi32(
+            b,
+            _mm256_madd_epi16(*a, b)
+        ));
+        sum256(&acc.map(|a| _mm256_cvtepi32_ps(a)))
     }
 
     /// 32 bf16 multiplies per instruction (AVX512-BF16 `vdpbf16ps`).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn dpbf16() -> f32 {
         let b: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3380)); // about 6e-8
-        let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for _ in 0..ITERS {
-            for a in acc.iter_mut() {
-                *a = _mm512_dpbf16_ps(*a, b, b);
-            }
-        }
+        let acc = chains!(_mm512_setzero_ps(), |a| _mm512_dpbf16_ps(*a, b, b));
         acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
     }
 }
