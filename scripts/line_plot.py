@@ -42,3 +42,30 @@ def write_svg(path, curves, title, xlabel, ylabel, legend, dashed=lambda key: Fa
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def _self_test():
+    """`python3 scripts/line_plot.py`: two curves on known points, checked in the written SVG."""
+    import os
+    import re
+    import tempfile
+
+    curves = {"a": [(128, 1.0), (1024, 2.0)], "b": [(128, 2.0), (512, 0.5), (1024, 1.0)]}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "plot.svg")
+        write_svg(path, curves, "t", "x", "y", legend=str, dashed=lambda k: k == "b")
+        svg = open(path).read()
+    lines = re.findall(r'<polyline points="([^"]+)"', svg)
+    assert len(lines) == 2, lines
+    first = [tuple(map(float, p.split(","))) for p in lines[0].split()]
+    # x: log2 axis from 128 (left, 70) to 1024 (right, 640 - 170); y: 0 at 350, ymax = 2.2.
+    want = [(70.0, 350 - 1.0 / 2.2 * 320), (470.0, 350 - 2.0 / 2.2 * 320)]
+    assert all(abs(x - y) < 0.06 for p, q in zip(first, want) for x, y in zip(p, q)), first
+    second = [tuple(map(float, p.split(","))) for p in lines[1].split()]
+    assert abs(second[1][0] - (70 + 2 / 3 * 400)) < 0.06, second  # 512 is 2/3 of the way in log2
+    assert svg.count("stroke-dasharray") == 1 and svg.count("<circle") == 5
+    print("line_plot: ok")
+
+
+if __name__ == "__main__":
+    _self_test()

@@ -112,4 +112,5 @@ for s in $seeds; do
     rm -rf "$out/eval/$name"  # the json is what the table reads
   done
 done
-python3 scripts/select_table.py "$out" | tee "$out/results.md"
+python3 scripts/select_table.py "$out" --expect "teacher,untrained,${variants// /,}" > "$out/results.md"
+cat "$out/results.md"
