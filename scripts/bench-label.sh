@@ -10,7 +10,7 @@
 # firstkd writes float32 (1.0) stores here, as the reference writes float32 log-probs.
 # firstkd modes: `--compute f32` with the AVX-512 kernel (the default on AVX-512 CPUs), the same
 # with candle's matmul (FIRSTKD_F32_KERNEL=candle), `--compute int16` and `--compute int8`.
-# Installs torch/transformers into a cached virtual environment ($FIRSTKD_CACHE/bench-venv).
+# Installs torch/transformers into a cached virtual environment (scripts/torch-venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/firstkd-target}"
@@ -27,11 +27,7 @@ while [ $# -gt 0 ]; do
 done
 text="${FIRSTKD_SHARED:-../shared}/data/wikitext-2/valid.txt"
 [ -f "$text" ] || { echo "missing $text (../shared/data)" >&2; exit 1; }
-venv="${FIRSTKD_BENCH_VENV:-$cache/bench-venv}"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch, transformers, gguf, accelerate, pyarrow" 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet torch transformers gguf accelerate numpy pyarrow
-fi
+py=$(scripts/torch-venv.sh)
 cargo build --release --quiet
 bin="$CARGO_TARGET_DIR/release/firstkd"
 case "$teacher_name" in
@@ -50,7 +46,7 @@ PY
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc) threads; $(grep -o -w -m1 -E 'avx512_vnni|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '))" >&2
 for r in $(seq 1 "$rounds"); do
   for b in 1 8; do
-    OMP_NUM_THREADS=2 "$venv/bin/python" scripts/bench_label_reference.py "$teacher" "$work/input.txt" "$seq" 0 "$work/ref-$b.parquet" 2 "$b" 2>"$work/ref.log" | tail -n 1 >>"$work/torch-b$b.jsonl" || { cat "$work/ref.log" >&2; exit 1; }
+    OMP_NUM_THREADS=2 "$py" scripts/bench_label_reference.py "$teacher" "$work/input.txt" "$seq" 0 "$work/ref-$b.parquet" 2 "$b" 2>"$work/ref.log" | tail -n 1 >>"$work/torch-b$b.jsonl" || { cat "$work/ref.log" >&2; exit 1; }
   done
   for mode in f32 f32-candle int16 int8; do
     rm -rf "$work/store-$mode"
@@ -64,7 +60,7 @@ for r in $(seq 1 "$rounds"); do
   echo "round $r done" >&2
 done
 for mode in f32 f32-candle int16 int8; do
-  "$venv/bin/python" scripts/compare_labels.py "$work/store-$mode" "$work/ref-1.parquet" --json >"$work/agree-$mode.json"
+  "$py" scripts/compare_labels.py "$work/store-$mode" "$work/ref-1.parquet" --json >"$work/agree-$mode.json"
 done
 python3 - "$work" "$teacher_name" "$seq" <<'PY'
 import json, statistics, sys, os

@@ -8,16 +8,14 @@
 #
 #   scripts/bench-train-scaling.sh OUT.svg [ROUNDS] [STEPS] [LOSS,...]   # defaults: 2 4 kd
 #
-# torch comes from $PYTHON, else the venv scripts/bench-label.sh installs
-# ($FIRSTKD_CACHE/bench-venv), else python3.
+# torch comes from $PYTHON, else the cached venv of scripts/torch-venv.sh (installed if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 svg="${1:?usage: scripts/bench-train-scaling.sh OUT.svg [ROUNDS] [STEPS] [LOSS,...]}"
 rounds="${2:-2}"; steps="${3:-4}"; losses="${4:-kd}"
-venv="${FIRSTKD_CACHE:-$HOME/.cache/firstkd}/bench-venv"
-if [ -z "${PYTHON:-}" ] && [ -x "$venv/bin/python" ]; then export PYTHON="$venv/bin/python"; fi
-"${PYTHON:-python3}" -c "import torch" 2>/dev/null \
-  || { echo "bench-train-scaling: no torch in ${PYTHON:-python3} (run scripts/bench-label.sh once, or set PYTHON)" >&2; exit 1; }
+if [ -z "${PYTHON:-}" ]; then PYTHON=$(scripts/torch-venv.sh); export PYTHON; fi
+"$PYTHON" -c "import torch" 2>/dev/null \
+  || { echo "bench-train-scaling: no torch in $PYTHON (set PYTHON)" >&2; exit 1; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) threads; $(grep -o -m1 'avx512f' /proc/cpuinfo || echo no-avx512)" >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite the way CI does. Installs what the tests need first (Python
-# readers used to check the store is open to other tools, and the cached models: the
+# readers used to check the store is open to other tools, torch + transformers, and the cached models: the
 # SmolLM2-135M teacher and the Qwen2.5-Coder 1.5B teacher / 0.5B student pair).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,10 @@ if ! command -v strace >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; th
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; } \
     >/dev/null || echo "test.sh: could not install strace; the commit-durability test will fail under CI" >&2
 fi
+# torch + transformers (a cached venv) for the test that loads a student checkpoint in
+# transformers itself (tests/it/qwen.rs).
+FIRSTKD_TORCH_PYTHON="${FIRSTKD_TORCH_PYTHON:-$(scripts/torch-venv.sh)}"
+export FIRSTKD_TORCH_PYTHON
 for model in smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b; do
   scripts/fetch-model.sh "$model" >/dev/null
 done

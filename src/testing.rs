@@ -84,6 +84,26 @@ pub fn require_shared(rel: &str) -> Option<PathBuf> {
     None
 }
 
+/// A Python with torch and transformers: `$FIRSTKD_TORCH_PYTHON` (scripts/test.sh sets it from
+/// `scripts/torch-venv.sh`), else the venv that script caches under [`cache_dir`]. Missing: a
+/// panic under CI, otherwise a printed skip reason and `None`.
+pub fn require_torch_python() -> Option<PathBuf> {
+    let path = std::env::var_os("FIRSTKD_TORCH_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("bench-venv/bin/python"));
+    if path.exists() {
+        return Some(path);
+    }
+    let what = format!(
+        "no Python with torch at {} (FIRSTKD_TORCH_PYTHON): run scripts/torch-venv.sh",
+        path.display()
+    );
+    assert!(!in_ci(), "{what} (required when CI=true)");
+    eprintln!("skipping: {what}");
+    None
+}
+
 /// Largest absolute element-wise difference of two tensors of one shape (any device; f32).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let a = a

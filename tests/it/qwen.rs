@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use firstkd::teacher::{LabelInput, LabelOptions, Teacher};
-use firstkd::testing::{require_model, require_shared};
+use firstkd::testing::{require_model, require_shared, require_torch_python};
 
 use crate::util::{firstkd, tempdir, text};
 
@@ -209,7 +209,7 @@ fn qwen_pair_label_distill_checkpoint_and_compare() {
         .is_some_and(|t| t.contains("<|im_start|>")));
 
     // 4. Loaded back, the checkpoint gives the reference top-5 at every position.
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(reference).unwrap()).unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&reference).unwrap()).unwrap();
     let model = Teacher::load(&fin, &Device::Cpu).unwrap();
     let mut worst = 0f32;
     for s in r["models"]["student"]["sequences"].as_array().unwrap() {
@@ -263,6 +263,31 @@ fn qwen_pair_label_distill_checkpoint_and_compare() {
     eprintln!("0.5B checkpoint vs transformers fp32: max top-5 log-prob difference {worst:.2e}");
     assert!(worst < 2e-3, "{worst}");
     drop(model);
+
+    // 4b. transformers itself loads the checkpoint as Qwen2ForCausalLM (strict: no missing,
+    // unexpected or mis-shaped tensor) and gives the reference top-5 at every position.
+    if let Some(python) = require_torch_python() {
+        let out = std::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/hf_load_check.py"
+            ))
+            .arg(&fin)
+            .arg(reference)
+            .args(["student", "Qwen2ForCausalLM"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "transformers on {}: {}",
+            fin.display(),
+            text(&out)
+        );
+        eprintln!(
+            "transformers load: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
 
     // 5. compare: both models through cloze scoring (prompt once per question).
     let out = firstkd(&[
