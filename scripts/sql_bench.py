@@ -13,6 +13,8 @@ Needs the python `duckdb` package.
 """
 
 import argparse
+import csv
+import io
 import json
 import os
 import statistics
@@ -34,20 +36,26 @@ def timed(fn, repeat):
     return statistics.median(times), result
 
 
+def add(rows, row):
+    """Keeps a result row and prints it at once (a long run that dies still leaves its rows)."""
+    rows.append(row)
+    print(f"row: {row}", file=sys.stderr, flush=True)
+
+
 def run_firstkd(binary, args):
     out = subprocess.run([binary, *args], check=True, capture_output=True, text=True)
     return out.stdout
 
 
-def duckdb_coverage_sql(store, k):
-    masses = ", ".join(
-        f"list_sum(list_transform(l.topk_logprobs[1:{j}], lambda x: exp(x))) AS m{j}"
-        for j in range(1, k + 1)
-    )
+def coverage_sql(k, labels, samples, mass, quantile):
+    """The coverage report as one SQL aggregate (firstkd's `stats --report coverage` until
+    2026-12-03): `mass(j)` spells the top-j mass of `l.topk_logprobs`, `quantile(col, q)` an
+    approximate quantile."""
+    masses = ", ".join(f"{mass(j)} AS m{j}" for j in range(1, k + 1))
     aggs = ["count(*) AS n"]
     aggs += [f"avg(m{j}) AS mean_m{j}" for j in range(1, k + 1)]
     for qi, q in enumerate([0.1, 0.5, 0.9]):
-        aggs += [f"approx_quantile(m{j}, {q}) AS q{qi}_m{j}" for j in range(1, k + 1)]
+        aggs += [f"{quantile(f'm{j}', q)} AS q{qi}_m{j}" for j in range(1, k + 1)]
     aggs.append(f"avg(CASE WHEN m{k} >= 0.95 THEN 1.0 ELSE 0.0 END) AS frac_ge")
     aggs = ",\n    ".join(aggs)
 
@@ -59,8 +67,7 @@ def duckdb_coverage_sql(store, k):
 
     return f"""WITH t AS (
   SELECT s.source, s.split, l.in_loss, {masses}
-  FROM read_parquet('{store}/labels/*.parquet') l
-  JOIN read_parquet('{store}/samples/*.parquet') s ON l.sample_id = s.sample_id
+  FROM {samples} s JOIN {labels} l ON l.sample_id = s.sample_id
 )
 SELECT * FROM (
 {select('all', '')}
@@ -68,6 +75,19 @@ SELECT * FROM (
 {select('in_loss', ' WHERE in_loss')}
 )
 ORDER BY positions, source NULLS LAST, split NULLS LAST"""
+
+
+def duckdb_coverage_sql(store, k):
+    return coverage_sql(
+        k, f"read_parquet('{store}/labels/*.parquet')", f"read_parquet('{store}/samples/*.parquet')",
+        lambda j: f"list_sum(list_transform(l.topk_logprobs[1:{j}], lambda x: exp(x)))",
+        lambda col, q: f"approx_quantile({col}, {q})")
+
+
+def firstkd_coverage_sql(k):
+    return coverage_sql(
+        k, "labels", "samples", lambda j: f"topk_mass(l.topk_logprobs, {j})",
+        lambda col, q: f"approx_percentile_cont({q}) WITHIN GROUP (ORDER BY {col})")
 
 
 def calibration_sql(labels, samples, conf, correct, target_lp):
@@ -112,6 +132,20 @@ GROUP BY b.positions, b.source, b.split
 ORDER BY b.positions, b.source NULLS LAST, b.split NULLS LAST"""
 
 
+def check_same_sql_result(fk_csv, dd_rows):
+    """firstkd's CSV of calibration_sql against DuckDB's rows: same groups, n, and metrics
+    within 1e-6 (the engines add in different orders)."""
+    lines = list(csv.reader(io.StringIO(fk_csv)))
+    header, body = lines[0], lines[1:]
+    assert len(body) == len(dd_rows), (len(body), len(dd_rows))
+    for fk, dd in zip(body, dd_rows):
+        for name, a, b in zip(header, fk, dd):
+            if b is None or isinstance(b, str):
+                assert (a or None) == b, (name, fk, dd)
+            else:
+                assert abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b))), (name, fk, dd)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -121,11 +155,19 @@ def main():
         os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "firstkd"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--zstd-level", type=int, default=19,
+                    help="zstd level of the store synth writes (19, label's default; 3 writes 10^8 rows faster)")
+    ap.add_argument("--reports-only", action="store_true",
+                    help="time only firstkd's two reports against DuckDB's SQL (at 10^8 rows the pure-SQL "
+                         "calibration query in firstkd held more memory than the machine's 24 GiB)")
+    ap.add_argument("--skip-inline", action="store_true",
+                    help="do not time the pure-SQL query with --inline-ctes (slow at 10^8 rows)")
     args = ap.parse_args()
 
     if not os.path.exists(os.path.join(args.store, "manifest.json")):
         start = time.perf_counter()
-        run_firstkd(args.firstkd, ["synth", args.store, "--rows", str(args.rows), "--dtype", args.dtype])
+        run_firstkd(args.firstkd, ["synth", args.store, "--rows", str(args.rows), "--dtype", args.dtype,
+                                   "--zstd-level", str(args.zstd_level)])
         print(f"synth: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     manifest = json.load(open(os.path.join(args.store, "manifest.json")))
     k = manifest["k"]
@@ -144,7 +186,18 @@ def main():
     dd_total = [r for r in dd_out if r[0] == "all" and r[1] is None][0]
     assert fk_total["n"] == dd_total[3] == label_rows, (fk_total["n"], dd_total[3])
     assert abs(fk_total["mean_mass"][-1] - dd_total[3 + k]) < 1e-9, (fk_total["mean_mass"], dd_total)
-    rows.append(("coverage (`stats --report coverage`; top-1..k mass mean, 3 approx. quantiles, frac >= 0.95)", fk_t, dd_t))
+    add(rows, ("coverage (`stats --report coverage`: SQL selects, Rust accumulates; top-1..k mass mean, 3 quantiles, frac >= 0.95)", fk_t, dd_t))
+    # The same report as one SQL aggregate in both engines (firstkd's report until 2026-12-03).
+    variants = [([], "coverage, the same one-aggregate SQL (`firstkd sql`)"),
+                (["--inline-ctes"], "coverage, the same one-aggregate SQL (`firstkd sql --inline-ctes`)")]
+    for extra, name in [] if args.reports_only else variants:
+        if extra and args.skip_inline:
+            continue
+        t, out = timed(lambda: run_firstkd(
+            args.firstkd, ["sql", args.store, "--format", "csv", *extra, firstkd_coverage_sql(k)]), args.repeat)
+        total = [r for r in csv.reader(io.StringIO(out)) if r[0] == "all" and r[1] == ""][0]
+        assert int(total[3]) == label_rows and abs(float(total[3 + k]) - dd_total[3 + k]) < 1e-9, (total, dd_total)
+        add(rows, (name, t, dd_t))
 
     # Calibration: firstkd's report (SQL selects positions, firstkd::calibration computes).
     fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "calibration", "--json"]), args.repeat)
@@ -158,21 +211,41 @@ def main():
     # Not exact: where float16 rounding makes the stored top-k mass exceed 1 the uniform-tail
     # mode renormalises over the top-k (docs/calibration.md), DuckDB uses the stored value.
     assert abs(fk_total["nll"] - dd_total[9]) < 1e-4, (fk_total["nll"], dd_total[9])
-    rows.append(("calibration (`stats --report calibration` vs pure SQL in DuckDB; ECE, adaptive ECE, MCE, Brier, NLL)", fk_t, dd_t))
+    add(rows, ("calibration (`stats --report calibration` vs pure SQL in DuckDB; ECE, adaptive ECE, MCE, Brier, NLL)", fk_t, dd_t))
 
     # The same pure-SQL calibration query in both engines.
     fk_sql = calibration_sql("labels", "samples", "topk_mass(l.topk_logprobs, 1)",
                              "CASE WHEN target_rank(l.topk_ids, l.target_id) = 1 THEN 1.0 ELSE 0.0 END",
                              "CAST(l.target_logprob AS DOUBLE)")
-    fk_t, _ = timed(lambda: run_firstkd(args.firstkd, ["sql", args.store, "--format", "csv", fk_sql]), args.repeat)
-    rows.append(("calibration, the same pure-SQL query (`firstkd sql` vs DuckDB)", fk_t, dd_t))
+    if args.reports_only:
+        return print_table(rows, label_rows, k, args)
+    try:
+        fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["sql", args.store, "--format", "csv", fk_sql]), args.repeat)
+        check_same_sql_result(fk_out, dd_out)
+    except subprocess.CalledProcessError as e:
+        # Reported, not hidden: e.g. the window sort past --memory-limit at 10^8 rows.
+        fk_t = f"failed, exit {e.returncode}: {e.stderr.strip().splitlines()[-1][:120]}"
+    add(rows, ("calibration, the same pure-SQL query (`firstkd sql` vs DuckDB)", fk_t, dd_t))
+    if not args.skip_inline:
+        # DataFusion's own plan, every CTE inlined at each reference (firstkd before 2026-12-03).
+        fk_t, fk_out = timed(lambda: run_firstkd(
+            args.firstkd, ["sql", args.store, "--format", "csv", "--inline-ctes", fk_sql]), args.repeat)
+        check_same_sql_result(fk_out, dd_out)
+        add(rows, ("calibration, the same pure-SQL query, `firstkd sql --inline-ctes`", fk_t, dd_t))
 
+    print_table(rows, label_rows, k, args)
+
+
+def print_table(rows, label_rows, k, args):
     print(f"store: {label_rows:,} label rows, k = {k}, {args.dtype}; threads: {args.threads}; "
           f"median of {args.repeat} runs\n")
     print("| query | firstkd (DataFusion) s | DuckDB s | DuckDB / firstkd |")
     print("|---|---:|---:|---:|")
     for name, fk, dd in rows:
-        print(f"| {name} | {fk:.2f} | {dd:.2f} | {dd / fk:.2f} |")
+        if isinstance(fk, str):
+            print(f"| {name} | {fk} | {dd:.2f} | - |")
+        else:
+            print(f"| {name} | {fk:.2f} | {dd:.2f} | {dd / fk:.2f} |")
 
 
 if __name__ == "__main__":

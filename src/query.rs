@@ -16,6 +16,7 @@
 //! docs/sql.md documents every column and function with examples.
 
 pub mod manifest_fn;
+pub mod materialize;
 pub mod output;
 pub mod stats;
 pub mod tables;
@@ -49,6 +50,11 @@ pub struct QueryOptions {
     /// past it they spill to the temporary folder or, when they cannot, the query fails with
     /// a "resources exhausted" error. None: [`default_memory_limit`].
     pub memory_limit: Option<usize>,
+    /// Inline every common table expression at each reference, as DataFusion plans it,
+    /// instead of computing one that is referenced more than once (and does work) once into
+    /// temporary files ([`materialize`]). Inlining lets filters reach into the CTE; computing
+    /// once avoids rescanning the store for each reference.
+    pub inline_ctes: bool,
 }
 
 /// Half the memory this process may use: the smaller of the machine's total memory and the
@@ -76,6 +82,7 @@ pub fn default_memory_limit() -> usize {
 /// A DataFusion session over one store.
 pub struct QuerySession {
     ctx: SessionContext,
+    inline_ctes: bool,
     runtime: tokio::runtime::Runtime,
     reader: StoreReader,
 }
@@ -142,6 +149,7 @@ impl QuerySession {
             .map_err(|e| Error::io(dir, e))?;
         let session = QuerySession {
             ctx,
+            inline_ctes: options.inline_ctes,
             runtime,
             reader,
         };
@@ -183,13 +191,19 @@ impl QuerySession {
 
     /// Plans one statement. DDL (`CREATE VIEW ...`) and `SET` are allowed and act on this
     /// session only; DML (`INSERT`, `COPY`) is refused so a query can never write into the
-    /// store.
-    fn plan(&self, statement: Statement) -> Result<DataFrame> {
+    /// store. A CTE referenced more than once is computed here, once (see [`materialize`]);
+    /// the returned guard holds its temporary table and must live until the result is read.
+    fn plan(&self, statement: Statement) -> Result<(DataFrame, Option<materialize::Materialized>)> {
         self.runtime.block_on(async {
             let state = self.ctx.state();
             let plan = state.statement_to_plan(statement).await?;
             SQLOptions::new().with_allow_dml(false).verify_plan(&plan)?;
-            Ok(self.ctx.execute_logical_plan(plan).await?)
+            let (plan, guard) = if self.inline_ctes {
+                (plan, None)
+            } else {
+                materialize::materialize_repeated(&self.ctx, plan).await?
+            };
+            Ok((self.ctx.execute_logical_plan(plan).await?, guard))
         })
     }
 
@@ -210,7 +224,7 @@ impl QuerySession {
     }
 
     fn collect(&self, statement: Statement) -> Result<QueryResult> {
-        let df = self.plan(statement)?;
+        let (df, _guard) = self.plan(statement)?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let batches = self.runtime.block_on(df.collect())?;
         Ok(QueryResult { schema, batches })
@@ -232,7 +246,7 @@ impl QuerySession {
         statement: Statement,
         f: &mut dyn FnMut(&RecordBatch) -> Result<()>,
     ) -> Result<SchemaRef> {
-        let df = self.plan(statement)?;
+        let (df, _guard) = self.plan(statement)?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         self.runtime.block_on(async {
             let mut stream = df.execute_stream().await?;
@@ -258,7 +272,7 @@ impl QuerySession {
         }
         let n = statements.len();
         for (i, statement) in statements.into_iter().enumerate() {
-            let df = self.plan(statement)?;
+            let (df, _guard) = self.plan(statement)?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             on_event(ScriptEvent::Start(i, &schema))?;
             self.runtime.block_on(async {

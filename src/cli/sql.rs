@@ -30,6 +30,11 @@ pub struct Args {
     /// machine's (or the cgroup's) memory.
     #[arg(long, value_parser = super::parse_bytes)]
     pub memory_limit: Option<usize>,
+    /// Inline every WITH query at each of its references (DataFusion's own planning) instead
+    /// of computing one that is referenced more than once once, into temporary files. Use it
+    /// when the references filter a large CTE down to little.
+    #[arg(long)]
+    pub inline_ctes: bool,
 }
 
 pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
@@ -44,6 +49,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
     let options = QueryOptions {
         allow_incomplete: args.allow_incomplete,
         memory_limit: args.memory_limit,
+        inline_ctes: args.inline_ctes,
         ..QueryOptions::default()
     };
     let session = QuerySession::open(&store.dir, &options)

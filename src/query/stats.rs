@@ -1,9 +1,10 @@
-//! Built-in reports over a store, each defined by the SQL it runs.
+//! Built-in reports over a store: SQL selects the positions, Rust accumulates the metrics.
 //!
 //! * [`coverage`]: how much of the teacher's probability the stored top-k keeps: mean and
 //!   quantiles of the cumulative mass of the top-1 .. top-k entries, and the fraction of
 //!   positions whose top-k mass is at least 0.95; by source and split and overall, over all
-//!   positions and over in-loss positions. All in one SQL aggregate.
+//!   positions and over in-loss positions. SQL selects the positions; one streaming pass in
+//!   Rust accumulates every group (quantiles from fine histograms, exact to 1/8192).
 //! * [`calibration`]: the teacher's next-token calibration (confidence = top-1 probability,
 //!   correct = the target is the top-1 token): ECE, adaptive ECE, MCE, Brier, NLL of the
 //!   target and the reliability table, computed by [`crate::calibration`] from the rows a SQL
@@ -11,7 +12,7 @@
 //!
 //! Both take a temperature; see [`StatsOptions`].
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, UInt32Type};
 use serde::{Deserialize, Serialize};
@@ -76,7 +77,8 @@ pub struct CoverageRow {
     pub n: u64,
     /// Mean cumulative mass of the top-1 .. top-k entries (k values).
     pub mean_mass: Vec<f64>,
-    /// Approximate (t-digest) quantiles of the cumulative mass of the top-1 .. top-k entries:
+    /// Quantiles (from histograms of [`COVERAGE_BINS`] bins) of the cumulative mass of the
+    /// top-1 .. top-k entries:
     /// `quantiles[q][j]` is quantile `COVERAGE_QUANTILES[q]` of the top-(j+1) mass.
     pub quantiles: Vec<Vec<f64>>,
     /// Fraction of positions whose top-k mass is at least [`MASS_THRESHOLD`].
@@ -112,84 +114,172 @@ fn logprob_expr(opts: &StatsOptions, mode: TemperatureMode, vocab: u32) -> Strin
     }
 }
 
-/// The SQL of the coverage report for a store with `k` entries per position.
-pub fn coverage_sql(k: usize, vocab: u32, opts: &StatsOptions) -> String {
+/// Equal-width bins over [0, 1] of the histograms the coverage quantiles are read from: a
+/// quantile is exact to within `1 / COVERAGE_BINS` (masses a hair above 1 from float16
+/// rounding count in the last bin).
+pub const COVERAGE_BINS: usize = 8192;
+
+/// The SQL of the coverage report: the positions with their source, split, in-loss flag and
+/// top-k log-probs (rescaled when the temperature is not 1). `samples` comes first so the
+/// hash join builds on the small table (see [`calibration_sql`]).
+pub fn coverage_sql(vocab: u32, opts: &StatsOptions) -> String {
     let lp = logprob_expr(opts, TemperatureMode::UniformTail, vocab);
-    let masses: Vec<String> = (1..=k)
-        .map(|j| format!("topk_mass(lp, {j}) AS m{j}"))
-        .collect();
-    let mut aggregates = vec!["count(*) AS n".to_string()];
-    for j in 1..=k {
-        aggregates.push(format!("avg(m{j}) AS mean_m{j}"));
-    }
-    for (qi, q) in COVERAGE_QUANTILES.iter().enumerate() {
-        for j in 1..=k {
-            aggregates.push(format!(
-                "approx_percentile_cont({q:?}) WITHIN GROUP (ORDER BY m{j}) AS q{qi}_m{j}"
-            ));
-        }
-    }
-    aggregates.push(format!(
-        "avg(CASE WHEN m{k} >= {MASS_THRESHOLD:?} THEN 1.0 ELSE 0.0 END) AS frac_ge"
-    ));
-    let aggregates = aggregates.join(",\n    ");
-    let select = |positions: &str, filter: &str| {
-        format!(
-            "  SELECT '{positions}' AS positions, source, split,\n    {aggregates}\n  \
-             FROM t{filter}\n  GROUP BY GROUPING SETS ((source, split), ())"
-        )
-    };
     format!(
-        "WITH t AS (\n  SELECT s.source, s.split, l.in_loss, {masses}\n  \
-         FROM samples s\n  \
-         JOIN (SELECT sample_id, in_loss, {lp} AS lp FROM labels l) l ON l.sample_id = s.sample_id\n)\n\
-         SELECT * FROM (\n{all}\n  UNION ALL\n{in_loss}\n)\n\
-         ORDER BY positions, source NULLS LAST, split NULLS LAST",
-        masses = masses.join(", "),
-        all = select("all", ""),
-        in_loss = select("in_loss", " WHERE in_loss"),
+        "SELECT s.source, s.split, l.in_loss, {lp} AS lp\n\
+         FROM samples s JOIN labels l ON l.sample_id = s.sample_id"
     )
 }
 
-/// Runs the coverage report.
+/// Running coverage statistics of one group: count, sums of the top-1 .. top-k masses, one
+/// histogram per j for the quantiles, and the count at or above [`MASS_THRESHOLD`].
+#[derive(Clone)]
+struct CoverageAccumulator {
+    k: usize,
+    n: u64,
+    sums: Vec<f64>,
+    /// `hist[j * COVERAGE_BINS + b]`: positions whose top-(j+1) mass is in bin `b`.
+    hist: Vec<u64>,
+    at_threshold: u64,
+}
+
+impl CoverageAccumulator {
+    fn new(k: usize) -> Self {
+        CoverageAccumulator {
+            k,
+            n: 0,
+            sums: vec![0.0; k],
+            hist: vec![0; k * COVERAGE_BINS],
+            at_threshold: 0,
+        }
+    }
+
+    /// Adds one position given its cumulative masses (top-1 .. top-k; a shorter list, as in a
+    /// top-p store, repeats its total for the missing entries).
+    fn push(&mut self, cumulative: &[f64]) {
+        self.n += 1;
+        let last = cumulative.last().copied().unwrap_or(0.0);
+        for j in 0..self.k {
+            let m = cumulative.get(j).copied().unwrap_or(last);
+            self.sums[j] += m;
+            // `as` saturates: negative (and NaN) to bin 0, above 1 to the last bin.
+            let bin = ((m * COVERAGE_BINS as f64) as usize).min(COVERAGE_BINS - 1);
+            self.hist[j * COVERAGE_BINS + bin] += 1;
+        }
+        if last >= MASS_THRESHOLD {
+            self.at_threshold += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.n += other.n;
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+            *a += b;
+        }
+        for (a, b) in self.hist.iter_mut().zip(&other.hist) {
+            *a += b;
+        }
+        self.at_threshold += other.at_threshold;
+    }
+
+    /// Quantile `q` of the top-(j+1) mass: the value at rank `q (n - 1)` (as
+    /// `percentile_cont`), placed inside its bin as if the bin's values were evenly spread.
+    fn quantile(&self, j: usize, q: f64) -> f64 {
+        if self.n == 0 {
+            return f64::NAN;
+        }
+        let rank = q * (self.n - 1) as f64;
+        let hist = &self.hist[j * COVERAGE_BINS..(j + 1) * COVERAGE_BINS];
+        let mut before = 0u64;
+        for (b, &count) in hist.iter().enumerate() {
+            if count > 0 && rank < (before + count) as f64 {
+                let within = (rank - before as f64 + 0.5) / count as f64;
+                return (b as f64 + within.clamp(0.0, 1.0)) / COVERAGE_BINS as f64;
+            }
+            before += count;
+        }
+        1.0
+    }
+
+    fn row(&self, positions: &str, source: Option<String>, split: Option<String>) -> CoverageRow {
+        let n = self.n as f64;
+        CoverageRow {
+            positions: positions.to_string(),
+            source,
+            split,
+            n: self.n,
+            mean_mass: self.sums.iter().map(|s| s / n).collect(),
+            quantiles: COVERAGE_QUANTILES
+                .iter()
+                .map(|&q| (0..self.k).map(|j| self.quantile(j, q)).collect())
+                .collect(),
+            frac_topk_mass_ge_095: self.at_threshold as f64 / n,
+        }
+    }
+}
+
+/// Runs the coverage report: SQL selects the positions ([`coverage_sql`]), and one streaming
+/// pass accumulates every group (by source and split, over all and in-loss positions) in
+/// bounded memory; the totals are the merged groups.
 pub fn coverage(session: &QuerySession, opts: &StatsOptions) -> Result<CoverageReport> {
     opts.check()?;
     let k = session.manifest().k;
-    let sql = coverage_sql(k, session.manifest().tokenizer.vocab_size, opts);
-    let result = session.sql(&sql)?;
+    let sql = coverage_sql(session.manifest().tokenizer.vocab_size, opts);
+    let mut groups: Vec<((bool, String, String), CoverageAccumulator)> = Vec::new();
+    let mut cumulative = Vec::with_capacity(k);
+    session.for_each_batch(&sql, |batch| {
+        let (source, split, in_loss) = group_columns(batch)?;
+        let (source, split) = (source.as_string::<i32>(), split.as_string::<i32>());
+        let lists = column(batch, "lp")?;
+        let (values, ranges) = list_ranges(lists)?;
+        // Consecutive rows mostly share a sample, so the last group found is tried first.
+        let mut last: [Option<usize>; 2] = [None, None];
+        for (i, range) in ranges.into_iter().enumerate() {
+            cumulative.clear();
+            let mut total = 0.0;
+            for lp in &values[range] {
+                total += lp.exp();
+                cumulative.push(total);
+            }
+            let (so, sp) = (source.value(i), split.value(i));
+            for loss in [false, true] {
+                if loss && !in_loss.value(i) {
+                    continue;
+                }
+                let hit = last[usize::from(loss)].filter(|&g| {
+                    let (l, gso, gsp) = &groups[g].0;
+                    *l == loss && gso == so && gsp == sp
+                });
+                let g = match hit.or_else(|| {
+                    groups
+                        .iter()
+                        .position(|((l, gso, gsp), _)| *l == loss && gso == so && gsp == sp)
+                }) {
+                    Some(g) => g,
+                    None => {
+                        groups.push((
+                            (loss, so.to_string(), sp.to_string()),
+                            CoverageAccumulator::new(k),
+                        ));
+                        groups.len() - 1
+                    }
+                };
+                last[usize::from(loss)] = Some(g);
+                groups[g].1.push(&cumulative);
+            }
+        }
+        Ok(())
+    })?;
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
     let mut rows = Vec::new();
-    for batch in &result.batches {
-        let text = |name: &str| -> Result<StringArray> {
-            let col = column(batch, name)?;
-            Ok(cast(col, &DataType::Utf8)?.as_string::<i32>().clone())
-        };
-        let float = |name: &str| -> Result<Vec<Option<f64>>> {
-            let col = cast(column(batch, name)?, &DataType::Float64)?;
-            Ok(col.as_primitive::<Float64Type>().iter().collect())
-        };
-        let (positions, source, split) = (text("positions")?, text("source")?, text("split")?);
-        let n = float("n")?;
-        let means: Vec<Vec<Option<f64>>> = (1..=k)
-            .map(|j| float(&format!("mean_m{j}")))
-            .collect::<Result<_>>()?;
-        let quantiles: Vec<Vec<Vec<Option<f64>>>> = (0..COVERAGE_QUANTILES.len())
-            .map(|qi| (1..=k).map(|j| float(&format!("q{qi}_m{j}"))).collect())
-            .collect::<Result<_>>()?;
-        let frac = float("frac_ge")?;
-        let opt_text = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
-        for i in 0..batch.num_rows() {
-            rows.push(CoverageRow {
-                positions: positions.value(i).to_string(),
-                source: opt_text(&source, i),
-                split: opt_text(&split, i),
-                n: n[i].unwrap_or(0.0) as u64,
-                mean_mass: means.iter().map(|m| m[i].unwrap_or(f64::NAN)).collect(),
-                quantiles: quantiles
-                    .iter()
-                    .map(|q| q.iter().map(|m| m[i].unwrap_or(f64::NAN)).collect())
-                    .collect(),
-                frac_topk_mass_ge_095: frac[i].unwrap_or(f64::NAN),
-            });
+    for in_loss in [false, true] {
+        let positions = if in_loss { "in_loss" } else { "all" };
+        let mut total = CoverageAccumulator::new(k);
+        for ((_, source, split), acc) in groups.iter().filter(|g| g.0 .0 == in_loss) {
+            rows.push(acc.row(positions, Some(source.clone()), Some(split.clone())));
+            total.merge(acc);
+        }
+        if total.n > 0 {
+            rows.push(total.row(positions, None, None));
         }
     }
     Ok(CoverageReport {
@@ -199,6 +289,63 @@ pub fn coverage(session: &QuerySession, opts: &StatsOptions) -> Result<CoverageR
         rows,
         sql,
     })
+}
+
+/// The `source` and `split` columns of a report's batch as Utf8, and its `in_loss` flags.
+fn group_columns(batch: &RecordBatch) -> Result<(ArrayRef, ArrayRef, BooleanArray)> {
+    let text =
+        |name: &str| -> Result<ArrayRef> { Ok(cast(column(batch, name)?, &DataType::Utf8)?) };
+    let in_loss = column(batch, "in_loss")?.as_boolean().clone();
+    Ok((text("source")?, text("split")?, in_loss))
+}
+
+/// The float64 values of a list column and each row's range into them (fixed-size lists of
+/// 1.0 stores and rescaled log-probs, variable lists of top-p / sampled stores). A null list is
+/// an error: the store's schema has none.
+type ListRanges = (Vec<f64>, Vec<std::ops::Range<usize>>);
+
+fn list_ranges(array: &ArrayRef) -> Result<ListRanges> {
+    let widen = |values: &ArrayRef| -> Result<Vec<f64>> {
+        let v = cast(values, &DataType::Float64)?;
+        Ok(v.as_primitive::<Float64Type>().values().to_vec())
+    };
+    if array.null_count() > 0 {
+        return Err(Error::Internal(
+            "coverage: a log-prob list in the query result is null".into(),
+        ));
+    }
+    match array.data_type() {
+        DataType::FixedSizeList(_, k) => {
+            let list = array.as_fixed_size_list();
+            let k = usize::try_from(*k).unwrap_or(0);
+            let start = if list.is_empty() {
+                0
+            } else {
+                usize::try_from(list.value_offset(0)).unwrap_or(0)
+            };
+            let values = widen(&list.values().slice(start, list.len() * k))?;
+            Ok((
+                values,
+                (0..list.len()).map(|row| row * k..(row + 1) * k).collect(),
+            ))
+        }
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let values = widen(list.values())?;
+            let ranges = list
+                .offsets()
+                .windows(2)
+                .map(|w| {
+                    let start = usize::try_from(w[0]).unwrap_or(0);
+                    start..usize::try_from(w[1]).unwrap_or(start)
+                })
+                .collect();
+            Ok((values, ranges))
+        }
+        other => Err(Error::Internal(format!(
+            "coverage: expected a list of log-probs, got {other}"
+        ))),
+    }
 }
 
 /// Counts of in-loss positions by top-k probability mass, in `bins` equal-width bins over
@@ -313,11 +460,8 @@ pub fn calibration(session: &QuerySession, opts: &StatsOptions) -> Result<Calibr
         groups: Vec::new(),
     };
     session.for_each_batch(&sql, |batch| {
-        let source = cast(column(batch, "source")?, &DataType::Utf8)?;
-        let source = source.as_string::<i32>();
-        let split = cast(column(batch, "split")?, &DataType::Utf8)?;
-        let split = split.as_string::<i32>();
-        let in_loss: &BooleanArray = column(batch, "in_loss")?.as_boolean();
+        let (source, split, in_loss) = group_columns(batch)?;
+        let (source, split) = (source.as_string::<i32>(), split.as_string::<i32>());
         let lists = column(batch, "topk_logprobs")?.as_fixed_size_list();
         let k = usize::try_from(lists.value_length()).unwrap_or(0);
         let start = if lists.is_empty() {
@@ -439,4 +583,55 @@ pub fn write_plots(
     );
     std::fs::write(&coverage, svg).map_err(|e| Error::io(&coverage, e))?;
     Ok(vec![reliability, coverage])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_a_bin_and_merging_equals_one_pass() {
+        // 10,001 evenly spaced masses in [0, 1]: percentile_cont of q is q itself.
+        let n = 10_001;
+        let mut one = CoverageAccumulator::new(2);
+        let (mut a, mut b) = (CoverageAccumulator::new(2), CoverageAccumulator::new(2));
+        for i in 0..n {
+            let m = i as f64 / (n - 1) as f64;
+            let cumulative = [m / 2.0, m];
+            one.push(&cumulative);
+            if i % 3 == 0 {
+                a.push(&cumulative)
+            } else {
+                b.push(&cumulative)
+            }
+        }
+        a.merge(&b);
+        let bin = 1.0 / COVERAGE_BINS as f64;
+        for q in [0.0, 0.1, 0.5, 0.9, 1.0] {
+            assert!(
+                (one.quantile(1, q) - q).abs() <= bin,
+                "{q}: {}",
+                one.quantile(1, q)
+            );
+            assert!((one.quantile(0, q) - q / 2.0).abs() <= bin);
+            assert_eq!(one.quantile(1, q), a.quantile(1, q));
+        }
+        let row = one.row("all", None, None);
+        assert_eq!(row.n, n as u64);
+        assert!((row.mean_mass[1] - 0.5).abs() < 1e-12);
+        // m >= 0.95 for i >= 9500.
+        assert!((row.frac_topk_mass_ge_095 - 501.0 / n as f64).abs() < 1e-12);
+        assert!(CoverageAccumulator::new(1).quantile(0, 0.5).is_nan());
+    }
+
+    #[test]
+    fn short_lists_repeat_their_total_and_masses_above_one_count_in_the_last_bin() {
+        let mut acc = CoverageAccumulator::new(3);
+        acc.push(&[0.5, 1.0004]);
+        let row = acc.row("all", None, None);
+        assert_eq!(row.mean_mass, vec![0.5, 1.0004, 1.0004]);
+        assert_eq!(acc.hist[3 * COVERAGE_BINS - 1], 1);
+        assert!(row.quantiles[1][2] <= 1.0 && row.quantiles[1][2] > 1.0 - 1.0 / 8192.0);
+        assert_eq!(row.frac_topk_mass_ge_095, 1.0);
+    }
 }

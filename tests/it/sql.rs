@@ -559,7 +559,7 @@ fn stats_cli_json_and_coverage() {
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stats --json is JSON");
     let coverage = &json["coverage"];
-    assert!(coverage["sql"].as_str().unwrap().contains("topk_mass"));
+    assert!(coverage["sql"].as_str().unwrap().contains("JOIN labels"));
     let total = coverage["rows"]
         .as_array()
         .unwrap()
@@ -593,6 +593,29 @@ fn stats_cli_json_and_coverage() {
         .count() as f64
         / n as f64;
     assert!((total["frac_topk_mass_ge_095"].as_f64().unwrap() - frac).abs() < 1e-12);
+    // Quantiles: within one histogram bin of the exact `percentile_cont` value, widened by
+    // the gap between the two order statistics it interpolates.
+    let bin = 1.0 / stats::COVERAGE_BINS as f64;
+    for j in 1..=k {
+        let mut masses: Vec<f64> = (0..n)
+            .map(|i| {
+                rows.lps[i * k..i * k + j]
+                    .iter()
+                    .map(|lp| lp.exp())
+                    .sum::<f64>()
+            })
+            .collect();
+        masses.sort_by(f64::total_cmp);
+        for (qi, q) in stats::COVERAGE_QUANTILES.iter().enumerate() {
+            let rank = q * (n - 1) as f64;
+            let (lo, hi) = (masses[rank.floor() as usize], masses[rank.ceil() as usize]);
+            let got = total["quantiles"][qi][j - 1].as_f64().unwrap();
+            assert!(
+                got >= lo - bin && got <= hi + bin,
+                "quantile {q} of the top-{j} mass: {got}, exact in [{lo}, {hi}]"
+            );
+        }
+    }
     let in_loss = coverage["rows"]
         .as_array()
         .unwrap()
@@ -739,4 +762,92 @@ fn queries_past_the_memory_limit_spill_or_fail_cleanly() {
         "{}",
         text(&o)
     );
+}
+
+/// The pure-SQL calibration report of `scripts/sql_bench.py` (`calibration_sql`, DataFusion
+/// spelling): `base` is read four times by `expanded`, which `bins` and `runs` both read.
+const CALIBRATION_SQL: &str = "WITH base AS (
+  SELECT s.source, s.split, l.in_loss, topk_mass(l.topk_logprobs, 1) AS conf,
+         CASE WHEN target_rank(l.topk_ids, l.target_id) = 1 THEN 1.0 ELSE 0.0 END AS correct,
+         -(CAST(l.target_logprob AS DOUBLE)) AS nll
+  FROM labels l JOIN samples s ON l.sample_id = s.sample_id),
+expanded AS (
+  SELECT 'all' AS positions, source, split, conf, correct, nll FROM base
+  UNION ALL SELECT 'in_loss', source, split, conf, correct, nll FROM base WHERE in_loss
+  UNION ALL SELECT 'all', NULL, NULL, conf, correct, nll FROM base
+  UNION ALL SELECT 'in_loss', NULL, NULL, conf, correct, nll FROM base WHERE in_loss),
+bins AS (
+  SELECT positions, source, split, count(*) AS cnt, sum(conf) AS sc, sum(correct) AS sa,
+         sum(nll) AS snll
+  FROM expanded GROUP BY positions, source, split, least(floor(conf * 15), 14)),
+runs AS (
+  SELECT positions, source, split, run, count(*) AS cnt, sum(conf) AS sc, sum(correct) AS sa
+  FROM (SELECT positions, source, split, conf, correct,
+               ntile(15) OVER (PARTITION BY positions, source, split ORDER BY conf, correct) AS run
+        FROM expanded) r
+  GROUP BY positions, source, split, run),
+adaptive AS (
+  SELECT positions, source, split, sum(abs(sa - sc)) / sum(cnt) AS adaptive_ece
+  FROM runs GROUP BY positions, source, split)
+SELECT b.positions, b.source, b.split, sum(b.cnt) AS n, sum(abs(b.sa - b.sc)) / sum(b.cnt) AS ece,
+       sum(b.snll) / sum(b.cnt) AS nll, max(a.adaptive_ece) AS adaptive_ece
+FROM bins b JOIN adaptive a
+  ON (b.positions = a.positions) AND (b.source IS NOT DISTINCT FROM a.source)
+     AND (b.split IS NOT DISTINCT FROM a.split)
+GROUP BY b.positions, b.source, b.split
+ORDER BY b.positions, b.source NULLS LAST, b.split NULLS LAST";
+
+#[test]
+fn repeated_ctes_computed_once_match_inlined_ones_and_leave_no_file() {
+    let tmp = tempdir();
+    let (store, _) = small_store(tmp.path(), "store", LogprobDtype::Float16);
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_firstkd"))
+            .args(["sql", store.to_str().unwrap(), "--format", "csv"])
+            .args(extra)
+            .arg(CALIBRATION_SQL)
+            .env("TMPDIR", &scratch)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (once, inline) = (run(&[]), run(&["--inline-ctes"]));
+    let rows = |csv: &str| -> Vec<Vec<String>> {
+        csv.lines()
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect()
+    };
+    let (once, inline) = (rows(&once), rows(&inline));
+    assert_eq!(once.len(), inline.len());
+    // A header and, per positions, one row per (source, split) and the total.
+    assert!(once.len() >= 5, "{once:?}");
+    for (a, b) in once.iter().zip(&inline) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                // Sums may add in another order.
+                (Ok(x), Ok(y)) => assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{a:?} {b:?}"),
+                _ => assert_eq!(x, y),
+            }
+        }
+    }
+    // The temporary tables went with the statement.
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    // The same numbers as the Rust report, for the in-loss total.
+    let session = open(&store);
+    let report = stats::calibration(&session, &stats::StatsOptions::default()).unwrap();
+    let total = report
+        .groups
+        .iter()
+        .find(|g| g.positions == "in_loss" && g.source.is_none())
+        .unwrap();
+    let row = once
+        .iter()
+        .find(|r| r[0] == "in_loss" && r[1].is_empty())
+        .unwrap();
+    assert_eq!(row[3].parse::<u64>().unwrap(), total.report.n);
+    assert!((row[4].parse::<f64>().unwrap() - total.report.ece).abs() < 1e-4);
 }
