@@ -13,6 +13,7 @@
 //! Both take a temperature; see [`StatsOptions`].
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::buffer::ScalarBuffer;
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, UInt32Type};
 use serde::{Deserialize, Serialize};
@@ -302,12 +303,13 @@ fn group_columns(batch: &RecordBatch) -> Result<(ArrayRef, ArrayRef, BooleanArra
 /// The float64 values of a list column and each row's range into them (fixed-size lists of
 /// 1.0 stores and rescaled log-probs, variable lists of top-p / sampled stores). A null list is
 /// an error: the store's schema has none.
-type ListRanges = (Vec<f64>, Vec<std::ops::Range<usize>>);
+type ListRanges = (ScalarBuffer<f64>, Vec<std::ops::Range<usize>>);
 
 fn list_ranges(array: &ArrayRef) -> Result<ListRanges> {
-    let widen = |values: &ArrayRef| -> Result<Vec<f64>> {
+    // The cast's buffer itself (shared, not copied again).
+    let widen = |values: &ArrayRef| -> Result<ScalarBuffer<f64>> {
         let v = cast(values, &DataType::Float64)?;
-        Ok(v.as_primitive::<Float64Type>().values().to_vec())
+        Ok(v.as_primitive::<Float64Type>().values().clone())
     };
     if array.null_count() > 0 {
         return Err(Error::Internal(
