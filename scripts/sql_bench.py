@@ -146,6 +146,12 @@ def check_same_sql_result(fk_csv, dd_rows):
                 assert abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b))), (name, fk, dd)
 
 
+def firstkd_calibration_sql():
+    return calibration_sql("labels", "samples", "topk_mass(l.topk_logprobs, 1)",
+                           "CASE WHEN target_rank(l.topk_ids, l.target_id) = 1 THEN 1.0 ELSE 0.0 END",
+                           "CAST(l.target_logprob AS DOUBLE)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
@@ -157,12 +163,18 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--zstd-level", type=int, default=19,
                     help="zstd level of the store synth writes (19, label's default; 3 writes 10^8 rows faster)")
+    ap.add_argument("--print-sql", action="store_true",
+                    help="print the pure-SQL calibration query in firstkd's spelling and exit (to run it "
+                         "by hand: EXPLAIN ANALYZE, SET, --memory-limit)")
     ap.add_argument("--reports-only", action="store_true",
                     help="time only firstkd's two reports against DuckDB's SQL (at 10^8 rows the pure-SQL "
                          "calibration query in firstkd held more memory than the machine's 24 GiB)")
     ap.add_argument("--skip-inline", action="store_true",
                     help="do not time the pure-SQL query with --inline-ctes (slow at 10^8 rows)")
     args = ap.parse_args()
+    if args.print_sql:
+        print(firstkd_calibration_sql())
+        return
 
     if not os.path.exists(os.path.join(args.store, "manifest.json")):
         start = time.perf_counter()
@@ -214,9 +226,7 @@ def main():
     add(rows, ("calibration (`stats --report calibration` vs pure SQL in DuckDB; ECE, adaptive ECE, MCE, Brier, NLL)", fk_t, dd_t))
 
     # The same pure-SQL calibration query in both engines.
-    fk_sql = calibration_sql("labels", "samples", "topk_mass(l.topk_logprobs, 1)",
-                             "CASE WHEN target_rank(l.topk_ids, l.target_id) = 1 THEN 1.0 ELSE 0.0 END",
-                             "CAST(l.target_logprob AS DOUBLE)")
+    fk_sql = firstkd_calibration_sql()
     if args.reports_only:
         return print_table(rows, label_rows, k, args)
     try:
