@@ -10,6 +10,13 @@
 //! Prints one table row per loss (default: kd, kd-tail, ce): median step time split into
 //! forward / backward / clip + AdamW, tokens/s and the process's peak RSS after that loss's
 //! steps (VmHWM; it only grows).
+//!
+//! `FIRSTKD_BENCH_SHAPE=qwen0.5b` trains a randomly initialised Qwen2.5-0.5B-shaped student
+//! (24 layers, hidden 896, vocab 151,936, tied) instead; `FIRSTKD_BENCH_TOKENS=N` sets the
+//! tokens per step (default 1024; rows of `FIRSTKD_BENCH_SEQ`). The table then also gives the
+//! model TFLOP/s (6 x the projections' and output parameters x tokens, plus causal attention
+//! 12 x layers x heads x head_dim x (S + 1) / 2 per token) and the MFU against
+//! `FIRSTKD_PEAK_TFLOPS` (default on cuda: 989, the H200's dense bf16 peak).
 
 use std::time::Instant;
 
@@ -52,28 +59,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|_| format!("FIRSTKD_BENCH_SEQ={v}: not a number"))?,
         Err(_) => 256,
     };
-    if !(1..=1024).contains(&seq) || 1024 % seq != 0 {
-        return Err(format!("FIRSTKD_BENCH_SEQ={seq}: must divide 1024").into());
+    let step_tokens: usize = match std::env::var("FIRSTKD_BENCH_TOKENS") {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("FIRSTKD_BENCH_TOKENS={v}: not a number"))?,
+        Err(_) => 1024,
+    };
+    if seq == 0 || seq > step_tokens || !step_tokens.is_multiple_of(seq) {
+        return Err(format!("FIRSTKD_BENCH_SEQ={seq}: must divide {step_tokens}").into());
     }
-    let rows = 1024 / seq;
+    let rows = step_tokens / seq;
+    let shape = std::env::var("FIRSTKD_BENCH_SHAPE").unwrap_or_else(|_| "2-layer".into());
+    let student_json = match shape.as_str() {
+        "2-layer" => serde_json::json!({
+            "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "vocab_size": 49152, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0, "tie_word_embeddings": true
+        }),
+        "qwen0.5b" => serde_json::json!({
+            "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "tie_word_embeddings": true
+        }),
+        other => return Err(format!("FIRSTKD_BENCH_SHAPE={other}: 2-layer or qwen0.5b").into()),
+    };
+    let vocab = student_json["vocab_size"].as_u64().unwrap_or(49152) as u32;
     let tmp = std::env::temp_dir().join(format!("firstkd-train-bench-{}", std::process::id()));
     let store = tmp.join("store");
     let cfg = SyntheticConfig {
-        label_rows: 1024 * (steps as u64 + 2) * 2,
+        label_rows: step_tokens as u64 * (steps as u64 + 2) * 2,
         min_len: seq + 1,
         max_len: seq + 1,
-        vocab_size: 49152,
+        vocab_size: vocab,
         valid_fraction: 0.0,
         ..SyntheticConfig::default()
     };
     generate(&store, &cfg, WriterOptions::default())?;
     let reader = StoreReader::open(&store)?;
-    let student_cfg: StudentConfig = serde_json::from_value(serde_json::json!({
-        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
-        "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3,
-        "vocab_size": 49152, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0, "tie_word_embeddings": true
-    }))?;
+    let student_cfg: StudentConfig = serde_json::from_value(student_json)?;
     let device = match std::env::var("FIRSTKD_DEVICE").as_deref() {
         Ok("cuda") => Device::new_cuda(0)?,
         _ => Device::Cpu,
@@ -82,15 +107,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok("bf16") => DType::BF16,
         _ => DType::F32,
     };
+    let flops_per_step = {
+        let c = &student_cfg;
+        let (h, nq) = (c.hidden_size as f64, c.num_attention_heads as f64);
+        let hd = h / nq;
+        let nkv = c.num_key_value_heads.unwrap_or(c.num_attention_heads) as f64;
+        let per_layer =
+            h * (nq + 2.0 * nkv) * hd + nq * hd * h + 3.0 * h * c.intermediate_size as f64;
+        let matmul_params = c.num_hidden_layers as f64 * per_layer + c.vocab_size as f64 * h;
+        let attn = 12.0 * c.num_hidden_layers as f64 * nq * hd * (seq as f64 + 1.0) / 2.0;
+        (6.0 * matmul_params + attn) * step_tokens as f64
+    };
+    let peak_tflops: Option<f64> = match std::env::var("FIRSTKD_PEAK_TFLOPS") {
+        Ok(v) => Some(v.parse().map_err(|_| format!("FIRSTKD_PEAK_TFLOPS={v}"))?),
+        Err(_) => (!device.is_cpu()).then_some(989.0),
+    };
     println!(
-        "student: 2 layers, {} parameters; batch {rows} x {seq}; device {device:?}, matmuls {dtype:?}; threads: {}; malloc keeps freed memory: {tuned}",
+        "student: {shape}, {} layers, {} parameters; batch {rows} x {seq}; device {device:?}, matmuls {dtype:?}; threads: {}; malloc keeps freed memory: {tuned}",
+        student_cfg.num_hidden_layers,
         student_cfg.num_parameters(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!("| loss | steps | median step s | forward s | backward s | clip+AdamW s | tokens/s | peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| loss | steps | median step s | forward s | backward s | clip+AdamW s | tokens/s | peak RSS MiB | model TFLOP/s | MFU |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for name in &losses {
         let mut student = Student::random(student_cfg.clone(), 0, &device)?;
         student.set_compute_dtype(dtype)?;
@@ -105,7 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let data = DataOptions {
             split: "train".into(),
-            batch_tokens: 1024,
+            batch_tokens: step_tokens,
             max_positions: seq,
             shuffle_buffer: 1,
             seed: 0,
@@ -141,10 +182,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         times.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (median, fwd, bwd, opt_s) = times[times.len() / 2];
+        let tflops = flops_per_step / median / 1e12;
         println!(
-            "| {name} | {steps} | {median:.3} | {fwd:.3} | {bwd:.3} | {opt_s:.3} | {:.0} | {:.0} |",
-            1024.0 / median,
-            peak_rss_mib()
+            "| {name} | {steps} | {median:.3} | {fwd:.3} | {bwd:.3} | {opt_s:.3} | {:.0} | {:.0} | {tflops:.3} | {} |",
+            step_tokens as f64 / median,
+            peak_rss_mib(),
+            peak_tflops.map_or("-".to_string(), |p| format!("{:.1}% of {p}", 100.0 * tflops / p))
         );
     }
     let _ = std::fs::remove_dir_all(&tmp);

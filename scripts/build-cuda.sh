@@ -12,7 +12,7 @@
 #    bindings, in lib/stubs/ only: it is used for linking and never shipped; the device's driver
 #    provides the real libcuda.so.1.
 # 3. cargo build/test --release --features cuda (sm_90, CUDARC_CUDA_VERSION=13000), -j$JOBS.
-# 4. Strips firstkd, train_bench, the lib unit-test and the `it` integration-test executables and
+# 4. Strips firstkd, train_bench, label_bench, the lib unit-test and the `it` integration-test executables and
 #    packs them as one solid .dev/firstkd-cuda.tar.xz (+ .dev/cuda-manifest.txt). On the GPU
 #    machine run scripts/cuda-check.sh (unpacks into /tmp/fk, runs the cuda tests).
 #
@@ -176,6 +176,7 @@ pack() { # NAME SRC
 pack firstkd "$CARGO_TARGET_DIR/release/firstkd"
 pack it-tests "$it_tests"
 pack train_bench "$CARGO_TARGET_DIR/release/examples/train_bench"
+pack label_bench "$CARGO_TARGET_DIR/release/examples/label_bench"
 pack firstkd-lib-tests "$lib_tests"
 (cd "$stage" && sha256sum "${names[@]}") >"$stage/SHA256SUMS"
 rm -f "$DEV"/*.xz "$DEV/cuda-manifest.txt"

@@ -94,7 +94,7 @@ if [[ -n ${SETUP_ONLY:-} ]]; then echo "### setup only: $FK ready"; return 0; fi
 
 # ---------------------------------------------------------------- ldd
 missing=0
-for n in firstkd firstkd-lib-tests it-tests train_bench; do
+for n in firstkd firstkd-lib-tests it-tests train_bench label_bench; do
   [[ -x $FK/$n ]] || continue
   if [[ $n == firstkd ]]; then ldd "$FK/$n" | grep -E 'cuda|cublas|curand|nvrtc|not found|stdc\+\+|libc\.so'; fi
   nf=$(ldd "$FK/$n" 2>&1 | grep -c 'not found')

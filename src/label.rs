@@ -9,6 +9,7 @@
 //! continues after the last committed part.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -21,7 +22,7 @@ use crate::store::writer::Opened;
 use crate::store::{
     Manifest, SampleLabels, SampleRecord, StoreMeta, StoreWriter, TeacherInfo, WriterOptions,
 };
-use crate::teacher::{plan_batches, LabelInput, LabelOptions, Teacher};
+use crate::teacher::{plan_batches, plan_packed_batches, LabelInput, LabelOptions, Teacher};
 
 /// One input file and how its samples are tagged in the store.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -82,6 +83,9 @@ pub struct LabelConfig {
     pub limit_records: Option<u64>,
     /// Accept inputs holding no sequence (an empty store); otherwise that is an error.
     pub allow_empty: bool,
+    /// Pack sequences into rows of this many tokens (0: the longest sequence of each part)
+    /// instead of padding each to its batch's longest; `None`: padded batches.
+    pub pack: Option<usize>,
 }
 
 impl LabelConfig {
@@ -106,6 +110,7 @@ impl Default for LabelConfig {
             skip_invalid: false,
             limit_records: None,
             allow_empty: false,
+            pack: None,
         }
     }
 }
@@ -425,6 +430,10 @@ pub fn label_with(
             }
         )));
     }
+    if let Some(row_len) = cfg.pack.filter(|&n| n > 0) {
+        let longest = planned.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+        opts_pack_check(row_len, longest)?;
+    }
     // One writer per store (per shard): a second run of the same command is refused while
     // this one runs; the lock dies with the process, so a kill never blocks the resume.
     let _lock = crate::store::lock::lock(
@@ -448,60 +457,85 @@ pub fn label_with(
         Opened::Resumed { writer, .. } => writer,
     };
     on_progress(&progress);
+    let on_cpu = matches!(teacher.model().device(), candle_core::Device::Cpu);
     let opts = LabelOptions {
         k: cfg.k,
         select: Some(cfg.selection()),
+        pack: cfg.pack,
+        // On an accelerator larger logits chunks keep it busy (the selection runs there too).
+        chunk_rows: if on_cpu { 64 } else { 512 },
         ..LabelOptions::default()
     };
     let (mut labelled, mut tokens) = (0u64, 0u64);
-    for chunk in planned.chunks(cfg.part_sequences) {
-        let lengths: Vec<usize> = chunk.iter().map(|p| p.input_ids.len()).collect();
-        let mut results: Vec<Option<SampleLabels>> = vec![None; chunk.len()];
-        for batch in plan_batches(&lengths, cfg.batch_tokens) {
-            let inputs: Vec<LabelInput<'_>> = batch
-                .iter()
-                .map(|&i| LabelInput {
-                    input_ids: &chunk[i].input_ids,
-                    prompt_len: chunk[i].prompt_len,
-                })
-                .collect();
-            let ids: Vec<u64> = batch.iter().map(|&i| chunk[i].seq_no).collect();
-            let labels = teacher.label_batch_seeded(&inputs, &opts, &ids)?;
-            for (&i, l) in batch.iter().zip(labels) {
-                progress.sequences_done += 1;
-                progress.tokens_done += chunk[i].input_ids.len() as u64;
-                results[i] = Some(SampleLabels {
-                    topk_ids: l.topk_ids,
-                    topk_logprobs: l.topk_logprobs,
-                    target_logprobs: l.target_logprobs,
-                    entropy: l.entropy,
-                    lengths: l.lengths,
-                    counts: l.counts,
+    let parts: Vec<&[Planned]> = planned.chunks(cfg.part_sequences).collect();
+    // The teacher labels part i + 1 on a worker thread while this thread encodes, writes and
+    // commits part i (the channel holds at most one finished part, so memory stays bounded).
+    let seqs_done = AtomicU64::new(progress.sequences_done);
+    let tokens_done = AtomicU64::new(progress.tokens_done);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<SampleLabels>>>(1);
+        let (parts_ref, opts_ref) = (&parts, &opts);
+        let (seqs_ref, tokens_ref, stop_ref) = (&seqs_done, &tokens_done, &stop);
+        scope.spawn(move || {
+            for chunk in parts_ref.iter() {
+                let labelled = label_part(teacher, chunk, cfg, opts_ref, stop_ref, |n, t| {
+                    seqs_ref.fetch_add(n, Ordering::Relaxed);
+                    tokens_ref.fetch_add(t, Ordering::Relaxed);
                 });
+                let failed = labelled.is_err();
+                if tx.send(labelled).is_err() || failed || stop_ref.load(Ordering::Relaxed) {
+                    return;
+                }
             }
-            on_progress(&progress);
-        }
-        for (p, labels) in chunk.iter().zip(results) {
-            let labels =
-                labels.ok_or_else(|| Error::Internal("sequence left unlabelled".into()))?;
-            let spec = &cfg.inputs[p.input];
-            let record = SampleRecord {
-                sample_id: p.seq_no,
-                source: spec.source.clone(),
-                split: spec.split.clone(),
-                record_index: p.record,
-                window_index: p.segment,
-                input_ids: p.input_ids.clone(),
-                prompt_len: p.prompt_len,
-            };
-            writer.push(&record, &labels)?;
-            labelled += 1;
-            tokens += p.input_ids.len() as u64;
-        }
-        let next = chunk.last().map_or(resume_from, |p| p.seq_no + 1);
-        writer.commit(serde_json::json!({ "next_seq": next }))?;
-        sink.committed(out, &writer.manifest_rel(), writer.manifest())?;
-    }
+        });
+        let report = |progress: &mut LabelProgress, on_progress: &mut dyn FnMut(&LabelProgress)| {
+            progress.sequences_done = seqs_done.load(Ordering::Relaxed);
+            progress.tokens_done = tokens_done.load(Ordering::Relaxed);
+            on_progress(progress);
+        };
+        let result = (|| -> Result<()> {
+            for chunk in parts.iter() {
+                let results = loop {
+                    match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                        Ok(r) => break r?,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            report(&mut progress, on_progress)
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            return Err(Error::Internal(
+                                "the labelling thread stopped without a result".into(),
+                            ))
+                        }
+                    }
+                };
+                report(&mut progress, on_progress);
+                for (p, labels) in chunk.iter().zip(results) {
+                    let spec = &cfg.inputs[p.input];
+                    let record = SampleRecord {
+                        sample_id: p.seq_no,
+                        source: spec.source.clone(),
+                        split: spec.split.clone(),
+                        record_index: p.record,
+                        window_index: p.segment,
+                        input_ids: p.input_ids.clone(),
+                        prompt_len: p.prompt_len,
+                    };
+                    writer.push(&record, &labels)?;
+                    labelled += 1;
+                    tokens += p.input_ids.len() as u64;
+                }
+                let next = chunk.last().map_or(resume_from, |p| p.seq_no + 1);
+                writer.commit(serde_json::json!({ "next_seq": next }))?;
+                sink.committed(out, &writer.manifest_rel(), writer.manifest())?;
+            }
+            Ok(())
+        })();
+        // On an error here the worker stops after its current batch.
+        stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        result
+    })?;
     let rel = writer.manifest_rel();
     let mut manifest = writer
         .finish(serde_json::json!({ "next_seq": u64::MAX, "records_skipped": records_skipped }))?;
@@ -523,6 +557,71 @@ pub fn label_with(
         skipped_examples,
         already_complete: false,
     })
+}
+
+/// Labels one part's sequences (in batches of `cfg.batch_tokens`, packed when `cfg.pack` is
+/// set), calling `done(sequences, tokens)` after each batch; results in the part's order.
+/// Stops early (with an error nobody reads) once `stop` is set.
+fn label_part(
+    teacher: &Teacher,
+    chunk: &[Planned],
+    cfg: &LabelConfig,
+    opts: &LabelOptions,
+    stop: &AtomicBool,
+    mut done: impl FnMut(u64, u64),
+) -> Result<Vec<SampleLabels>> {
+    let lengths: Vec<usize> = chunk.iter().map(|p| p.input_ids.len()).collect();
+    let batches = match cfg.pack {
+        None => plan_batches(&lengths, cfg.batch_tokens),
+        Some(row_len) => {
+            let longest = lengths.iter().copied().max().unwrap_or(1);
+            let row_len = if row_len == 0 { longest } else { row_len };
+            opts_pack_check(row_len, longest)?;
+            plan_packed_batches(&lengths, row_len, cfg.batch_tokens)
+        }
+    };
+    let mut results: Vec<Option<SampleLabels>> = vec![None; chunk.len()];
+    for batch in batches {
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::Internal("labelling stopped".into()));
+        }
+        let inputs: Vec<LabelInput<'_>> = batch
+            .iter()
+            .map(|&i| LabelInput {
+                input_ids: &chunk[i].input_ids,
+                prompt_len: chunk[i].prompt_len,
+            })
+            .collect();
+        let ids: Vec<u64> = batch.iter().map(|&i| chunk[i].seq_no).collect();
+        let labels = teacher.label_batch_seeded(&inputs, opts, &ids)?;
+        let mut batch_tokens = 0u64;
+        for (&i, l) in batch.iter().zip(labels) {
+            batch_tokens += chunk[i].input_ids.len() as u64;
+            results[i] = Some(SampleLabels {
+                topk_ids: l.topk_ids,
+                topk_logprobs: l.topk_logprobs,
+                target_logprobs: l.target_logprobs,
+                entropy: l.entropy,
+                lengths: l.lengths,
+                counts: l.counts,
+            });
+        }
+        done(batch.len() as u64, batch_tokens);
+    }
+    results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| Error::Internal("sequence left unlabelled".into())))
+        .collect()
+}
+
+/// A packed row must hold the longest sequence.
+fn opts_pack_check(row_len: usize, longest: usize) -> Result<()> {
+    if longest > row_len {
+        return Err(Error::InvalidArgument(format!(
+            "packed rows of {row_len} tokens cannot hold a sequence of {longest} (raise the row length or cut the input into shorter windows)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! Design notes live in `docs/teacher.md`.
 
 mod attention;
+pub mod device_select;
 mod kernels;
 mod load;
 pub use load::gguf_tokenizer;
@@ -88,6 +89,14 @@ pub struct LabelOptions {
     pub chunk_rows: usize,
     /// Knowledge selection (None: top-k with `k`).
     pub select: Option<crate::schema::Selection>,
+    /// Where a top-k selection is computed: `None` on the logits' device (the host for the CPU,
+    /// the accelerator otherwise, so only `k` values per position are copied back);
+    /// `Some(true)` forces the tensor path ([`device_select`]) even on the CPU.
+    pub select_on_device: Option<bool>,
+    /// Packs the batch's sequences into rows of this many tokens (first-fit, longest first),
+    /// each attending only to itself, instead of one right-padded row per sequence. `Some(0)`
+    /// packs into rows of the batch's longest sequence.
+    pub pack: Option<usize>,
 }
 
 impl Default for LabelOptions {
@@ -98,6 +107,8 @@ impl Default for LabelOptions {
             positions: Positions::All,
             chunk_rows: 64,
             select: None,
+            select_on_device: None,
+            pack: None,
         }
     }
 }
@@ -246,7 +257,19 @@ impl Teacher {
         opts: &LabelOptions,
         sample_ids: &[u64],
     ) -> Result<Vec<SequenceLabels>> {
-        let cfg = self.model.config();
+        self.model.label_batch_seeded(batch, opts, sample_ids)
+    }
+}
+
+impl TeacherModel {
+    /// [`Teacher::label_batch_seeded`] on the model alone (token ids in, labels out).
+    pub fn label_batch_seeded(
+        &self,
+        batch: &[LabelInput<'_>],
+        opts: &LabelOptions,
+        sample_ids: &[u64],
+    ) -> Result<Vec<SequenceLabels>> {
+        let cfg = self.config();
         let select = opts
             .select
             .unwrap_or(crate::schema::Selection::TopK { k: opts.k });
@@ -285,16 +308,47 @@ impl Teacher {
                 cfg.context_length
             )));
         }
-        let device = self.model.device();
-        let mut padded = vec![0u32; batch.len() * seq];
-        for (b, s) in batch.iter().enumerate() {
-            padded[b * seq..b * seq + s.input_ids.len()].copy_from_slice(s.input_ids);
+        let device = self.device();
+        // Where each sequence's tokens sit: row and offset within it.
+        let (slots, n_rows, row_len) = match opts.pack {
+            None => (
+                (0..batch.len()).map(|b| (b, 0usize)).collect::<Vec<_>>(),
+                batch.len(),
+                seq,
+            ),
+            Some(len) => {
+                let row_len = if len == 0 { seq } else { len };
+                if seq > row_len {
+                    return Err(Error::InvalidArgument(format!(
+                        "a sequence of {seq} tokens does not fit packed rows of {row_len}"
+                    )));
+                }
+                if row_len > cfg.context_length {
+                    return Err(Error::InvalidArgument(format!(
+                        "packed rows of {row_len} tokens exceed the model's context of {}",
+                        cfg.context_length
+                    )));
+                }
+                let lengths: Vec<usize> = batch.iter().map(|s| s.input_ids.len()).collect();
+                let (slots, n_rows) = pack_rows(&lengths, row_len);
+                (slots, n_rows, row_len)
+            }
+        };
+        let mut padded = vec![0u32; n_rows * row_len];
+        for (s, &(r, off)) in batch.iter().zip(&slots) {
+            let at = r * row_len + off;
+            padded[at..at + s.input_ids.len()].copy_from_slice(s.input_ids);
         }
-        let ids = Tensor::from_vec(padded, (batch.len(), seq), device)?;
-        let hidden = self
-            .model
-            .hidden_states(&ids)?
-            .reshape((batch.len() * seq, cfg.hidden_size))?;
+        let ids = Tensor::from_vec(padded, (n_rows, row_len), device)?;
+        let hidden = match opts.pack {
+            None => self.hidden_states(&ids)?,
+            Some(_) => {
+                let lengths: Vec<usize> = batch.iter().map(|s| s.input_ids.len()).collect();
+                let layout = packed_layout(&lengths, &slots, n_rows, row_len);
+                self.hidden_states_with(&ids, Some(&layout))?
+            }
+        }
+        .reshape((n_rows * row_len, cfg.hidden_size))?;
 
         // Rows to label and, for each, (sequence, target id).
         let mut rows: Vec<u32> = Vec::new();
@@ -308,8 +362,9 @@ impl Teacher {
                 Positions::Response => (s.prompt_len.max(1) as usize - 1).min(len - 1),
             };
             let n = len - 1 - first;
+            let (r, off) = slots[b];
             for p in first..len - 1 {
-                rows.push((b * seq + p) as u32);
+                rows.push((r * row_len + off + p) as u32);
                 owners.push((b, s.input_ids[p + 1]));
                 seeds.push(select::position_seed(&select, sample_ids[b], p as u64));
             }
@@ -323,17 +378,27 @@ impl Teacher {
                 counts: Vec::new(),
             });
         }
+        let on_device = matches!(select, crate::schema::Selection::TopK { .. })
+            && opts
+                .select_on_device
+                .unwrap_or(!matches!(device, Device::Cpu));
         let chunk_rows = opts.chunk_rows.max(1);
         let inv_t = 1.0 / opts.temperature.get();
         for (chunk_idx, row_chunk) in rows.chunks(chunk_rows).enumerate() {
             let index = Tensor::from_slice(row_chunk, row_chunk.len(), device)?;
-            let mut logits = self.model.logits(&hidden.index_select(&index, 0)?)?;
+            let mut logits = self.logits(&hidden.index_select(&index, 0)?)?;
             if !opts.temperature.is_one() {
                 logits = (logits * inv_t)?;
             }
             let span = chunk_idx * chunk_rows..chunk_idx * chunk_rows + row_chunk.len();
             let owners = &owners[span.clone()];
-            let selections = select_rows(&logits, cfg.vocab_size, &select, owners, &seeds[span])?;
+            let selections = if on_device {
+                let targets: Vec<u32> = owners.iter().map(|o| o.1).collect();
+                device_select::select_top_k(&logits, k, &targets)?
+            } else {
+                let logits = logits.to_dtype(candle_core::DType::F32)?;
+                select_rows(&logits, cfg.vocab_size, &select, owners, &seeds[span])?
+            };
             for ((b, _), sel) in owners.iter().zip(selections) {
                 let o = &mut out[*b];
                 o.topk_ids.extend_from_slice(&sel.topk_ids);
@@ -415,6 +480,75 @@ fn select_host_rows(
         all.extend(part?);
     }
     Ok(all)
+}
+
+/// First-fit-decreasing packing of sequences of `lengths` into rows of `row_len` tokens (every
+/// length `<= row_len`): returns each sequence's `(row, offset)` and the number of rows.
+/// Deterministic: longest first, ties by index.
+pub fn pack_rows(lengths: &[usize], row_len: usize) -> (Vec<(usize, usize)>, usize) {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut used: Vec<usize> = Vec::new();
+    let mut slots = vec![(0, 0); lengths.len()];
+    for i in order {
+        let len = lengths[i];
+        let row = match used.iter().position(|&u| u + len <= row_len) {
+            Some(r) => r,
+            None => {
+                used.push(0);
+                used.len() - 1
+            }
+        };
+        slots[i] = (row, used[row]);
+        used[row] += len;
+    }
+    (slots, used.len())
+}
+
+/// The attention layout of packed rows: every sequence attends causally to itself only, with
+/// RoPE positions from 0; the padding at the end of a row attends to itself.
+fn packed_layout(
+    lengths: &[usize],
+    slots: &[(usize, usize)],
+    n_rows: usize,
+    row_len: usize,
+) -> AttentionLayout {
+    let mut positions = vec![0u32; n_rows * row_len];
+    let mut spans = vec![KeySpan::causal(0); n_rows * row_len];
+    let mut used = vec![0usize; n_rows];
+    for (&len, &(r, off)) in lengths.iter().zip(slots) {
+        for p in 0..len {
+            positions[r * row_len + off + p] = p as u32;
+            spans[r * row_len + off + p] = KeySpan::causal(off as u32);
+        }
+        used[r] = used[r].max(off + len);
+    }
+    for (r, &u) in used.iter().enumerate() {
+        for p in u..row_len {
+            positions[r * row_len + p] = (p - u) as u32;
+            spans[r * row_len + p] = KeySpan::causal(u as u32);
+        }
+    }
+    AttentionLayout { positions, spans }
+}
+
+/// Groups sequence indices into batches of packed rows: sequences are packed longest first
+/// into rows of `row_len` ([`pack_rows`]) and consecutive rows grouped so that a batch holds at
+/// most `max_tokens / row_len` rows (at least one).
+pub fn plan_packed_batches(
+    lengths: &[usize],
+    row_len: usize,
+    max_tokens: usize,
+) -> Vec<Vec<usize>> {
+    let (slots, n_rows) = pack_rows(lengths, row_len);
+    let per = (max_tokens / row_len.max(1)).max(1);
+    let mut batches: Vec<Vec<usize>> = vec![Vec::new(); n_rows.div_ceil(per)];
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| slots[i]);
+    for i in order {
+        batches[slots[i].0 / per].push(i);
+    }
+    batches
 }
 
 /// Groups sequence indices into batches whose padded size (`count * longest`) stays within

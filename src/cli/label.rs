@@ -57,6 +57,11 @@ pub struct Args {
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = 2048)]
     pub batch_tokens: usize,
+    /// Pack several sequences into each row of a forward pass (each attends only to itself):
+    /// no padding waste. `--pack` alone uses rows of each part's longest sequence; `--pack N`
+    /// rows of N tokens. The default on an accelerator; `--pack off` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "0", value_parser = parse_pack)]
+    pub pack: Option<PackArg>,
     /// Sequences per committed part (the resume granularity).
     #[arg(long, default_value_t = 256)]
     pub part_sequences: usize,
@@ -82,10 +87,28 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Matrix products: f32 (the reference), int16 (12-bit weights, 13-bit activations in
-    /// blocks of 64, CPU only: faster, labels within f32 noise), or int8 (W8A8, CPU only: the
-    /// fastest, labels measurably different). Measured in docs/benchmarks.md.
+    /// blocks of 64, CPU only: faster, labels within f32 noise), int8 (W8A8, CPU only: the
+    /// fastest, labels measurably different) or bf16 (bf16 weights and product inputs with f32
+    /// accumulation, for GPUs; on the CPU slower than f32). Measured in docs/benchmarks.md.
     #[arg(long, value_enum, default_value_t = Compute::F32)]
     pub compute: Compute,
+}
+
+/// `--pack`'s value: off, or a row length (0: each part's longest sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackArg {
+    Off,
+    Rows(usize),
+}
+
+fn parse_pack(s: &str) -> Result<PackArg, String> {
+    match s {
+        "off" | "no" | "false" => Ok(PackArg::Off),
+        n => n
+            .parse()
+            .map(PackArg::Rows)
+            .map_err(|_| format!("--pack takes a row length in tokens or `off`, not {n:?}")),
+    }
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<(u64, u64)> {
@@ -151,6 +174,12 @@ pub fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         k: args.k,
         logprob_dtype: args.dtype,
         batch_tokens: args.batch_tokens,
+        pack: match args.pack {
+            Some(PackArg::Off) => None,
+            Some(PackArg::Rows(n)) => Some(n),
+            None if matches!(device, candle_core::Device::Cpu) => None,
+            None => Some(0),
+        },
         part_sequences: args.part_sequences,
         shard: parse_shard(&args.shard)?,
         skip_invalid: args.skip_invalid,

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::attention::{AttentionLayout, KeySpan};
 use super::qgemm::{self, Kernel, Precision, QWeight};
@@ -95,6 +95,12 @@ pub enum Compute {
     /// (CPU only). The fastest, but its labels differ measurably from f32
     /// (docs/benchmarks.md): for throughput experiments, not for corpora.
     Int8,
+    /// bf16 weights, and bf16 inputs to every product (projections and attention), with f32
+    /// accumulation and bf16 results (cuBLAS's bf16 GEMM as candle calls it); norms, softmax,
+    /// RoPE and the residual stream stay f32. For accelerators
+    /// (tensor cores); on the CPU candle widens each bf16 product to f32, so it is slower than
+    /// f32 there and serves to measure the labels' accuracy cost (docs/benchmarks.md).
+    Bf16,
 }
 
 impl Compute {
@@ -104,6 +110,7 @@ impl Compute {
             Compute::F32 => "f32",
             Compute::Int16 => "int16",
             Compute::Int8 => "int8",
+            Compute::Bf16 => "bf16",
         }
     }
 }
@@ -115,6 +122,7 @@ enum Linear {
     F32(Tensor),
     Packed(Arc<PackedF32>, Device),
     Quantized(Arc<QWeight>, Kernel),
+    Bf16(Tensor),
 }
 
 impl Linear {
@@ -132,6 +140,10 @@ impl Linear {
                 let out = crate::host::with_f32(x, |xs| qgemm::matmul(xs, rows, w, *kernel))??;
                 Ok(Tensor::from_vec(out, (rows, w.rows()), x.device())?)
             }
+            Linear::Bf16(w) => Ok(x
+                .to_dtype(DType::BF16)?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?),
         }
     }
 
@@ -152,9 +164,9 @@ impl Linear {
             Linear::Packed(p, device) => {
                 Ok(Tensor::from_vec(p.unpack(), (p.rows(), p.cols()), device)?)
             }
-            Linear::Quantized(..) => {
-                Err(Error::Internal("int8 weights have no f32 form".to_string()))
-            }
+            Linear::Quantized(..) | Linear::Bf16(_) => Err(Error::Internal(
+                "quantised or bf16 weights have no exact f32 form".to_string(),
+            )),
         }
     }
 
@@ -167,7 +179,7 @@ impl Linear {
                 let q = crate::host::with_f32(w, |ws| QWeight::quantize(ws, n, k, precision))??;
                 Ok(Linear::Quantized(Arc::new(q), kernel))
             }
-            Linear::Quantized(..) => Err(Error::Internal(
+            Linear::Quantized(..) | Linear::Bf16(_) => Err(Error::Internal(
                 "the weights are already quantised".to_string(),
             )),
         }
@@ -271,6 +283,22 @@ impl TeacherModel {
         if compute == self.compute {
             return Ok(self.compute_description());
         }
+        if (self.compute, compute) == (Compute::F32, Compute::Bf16) {
+            let bf16 = |l: &Linear| -> Result<Linear> {
+                Ok(Linear::Bf16(
+                    l.weights()?.to_dtype(DType::BF16)?.contiguous()?,
+                ))
+            };
+            for b in &mut self.blocks {
+                b.wqkv = bf16(&b.wqkv)?;
+                b.wo = bf16(&b.wo)?;
+                b.w_gate_up = bf16(&b.w_gate_up)?;
+                b.w_down = bf16(&b.w_down)?;
+            }
+            self.output = bf16(&self.output)?;
+            self.compute = compute;
+            return Ok(self.compute_description());
+        }
         let precision = match (self.compute, compute) {
             (Compute::F32, Compute::Int16) => Precision::Int16,
             (Compute::F32, Compute::Int8) => Precision::Int8,
@@ -305,6 +333,10 @@ impl TeacherModel {
         match &self.output {
             Linear::F32(_) => "f32".to_string(),
             Linear::Packed(..) => "f32 (avx512 kernel)".to_string(),
+            Linear::Bf16(_) => {
+                "bf16 (bf16 weights, product inputs and results; f32 accumulation and elementwise)"
+                    .to_string()
+            }
             Linear::Quantized(w, kernel) => format!(
                 "{} ({}, blocks of {}, {})",
                 w.precision().as_str(),
@@ -401,6 +433,18 @@ impl TeacherModel {
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
     }
 
+    /// An attention product `a b` (f32 in and out) in the model's compute mode: bf16 inputs
+    /// (and a bf16 result, as cuBLAS gives it) for bf16, f32 otherwise.
+    fn attention_product(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        match self.compute {
+            Compute::Bf16 => Ok(a
+                .to_dtype(DType::BF16)?
+                .matmul(&b.to_dtype(DType::BF16)?)?
+                .to_dtype(DType::F32)?),
+            _ => Ok(a.matmul(b)?),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
@@ -433,7 +477,8 @@ impl TeacherModel {
         // Grouped-query attention without repeating K/V: the `group` query heads that share a
         // key/value head are consecutive, so fold them into the row dimension.
         let q = (q.reshape((b, nkv, group * s, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?; // [b, nkv, group*s, s]
+        // bf16 compute: the two attention products take bf16 inputs; the softmax stays f32.
+        let scores = self.attention_product(&q, &k.t()?)?; // [b, nkv, group*s, s]
         let probs = match attend {
             Attend::Causal(mask) => super::kernels::causal_softmax(&scores, s, mask)?,
             Attend::Spans(spans) => super::kernels::span_softmax(&scores, s, spans)?,
@@ -444,7 +489,7 @@ impl TeacherModel {
                 candle_nn::ops::softmax_last_dim(&masked)?.reshape((b, nkv, group * s, s))?
             }
         };
-        let attn = probs.matmul(&v)?; // [b, nkv, group*s, hd]
+        let attn = self.attention_product(&probs, &v)?; // [b, nkv, group*s, hd]
         let attn = attn
             .reshape((b, nq, s, hd))?
             .transpose(1, 2)?

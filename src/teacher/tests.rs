@@ -565,6 +565,103 @@ fn cuda_tiny_teacher_matches_cpu() {
     }
 }
 
+/// With `--features cuda` on a GPU machine: the labelling engine's GPU path (packed rows,
+/// selection on the device, f32 and bf16 products) gives the CPU host path's labels.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_packed_device_selection_matches_cpu() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device (this test needs a GPU)");
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let models = tiny_models(arch, &[Device::Cpu, gpu.clone()]);
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![1, 7, 3, 9, 11, 2, 40, 5],
+            vec![4, 4, 8],
+            vec![9, 1, 2, 3, 4, 5],
+            vec![6, 2],
+        ];
+        let inputs: Vec<LabelInput> = seqs
+            .iter()
+            .map(|s| LabelInput {
+                input_ids: s,
+                prompt_len: 1,
+            })
+            .collect();
+        let want = models[0].label_batch_seeded(&inputs, &LabelOptions::default(), &[0, 1, 2, 3]);
+        let want = want.unwrap();
+        for compute in [Compute::F32, Compute::Bf16] {
+            let mut gpu_model = models[1].clone();
+            gpu_model.set_compute(compute).unwrap();
+            let opts = LabelOptions {
+                pack: Some(0),
+                ..LabelOptions::default()
+            };
+            let got = gpu_model
+                .label_batch_seeded(&inputs, &opts, &[0, 1, 2, 3])
+                .unwrap();
+            let tol = if compute == Compute::F32 { 1e-4 } else { 0.1 };
+            for (a, b) in got.iter().zip(&want) {
+                if compute == Compute::F32 {
+                    assert_eq!(a.topk_ids, b.topk_ids, "{arch:?}");
+                }
+                for (x, y) in a.target_logprobs.iter().zip(&b.target_logprobs) {
+                    assert!((x - y).abs() < tol, "{arch:?} {compute:?}: {x} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_model_packed_rows_device_selection_and_bf16_match_the_host_path() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let m = tiny_model(arch);
+        let seqs: Vec<Vec<u32>> = vec![
+            vec![1, 7, 3, 9, 11, 2, 40, 5],
+            vec![4, 4, 8],
+            vec![9, 1, 2, 3, 4, 5],
+            vec![6, 2],
+        ];
+        let inputs: Vec<LabelInput> = seqs
+            .iter()
+            .map(|s| LabelInput {
+                input_ids: s,
+                prompt_len: 1,
+            })
+            .collect();
+        let want = m
+            .label_batch_seeded(&inputs, &LabelOptions::default(), &[0, 1, 2, 3])
+            .unwrap();
+        for pack in [Some(0), Some(10), Some(19)] {
+            let opts = LabelOptions {
+                pack,
+                select_on_device: Some(true),
+                ..LabelOptions::default()
+            };
+            let got = m.label_batch_seeded(&inputs, &opts, &[0, 1, 2, 3]).unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!(max_diff(a, b) < 1e-5, "{arch:?} {pack:?}");
+            }
+        }
+        let mut bf = m.clone();
+        bf.set_compute(Compute::Bf16).unwrap();
+        assert!(bf.set_compute(Compute::Int8).is_err());
+        let got = bf
+            .label_batch_seeded(&inputs, &LabelOptions::default(), &[0, 1, 2, 3])
+            .unwrap();
+        let mut worst = 0f32;
+        for (a, b) in got.iter().zip(&want) {
+            for (x, y) in a.target_logprobs.iter().zip(&b.target_logprobs) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        // bf16 rounds products' inputs and results to 8 significant bits: close, not f32-equal.
+        assert!(
+            worst > 0.0 && worst < 0.2,
+            "{arch:?}: bf16 target log-prob diff {worst}"
+        );
+    }
+}
+
 #[test]
 fn tiny_model_padded_batch_equals_alone() {
     for arch in [Architecture::Llama, Architecture::Qwen2] {
@@ -784,4 +881,151 @@ fn qwen_teacher_matches_reference() {
 #[test]
 fn qwen_student_matches_reference() {
     qwen_model_matches_reference("qwen2.5-coder-0.5b", "student", 24, 896);
+}
+
+#[test]
+fn pack_rows_is_first_fit_longest_first() {
+    let (slots, rows) = pack_rows(&[3, 5, 2, 4, 1], 6);
+    // 5 -> row 0; 4 -> row 1; 3 -> row 2; 2 -> row 1 (4 + 2); 1 -> row 0 (5 + 1).
+    assert_eq!(rows, 3);
+    assert_eq!(slots, vec![(2, 0), (0, 0), (1, 4), (1, 0), (0, 5)]);
+    // Every sequence in exactly one batch; no batch over 2 rows of 6.
+    let batches = plan_packed_batches(&[3, 5, 2, 4, 1], 6, 12);
+    assert_eq!(batches.len(), 2);
+    let mut all: Vec<usize> = batches.concat();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3, 4]);
+    for b in &batches {
+        let lens: Vec<usize> = b.iter().map(|&i| [3, 5, 2, 4, 1][i]).collect();
+        assert!(pack_rows(&lens, 6).1 <= 2, "{b:?}");
+    }
+    assert!(plan_packed_batches(&[], 6, 12).is_empty());
+}
+
+/// Sequences of several lengths from the reference and real text, for the packing tests.
+fn mixed_sequences(t: &Teacher) -> Vec<Vec<u32>> {
+    let Some(r) = reference() else {
+        return Vec::new();
+    };
+    let mut seqs: Vec<Vec<u32>> = r["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| u32s(&s["input_ids"]))
+        .collect();
+    for text in [
+        "The capital of France is Paris, and the capital of Italy is Rome.",
+        "def add(a, b):\n    return a + b\n",
+        "Yes",
+    ] {
+        seqs.push(t.tokenizer().encode(text, true).unwrap());
+    }
+    seqs
+}
+
+#[test]
+fn packed_rows_and_device_selection_equal_the_padded_batch() {
+    let Some(t) = teacher() else { return };
+    let seqs = mixed_sequences(t);
+    if seqs.is_empty() {
+        return;
+    }
+    let inputs: Vec<LabelInput> = seqs
+        .iter()
+        .map(|s| LabelInput {
+            input_ids: s,
+            prompt_len: 2,
+        })
+        .collect();
+    let padded = t.label_batch(&inputs, &LabelOptions::default()).unwrap();
+    let longest = seqs.iter().map(Vec::len).max().unwrap();
+    let total: usize = seqs.iter().map(Vec::len).sum();
+    for (pack, on_device) in [
+        (Some(0), None),
+        (Some(longest + 7), None),
+        (Some(total), Some(true)),
+        (None, Some(true)),
+    ] {
+        let opts = LabelOptions {
+            pack,
+            select_on_device: on_device,
+            chunk_rows: 5,
+            ..LabelOptions::default()
+        };
+        let got = t.label_batch(&inputs, &opts).unwrap();
+        let mut worst = 0f32;
+        for (a, b) in got.iter().zip(&padded) {
+            worst = worst.max(max_diff(a, b));
+        }
+        eprintln!("pack {pack:?}, on device {on_device:?}: max |diff| = {worst:.2e}");
+        // The device path sums the exponentials in f32, the host path in f64.
+        let tol = if on_device.is_some() { 5e-4 } else { 1e-4 };
+        assert!(worst < tol, "pack {pack:?} device {on_device:?}: {worst}");
+    }
+    let err = t
+        .label_batch(
+            &inputs,
+            &LabelOptions {
+                pack: Some(longest - 1),
+                ..LabelOptions::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not fit packed rows"), "{err}");
+}
+
+#[test]
+fn bf16_products_stay_close_to_f32() {
+    let Some(path) = teacher_path() else { return };
+    let Some(f32_teacher) = teacher() else { return };
+    let mut bf = Teacher::load(&path, &Device::Cpu).unwrap();
+    bf.set_compute(Compute::Bf16).unwrap();
+    assert!(
+        bf.identity().compute.starts_with("bf16"),
+        "{}",
+        bf.identity().compute
+    );
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/wikitext-2/valid.txt"),
+    );
+    let Ok(text) = text else {
+        missing("../shared/data/wikitext-2/valid.txt");
+        return;
+    };
+    let ids = f32_teacher.tokenizer().encode(&text[..3000], true).unwrap();
+    let ids = &ids[..ids.len().min(256)];
+    let input = [LabelInput {
+        input_ids: ids,
+        prompt_len: 0,
+    }];
+    let a = &f32_teacher
+        .label_batch(&input, &LabelOptions::default())
+        .unwrap()[0];
+    let b = &bf.label_batch(&input, &LabelOptions::default()).unwrap()[0];
+    let n = a.len();
+    let (mut top1, mut sets, mut overlap, mut worst_lp) = (0usize, 0usize, 0usize, 0f32);
+    for p in 0..n {
+        let (x, y) = (&a.topk_ids[p * 5..p * 5 + 5], &b.topk_ids[p * 5..p * 5 + 5]);
+        top1 += usize::from(x[0] == y[0]);
+        overlap += x.iter().filter(|id| y.contains(id)).count();
+        let mut xs = x.to_vec();
+        let mut ys = y.to_vec();
+        xs.sort();
+        ys.sort();
+        sets += usize::from(xs == ys);
+        worst_lp = worst_lp.max((a.target_logprobs[p] - b.target_logprobs[p]).abs());
+    }
+    let mean_target: f32 = (0..n)
+        .map(|p| (a.target_logprobs[p] - b.target_logprobs[p]).abs())
+        .sum::<f32>()
+        / n as f32;
+    eprintln!(
+        "bf16 vs f32 over {n} positions: top-1 agrees {:.4}, top-5 set {:.4}, top-5 ids shared {:.4}, target log-prob |diff| mean {mean_target:.4} max {worst_lp:.4}",
+        top1 as f64 / n as f64,
+        sets as f64 / n as f64,
+        overlap as f64 / (5 * n) as f64
+    );
+    assert!(top1 as f64 >= 0.97 * n as f64, "top-1 {top1}/{n}");
+    assert!(mean_target < 0.05, "{mean_target}");
 }

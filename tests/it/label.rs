@@ -31,7 +31,7 @@ fn label(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     firstkd(&args)
 }
 
-/// `--compute int16` / `int8`: recorded in the manifest, close to the f32 labels
+/// `--compute int16` / `int8` / `bf16`: recorded in the manifest, close to the f32 labels
 /// (docs/benchmarks.md measures how close on a larger text), and never mixed with f32 labels
 /// in one store.
 #[test]
@@ -52,6 +52,7 @@ fn integer_compute_is_recorded_close_to_f32_and_never_mixed_into_an_f32_store() 
     for (mode, desc, min_agree, max_diff) in [
         ("int16", "int16 (w12a13, blocks of 64", 0.95, 0.02),
         ("int8", "int8 (w8a8, blocks of 64", 0.85, 0.2),
+        ("bf16", "bf16 (bf16 weights", 0.9, 0.05),
     ] {
         let dir = tmp.path().join(mode);
         let o = label(&model, &dir, &["--input", &input, "--compute", mode]);
@@ -94,6 +95,55 @@ fn integer_compute_is_recorded_close_to_f32_and_never_mixed_into_an_f32_store() 
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("compute f32"), "{}", text(&o));
     assert_eq!(rows(&f32_dir), a);
+}
+
+/// `--pack`: sequences packed several to a row give the padded batches' labels, part by part
+/// (the labelling thread runs a part ahead of the writer), and a row too short for the longest
+/// sequence is refused before anything is written.
+#[test]
+fn packed_rows_label_like_padded_batches() {
+    let Some(model) = teacher_path() else { return };
+    let tmp = tempdir();
+    let input = data("text.jsonl");
+    let padded = tmp.path().join("padded");
+    let o = label(&model, &padded, &["--input", &input, "--seq-len", "48"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a = rows(&padded);
+    for extra in [
+        &["--pack"][..],
+        &["--pack", "200", "--part-sequences", "3"][..],
+    ] {
+        let dir = tmp.path().join(format!("packed{}", extra.len()));
+        let mut args = vec!["--input", input.as_str(), "--seq-len", "48"];
+        args.extend_from_slice(extra);
+        let o = label(&model, &dir, &args);
+        assert!(o.status.success(), "{extra:?}: {}", text(&o));
+        verify(&dir).unwrap();
+        let b = rows(&dir);
+        assert_eq!(a.len(), b.len(), "{extra:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.0, y.0);
+            assert_eq!(x.1 .2, y.1 .2, "{extra:?}: top-5 ids at {:?}", x.0);
+            for (p, q) in x.1 .3.iter().zip(&y.1 .3) {
+                assert!((p - q).abs() < 1e-3, "{extra:?} at {:?}: {p} vs {q}", x.0);
+            }
+        }
+    }
+    let dir = tmp.path().join("short-rows");
+    let o = label(
+        &model,
+        &dir,
+        &["--input", &input, "--seq-len", "48", "--pack", "20"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("packed rows of 20 tokens"),
+        "{}",
+        text(&o)
+    );
+    assert!(!Manifest::path(&dir).exists());
+    let o = label(&model, &dir, &["--input", &input, "--pack", "lots"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
 #[test]
