@@ -291,17 +291,6 @@ fn model_flops(cfg: &ModelConfig, lengths: &[usize]) -> f64 {
         .sum()
 }
 
-fn to_store(l: firstkd::teacher::SequenceLabels) -> SampleLabels {
-    SampleLabels {
-        topk_ids: l.topk_ids,
-        topk_logprobs: l.topk_logprobs,
-        target_logprobs: l.target_logprobs,
-        entropy: l.entropy,
-        lengths: l.lengths,
-        counts: l.counts,
-    }
-}
-
 fn main() -> BoxResult<()> {
     let args = parse_args()?;
     let device = match args.device.as_str() {
@@ -404,7 +393,7 @@ fn main() -> BoxResult<()> {
                         input_ids: seqs_ref[i].clone(),
                         prompt_len: 0,
                     };
-                    writer.push(&record, &to_store(l))?;
+                    writer.push(&record, &SampleLabels::from(l))?;
                     n += 1;
                     if n.is_multiple_of(256) {
                         writer.commit(serde_json::json!({ "next_seq": n }))?;

@@ -5,6 +5,8 @@
 # its median step; this prints every run and the median over the rounds.
 #
 #   scripts/bench-train-vs-torch.sh [ROUNDS] [STEPS] [LOSS,...]   # defaults: 3 8 kd
+#   FIRSTKD_BENCH_SHAPE=qwen0.5b FIRSTKD_BENCH_TOKENS=512 scripts/bench-train-vs-torch.sh 1 2 kd,ce
+#     # the Qwen2.5-0.5B-shaped student instead (both sides read the same variables)
 #
 # Needs torch in the Python on PATH or in $PYTHON (e.g. a venv with `pip install torch`).
 set -euo pipefail

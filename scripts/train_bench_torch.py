@@ -5,7 +5,10 @@ SmolLM2-shaped student (hidden 576, 9 heads, 3 KV heads, ffn 1536, vocab 49152, 
     python3 scripts/train_bench_torch.py [STEPS] [THREADS] [LOSS,LOSS,...]
 
 Losses: kd (top-5 KL, student renormalised over the k gathered logits, as firstkd does),
-FIRSTKD_BENCH_SEQ=S trains on 1024 / S rows of S tokens instead of 4 x 256 (as train_bench).
+FIRSTKD_BENCH_SEQ=S trains on 1024 / S rows of S tokens instead of 4 x 256 (as train_bench);
+FIRSTKD_BENCH_TOKENS=N sets the tokens per step (default 1024) and FIRSTKD_BENCH_SHAPE=qwen0.5b
+trains a Qwen2.5-0.5B-shaped student (24 layers, hidden 896, 14 heads, 2 KV heads, ffn 4864,
+vocab 151936, tied, Q/K/V biases, RoPE base 1e6) instead, as train_bench does.
 kd-full (the same KL computed through the full-vocabulary log-softmax), kd-tail, ce.
 """
 import math, resource, sys, time
@@ -19,9 +22,17 @@ torch.set_num_threads(threads)
 torch.manual_seed(0)
 import os
 S = int(os.environ.get("FIRSTKD_BENCH_SEQ", "256"))
-if S < 1 or 1024 % S:
-    sys.exit(f"FIRSTKD_BENCH_SEQ={S}: must divide 1024")
-H, I, L, NQ, NKV, V, B, K = 576, 1536, 2, 9, 3, 49152, 1024 // S, 5
+N = int(os.environ.get("FIRSTKD_BENCH_TOKENS", "1024"))
+if S < 1 or S > N or N % S:
+    sys.exit(f"FIRSTKD_BENCH_SEQ={S}: must divide {N}")
+SHAPE = os.environ.get("FIRSTKD_BENCH_SHAPE", "2-layer")
+if SHAPE == "2-layer":
+    H, I, L, NQ, NKV, V, THETA, EPS, BIAS = 576, 1536, 2, 9, 3, 49152, 1e5, 1e-5, False
+elif SHAPE == "qwen0.5b":
+    H, I, L, NQ, NKV, V, THETA, EPS, BIAS = 896, 4864, 24, 14, 2, 151936, 1e6, 1e-6, True
+else:
+    sys.exit(f"FIRSTKD_BENCH_SHAPE={SHAPE}: 2-layer or qwen0.5b")
+B, K = N // S, 5
 HD = H // NQ
 
 
@@ -29,13 +40,13 @@ class Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.n1 = torch.nn.Parameter(torch.ones(H)); self.n2 = torch.nn.Parameter(torch.ones(H))
-        self.q = torch.nn.Linear(H, NQ * HD, bias=False); self.k = torch.nn.Linear(H, NKV * HD, bias=False)
-        self.v = torch.nn.Linear(H, NKV * HD, bias=False); self.o = torch.nn.Linear(NQ * HD, H, bias=False)
+        self.q = torch.nn.Linear(H, NQ * HD, bias=BIAS); self.k = torch.nn.Linear(H, NKV * HD, bias=BIAS)
+        self.v = torch.nn.Linear(H, NKV * HD, bias=BIAS); self.o = torch.nn.Linear(NQ * HD, H, bias=False)
         self.g = torch.nn.Linear(H, I, bias=False); self.u = torch.nn.Linear(H, I, bias=False)
         self.d = torch.nn.Linear(I, H, bias=False)
 
     def forward(self, x, cos, sin):
-        def rms(x, w): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+        def rms(x, w): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
         def rope(x):
             x1, x2 = x[..., :HD // 2], x[..., HD // 2:]
             return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -55,7 +66,7 @@ class Student(torch.nn.Module):
         self.emb = torch.nn.Embedding(V, H); torch.nn.init.normal_(self.emb.weight, std=0.02)
         self.blocks = torch.nn.ModuleList([Block() for _ in range(L)])
         self.norm = torch.nn.Parameter(torch.ones(H))
-        inv = 1.0 / (1e5 ** (torch.arange(0, HD, 2).float() / HD))
+        inv = 1.0 / (THETA ** (torch.arange(0, HD, 2).float() / HD))
         ang = torch.arange(S).float()[:, None] * inv[None]
         self.cos = torch.cat([ang.cos(), ang.cos()], -1); self.sin = torch.cat([ang.sin(), ang.sin()], -1)
 
@@ -63,7 +74,7 @@ class Student(torch.nn.Module):
         x = self.emb(ids)
         for b in self.blocks:
             x = b(x, self.cos, self.sin)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * self.norm
 
 
 def loss_fn(kind, model, h, topk, lps, tgt):

@@ -597,14 +597,7 @@ fn label_part(
         let mut batch_tokens = 0u64;
         for (&i, l) in batch.iter().zip(labels) {
             batch_tokens += chunk[i].input_ids.len() as u64;
-            results[i] = Some(SampleLabels {
-                topk_ids: l.topk_ids,
-                topk_logprobs: l.topk_logprobs,
-                target_logprobs: l.target_logprobs,
-                entropy: l.entropy,
-                lengths: l.lengths,
-                counts: l.counts,
-            });
+            results[i] = Some(SampleLabels::from(l));
         }
         done(batch.len() as u64, batch_tokens);
     }

@@ -88,6 +88,19 @@ pub struct SampleLabels {
     pub entropy: Vec<f32>,
 }
 
+impl From<crate::teacher::SequenceLabels> for SampleLabels {
+    fn from(l: crate::teacher::SequenceLabels) -> Self {
+        SampleLabels {
+            topk_ids: l.topk_ids,
+            topk_logprobs: l.topk_logprobs,
+            target_logprobs: l.target_logprobs,
+            entropy: l.entropy,
+            lengths: l.lengths,
+            counts: l.counts,
+        }
+    }
+}
+
 /// Result of opening a store directory for writing.
 pub enum Opened {
     /// A new, empty store.

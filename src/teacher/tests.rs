@@ -565,6 +565,25 @@ fn cuda_tiny_teacher_matches_cpu() {
     }
 }
 
+/// Four short sequences of different lengths for the tiny models' packing tests.
+fn tiny_sequences() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 7, 3, 9, 11, 2, 40, 5],
+        vec![4, 4, 8],
+        vec![9, 1, 2, 3, 4, 5],
+        vec![6, 2],
+    ]
+}
+
+fn tiny_inputs(seqs: &[Vec<u32>]) -> Vec<LabelInput<'_>> {
+    seqs.iter()
+        .map(|s| LabelInput {
+            input_ids: s,
+            prompt_len: 1,
+        })
+        .collect()
+}
+
 /// With `--features cuda` on a GPU machine: the labelling engine's GPU path (packed rows,
 /// selection on the device, f32 and bf16 products) gives the CPU host path's labels.
 #[cfg(feature = "cuda")]
@@ -573,19 +592,8 @@ fn cuda_packed_device_selection_matches_cpu() {
     let gpu = Device::new_cuda(0).expect("a CUDA device (this test needs a GPU)");
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let models = tiny_models(arch, &[Device::Cpu, gpu.clone()]);
-        let seqs: Vec<Vec<u32>> = vec![
-            vec![1, 7, 3, 9, 11, 2, 40, 5],
-            vec![4, 4, 8],
-            vec![9, 1, 2, 3, 4, 5],
-            vec![6, 2],
-        ];
-        let inputs: Vec<LabelInput> = seqs
-            .iter()
-            .map(|s| LabelInput {
-                input_ids: s,
-                prompt_len: 1,
-            })
-            .collect();
+        let seqs = tiny_sequences();
+        let inputs = tiny_inputs(&seqs);
         let want = models[0].label_batch_seeded(&inputs, &LabelOptions::default(), &[0, 1, 2, 3]);
         let want = want.unwrap();
         for compute in [Compute::F32, Compute::Bf16] {
@@ -615,19 +623,8 @@ fn cuda_packed_device_selection_matches_cpu() {
 fn tiny_model_packed_rows_device_selection_and_bf16_match_the_host_path() {
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let m = tiny_model(arch);
-        let seqs: Vec<Vec<u32>> = vec![
-            vec![1, 7, 3, 9, 11, 2, 40, 5],
-            vec![4, 4, 8],
-            vec![9, 1, 2, 3, 4, 5],
-            vec![6, 2],
-        ];
-        let inputs: Vec<LabelInput> = seqs
-            .iter()
-            .map(|s| LabelInput {
-                input_ids: s,
-                prompt_len: 1,
-            })
-            .collect();
+        let seqs = tiny_sequences();
+        let inputs = tiny_inputs(&seqs);
         let want = m
             .label_batch_seeded(&inputs, &LabelOptions::default(), &[0, 1, 2, 3])
             .unwrap();
