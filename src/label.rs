@@ -430,9 +430,17 @@ pub fn label_with(
             }
         )));
     }
+    // Packed rows must hold every sequence: refused here, before anything is written.
     if let Some(row_len) = cfg.pack.filter(|&n| n > 0) {
-        let longest = planned.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-        opts_pack_check(row_len, longest)?;
+        if let Some(p) = planned.iter().find(|p| p.input_ids.len() > row_len) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: record {} (window {}) has {} tokens, more than packed rows of {row_len} tokens hold (raise the row length or cut the input into shorter windows)",
+                cfg.inputs[p.input].path.display(),
+                p.record,
+                p.segment,
+                p.input_ids.len()
+            )));
+        }
     }
     // One writer per store (per shard): a second run of the same command is refused while
     // this one runs; the lock dies with the process, so a kill never blocks the resume.
@@ -574,9 +582,9 @@ fn label_part(
     let batches = match cfg.pack {
         None => plan_batches(&lengths, cfg.batch_tokens),
         Some(row_len) => {
+            // Every sequence fits (checked before the run started).
             let longest = lengths.iter().copied().max().unwrap_or(1);
             let row_len = if row_len == 0 { longest } else { row_len };
-            opts_pack_check(row_len, longest)?;
             plan_packed_batches(&lengths, row_len, cfg.batch_tokens)
         }
     };
@@ -605,16 +613,6 @@ fn label_part(
         .into_iter()
         .map(|r| r.ok_or_else(|| Error::Internal("sequence left unlabelled".into())))
         .collect()
-}
-
-/// A packed row must hold the longest sequence.
-fn opts_pack_check(row_len: usize, longest: usize) -> Result<()> {
-    if longest > row_len {
-        return Err(Error::InvalidArgument(format!(
-            "packed rows of {row_len} tokens cannot hold a sequence of {longest} (raise the row length or cut the input into shorter windows)"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
