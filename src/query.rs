@@ -17,17 +17,20 @@
 
 pub mod manifest_fn;
 pub mod materialize;
+pub mod ntile;
 pub mod output;
 pub mod stats;
 pub mod tables;
 pub mod udf;
 
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::{DFParserBuilder, Statement};
@@ -139,8 +142,15 @@ impl QuerySession {
             config = config.with_target_partitions(options.target_partitions);
         }
         let limit = options.memory_limit.unwrap_or_else(default_memory_limit);
+        // A fair pool: each operator that can spill gets an equal share, so one sort cannot
+        // take all of it and leave another partition's sort or merge none (DataFusion's
+        // greedy default failed the calibration query under 2 GiB that way).
+        let pool = TrackConsumersPool::new(
+            FairSpillPool::new(limit),
+            NonZeroUsize::MIN.saturating_add(4),
+        );
         let runtime_env = RuntimeEnvBuilder::new()
-            .with_memory_limit(limit, 1.0)
+            .with_memory_pool(Arc::new(pool))
             .build_arc()?;
         let ctx = SessionContext::new_with_config_rt(config, runtime_env);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -198,6 +208,9 @@ impl QuerySession {
             let state = self.ctx.state();
             let plan = state.statement_to_plan(statement).await?;
             SQLOptions::new().with_allow_dml(false).verify_plan(&plan)?;
+            // Before the materialisation: the rewrite plans an ntile's input twice, and an
+            // input that does work is then computed once.
+            let plan = ntile::rewrite_ntile(plan)?;
             let (plan, guard) = if self.inline_ctes {
                 (plan, None)
             } else {

@@ -851,3 +851,73 @@ fn repeated_ctes_computed_once_match_inlined_ones_and_leave_no_file() {
     assert_eq!(row[3].parse::<u64>().unwrap(), total.report.n);
     assert!((row[4].parse::<f64>().unwrap() - total.report.ece).abs() < 1e-4);
 }
+
+/// `ntile` runs in bounded memory (`query::ntile`): the pure-SQL calibration query, whose
+/// equal-mass bins are an `ntile(15)` over every position, finishes under a limit far below
+/// what DataFusion's whole-partition window held, and gives the same numbers as with room
+/// and the same adaptive ECE as the Rust report.
+#[test]
+fn the_calibration_querys_ntile_spills_under_a_small_memory_limit() {
+    let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let s = store.to_str().unwrap();
+    let o = firstkd(&[
+        "synth",
+        s,
+        "--rows",
+        "400000",
+        "--seed",
+        "5",
+        "--dtype",
+        "float16",
+        "--zstd-level",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_firstkd"))
+            .args(["sql", s, "--format", "csv"])
+            .args(extra)
+            .arg(CALIBRATION_SQL)
+            .env("FIRSTKD_REPORT_PEAK_RSS", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", text(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let rows = |csv: &str| -> Vec<Vec<String>> {
+        csv.lines()
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .collect()
+    };
+    let (tight, roomy) = (rows(&run(&["--memory-limit", "48M"])), rows(&run(&[])));
+    assert_eq!(tight.len(), roomy.len());
+    assert!(tight.len() >= 5, "{tight:?}");
+    for (a, b) in tight.iter().zip(&roomy) {
+        for (x, y) in a.iter().zip(b) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(x), Ok(y)) => assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{a:?} {b:?}"),
+                _ => assert_eq!(x, y),
+            }
+        }
+    }
+    let header = &tight[0];
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let report = stats::calibration(&open(&store), &stats::StatsOptions::default()).unwrap();
+    let mut compared = 0;
+    for g in &report.groups {
+        let Some(row) = tight.iter().skip(1).find(|r| {
+            r[0] == g.positions
+                && r[1] == g.source.clone().unwrap_or_default()
+                && r[2] == g.split.clone().unwrap_or_default()
+        }) else {
+            continue;
+        };
+        assert_eq!(row[col("n")].parse::<u64>().unwrap(), g.report.n);
+        let sql: f64 = row[col("adaptive_ece")].parse().unwrap();
+        let rust = g.report.adaptive_ece.unwrap();
+        assert!((sql - rust).abs() < 1e-6, "{row:?}: {sql} vs {rust}");
+        compared += 1;
+    }
+    assert!(compared >= 4, "{compared} groups compared");
+}
