@@ -797,6 +797,30 @@ FROM bins b JOIN adaptive a
 GROUP BY b.positions, b.source, b.split
 ORDER BY b.positions, b.source NULLS LAST, b.split NULLS LAST";
 
+/// The cells of a CSV result (no quoting in these reports).
+fn csv_rows(csv: &str) -> Vec<Vec<String>> {
+    csv.lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+/// Two runs of the calibration query agree: the same groups, and numbers equal up to the
+/// order in which sums are added.
+fn assert_same_report_rows(a: &[Vec<String>], b: &[Vec<String>]) {
+    assert_eq!(a.len(), b.len());
+    // A header and, per positions, one row per (source, split) and the total.
+    assert!(a.len() >= 5, "{a:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (u, v) in x.iter().zip(y) {
+            match (u.parse::<f64>(), v.parse::<f64>()) {
+                (Ok(u), Ok(v)) => assert!((u - v).abs() <= 1e-12 * u.abs().max(1.0), "{x:?} {y:?}"),
+                _ => assert_eq!(u, v),
+            }
+        }
+    }
+}
+
 #[test]
 fn repeated_ctes_computed_once_match_inlined_ones_and_leave_no_file() {
     let tmp = tempdir();
@@ -814,26 +838,8 @@ fn repeated_ctes_computed_once_match_inlined_ones_and_leave_no_file() {
         assert!(o.status.success(), "{}", text(&o));
         String::from_utf8(o.stdout).unwrap()
     };
-    let (once, inline) = (run(&[]), run(&["--inline-ctes"]));
-    let rows = |csv: &str| -> Vec<Vec<String>> {
-        csv.lines()
-            .map(|l| l.split(',').map(str::to_string).collect())
-            .collect()
-    };
-    let (once, inline) = (rows(&once), rows(&inline));
-    assert_eq!(once.len(), inline.len());
-    // A header and, per positions, one row per (source, split) and the total.
-    assert!(once.len() >= 5, "{once:?}");
-    for (a, b) in once.iter().zip(&inline) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            match (x.parse::<f64>(), y.parse::<f64>()) {
-                // Sums may add in another order.
-                (Ok(x), Ok(y)) => assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{a:?} {b:?}"),
-                _ => assert_eq!(x, y),
-            }
-        }
-    }
+    let (once, inline) = (csv_rows(&run(&[])), csv_rows(&run(&["--inline-ctes"])));
+    assert_same_report_rows(&once, &inline);
     // The temporary tables went with the statement.
     assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
     // The same numbers as the Rust report, for the in-loss total.
@@ -885,22 +891,8 @@ fn the_calibration_querys_ntile_runs_under_a_small_memory_limit() {
         assert!(o.status.success(), "{extra:?}: {}", text(&o));
         String::from_utf8(o.stdout).unwrap()
     };
-    let rows = |csv: &str| -> Vec<Vec<String>> {
-        csv.lines()
-            .map(|l| l.split(',').map(str::to_string).collect())
-            .collect()
-    };
-    let (tight, roomy) = (rows(&run(&["--memory-limit", "128M"])), rows(&run(&[])));
-    assert_eq!(tight.len(), roomy.len());
-    assert!(tight.len() >= 5, "{tight:?}");
-    for (a, b) in tight.iter().zip(&roomy) {
-        for (x, y) in a.iter().zip(b) {
-            match (x.parse::<f64>(), y.parse::<f64>()) {
-                (Ok(x), Ok(y)) => assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{a:?} {b:?}"),
-                _ => assert_eq!(x, y),
-            }
-        }
-    }
+    let tight = csv_rows(&run(&["--memory-limit", "128M"]));
+    assert_same_report_rows(&tight, &csv_rows(&run(&[])));
     let header = &tight[0];
     let col = |name: &str| header.iter().position(|h| h == name).unwrap();
     let report = stats::calibration(&open(&store), &stats::StatsOptions::default()).unwrap();
