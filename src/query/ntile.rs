@@ -6,13 +6,19 @@
 //! bins of a calibration report over every position) that is gigabytes, and past the memory
 //! limit the query fails instead of spilling.
 //!
-//! [`rewrite_ntile`] plans each such `ntile` as what it computes: the row's number in its
-//! partition (`row_number`, which streams over the sorted input, and the sort spills) and
-//! the partition's row count (a grouped `count(*)` over the same input), joined on the
-//! partition keys with `NULL` equal to `NULL`, then SQL's bucket rule: with
-//! `base = rows / n` and `rem = rows % n`, the first `rem` buckets hold `base + 1` rows and
-//! the rest `base`. The result equals DataFusion's `ntile` row for row (the same rule, tested
-//! against it). The window's input is then planned twice; when it does real work the
+//! [`rewrite_ntile`] plans each such `ntile` as what it computes: the partition's row count
+//! (a grouped `count(*)` over the same input, which also numbers the partitions densely),
+//! joined to the input on the partition keys with `NULL` equal to `NULL`; then the row's
+//! number in its partition (`row_number` partitioned by that one integer, which streams over
+//! the sorted input, and the sort spills); then SQL's bucket rule: with `base = rows / n` and
+//! `rem = rows % n`, the first `rem` buckets hold `base + 1` rows and the rest `base`. The
+//! result equals DataFusion's `ntile` row for row (the same rule, tested against it).
+//!
+//! Sorting on the partition number instead of the keys is most of the speed: the keys are
+//! often strings (the source and split of a calibration report), and a sort on them compares
+//! them byte by byte at every step, although rows of one partition always tie there.
+//!
+//! The window's input is planned twice (the counts and the rows); when it does real work the
 //! statement's materialisation of repeated subqueries ([`super::materialize`]) computes it
 //! once.
 
@@ -22,7 +28,7 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{Column, NullEquality, ScalarValue};
 use datafusion::functions_aggregate::count::count_all;
-use datafusion::functions_window::row_number::row_number_udwf;
+use datafusion::functions_window::row_number::{row_number, row_number_udwf};
 use datafusion::logical_expr::expr::{WindowFunction, WindowFunctionParams};
 use datafusion::logical_expr::{
     cast, col, lit, when, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, Window,
@@ -86,15 +92,17 @@ fn rewrite_window(
     }
     let input = Arc::clone(&window.input);
     let input_fields = input.schema().fields().len();
-    // The window without its ntiles: each becomes a row_number with the same PARTITION BY and
-    // ORDER BY (named by the rewrite, so two ntiles of one window never clash).
+    // The window without its ntiles: each becomes a row_number with the same ORDER BY, over
+    // the partition number of its PARTITION BY (named by the rewrite, so two ntiles of one
+    // window never clash).
     let mut exprs = Vec::with_capacity(window.window_expr.len());
     // Per ntile: index in the window, row-number column, bucket count, partition-spec index.
     let mut ntiles = Vec::new();
     // Distinct PARTITION BY lists, in order of first use.
     let mut partitions: Vec<Vec<Expr>> = Vec::new();
-    // Row-number columns by the ntile parameters they number (the bucket count aside).
-    let mut numbers: Vec<(WindowFunctionParams, String)> = Vec::new();
+    // Row-number columns by the ntile parameters they number (the bucket count aside), with
+    // their partition-spec index.
+    let mut numbers: Vec<(WindowFunctionParams, String, usize)> = Vec::new();
     for (i, expr) in window.window_expr.iter().enumerate() {
         let Some(ntile) = as_ntile(expr) else {
             exprs.push(expr.clone());
@@ -114,44 +122,43 @@ fn rewrite_window(
         };
         // One row number per (PARTITION BY, ORDER BY): two equal window expressions in one
         // window would be taken apart by common-subexpression elimination.
-        let number = match numbers.iter().find(|(p, _)| *p == params) {
-            Some((_, name)) => name.clone(),
+        let number = match numbers.iter().find(|(p, ..)| *p == params) {
+            Some((_, name, _)) => name.clone(),
             None => {
                 let name = format!("{PREFIX}{id}_row_{i}");
-                numbers.push((params.clone(), name.clone()));
-                exprs.push(
-                    Expr::from(WindowFunction {
-                        fun: WindowFunctionDefinition::WindowUDF(row_number_udwf()),
-                        params,
-                    })
-                    .alias(&name),
-                );
+                numbers.push((params, name.clone(), spec));
                 name
             }
         };
         ntiles.push((i, number, ntile.buckets, spec));
     }
-    let mut plan = LogicalPlanBuilder::from(Arc::clone(&input)).window(exprs)?;
-    // Per PARTITION BY list: the partitions' row counts, joined on the keys (NULL = NULL).
+    // Per PARTITION BY list, before the window: the partitions' row counts and a dense
+    // partition number, joined on the keys (NULL = NULL). The row numbers are then taken
+    // over that one integer instead of the keys: sorting and splitting on it is cheaper than
+    // on the keys (often strings, compared byte by byte at every step of the sort).
+    let mut plan = LogicalPlanBuilder::from(Arc::clone(&input));
+    let mut numbered = Vec::with_capacity(partitions.len());
     for (spec, keys) in partitions.iter().enumerate() {
         let rows = format!("{PREFIX}{id}_rows_{spec}");
-        let left: Vec<Expr> = keys
-            .iter()
-            .enumerate()
-            .map(|(k, e)| e.clone().alias(format!("{PREFIX}{id}_key_{spec}_{k}")))
-            .collect();
         let right: Vec<Expr> = keys
             .iter()
             .enumerate()
             .map(|(k, e)| e.clone().alias(format!("{PREFIX}{id}_part_{spec}_{k}")))
             .collect();
         let counts = LogicalPlanBuilder::from(Arc::clone(&input))
-            .aggregate(right, vec![count_all().alias(&rows)])?
-            .build()?;
+            .aggregate(right, vec![count_all().alias(&rows)])?;
         if keys.is_empty() {
-            plan = plan.cross_join(counts)?;
+            plan = plan.cross_join(counts.build()?)?;
+            numbered.push(Vec::new());
             continue;
         }
+        let pid = format!("{PREFIX}{id}_pid_{spec}");
+        let counts = counts.window(vec![row_number().alias(&pid)])?.build()?;
+        let left: Vec<Expr> = keys
+            .iter()
+            .enumerate()
+            .map(|(k, e)| e.clone().alias(format!("{PREFIX}{id}_key_{spec}_{k}")))
+            .collect();
         let carried = plan
             .schema()
             .columns()
@@ -165,14 +172,43 @@ fn rewrite_window(
         };
         // The counts (one row per partition) on the left: the hash join builds its table
         // from the left side and streams the right.
-        plan = LogicalPlanBuilder::from(counts).join_detailed(
-            plan.project(carried)?.build()?,
-            JoinType::Inner,
-            (names("part"), names("key")),
-            None,
-            NullEquality::NullEqualsNull,
-        )?;
+        let before: Vec<Expr> = plan
+            .schema()
+            .columns()
+            .into_iter()
+            .map(Expr::Column)
+            .collect();
+        plan = LogicalPlanBuilder::from(counts)
+            .join_detailed(
+                plan.project(carried)?.build()?,
+                JoinType::Inner,
+                (names("part"), names("key")),
+                None,
+                NullEquality::NullEqualsNull,
+            )?
+            // Only the count and the number go on: the keys, again, would be carried through
+            // the sort twice more.
+            .project(before.into_iter().chain([
+                col(Column::new_unqualified(&rows)),
+                col(Column::new_unqualified(&pid)),
+            ]))?;
+        numbered.push(vec![col(Column::new_unqualified(pid))]);
     }
+    // The row numbers, each over its partition number.
+    for (params, name, spec) in numbers {
+        let params = WindowFunctionParams {
+            partition_by: numbered[spec].clone(),
+            ..params
+        };
+        exprs.push(
+            Expr::from(WindowFunction {
+                fun: WindowFunctionDefinition::WindowUDF(row_number_udwf()),
+                params,
+            })
+            .alias(name),
+        );
+    }
+    let plan = plan.window(exprs)?;
     // The window's own output: its input's columns, then each window column by its name, an
     // ntile as the bucket of its row number.
     let mut out: Vec<Expr> = Vec::with_capacity(window.schema.fields().len());
@@ -289,7 +325,9 @@ mod tests {
             "SELECT id, ntile(4) OVER (PARTITION BY part ORDER BY key, id) AS a, \
              ntile(15) OVER (PARTITION BY part ORDER BY key, id) AS b, \
              ntile(50) OVER (PARTITION BY part ORDER BY id DESC) AS c, \
-             ntile(1) OVER (PARTITION BY part ORDER BY id) AS d FROM t",
+             ntile(1) OVER (PARTITION BY part ORDER BY id) AS d, \
+             row_number() OVER (PARTITION BY part ORDER BY key, id) AS e, \
+             ntile(3) OVER (PARTITION BY part, key ORDER BY id) AS f FROM t",
             "SELECT id, ntile(7) OVER (ORDER BY id) AS a, \
              ntile(3) OVER (PARTITION BY key ORDER BY id) AS b FROM t",
             "SELECT id, n FROM (SELECT id, ntile(15) OVER (PARTITION BY part, key ORDER BY id) \
@@ -321,6 +359,11 @@ mod tests {
         assert!(before.contains("WindowAggExec") && !before.contains("BoundedWindowAggExec"));
         let after = explain(rewrite_ntile(plan).unwrap()).await;
         assert!(after.contains("BoundedWindowAggExec"), "{after}");
+        // The rows are sorted on the partition number, not on the (string) keys.
+        assert!(
+            after.contains("SortExec: expr=[__firstkd_ntile_0_pid_0@"),
+            "{after}"
+        );
         assert!(!after.contains(" WindowAggExec"), "{after}");
     }
 
