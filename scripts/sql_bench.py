@@ -6,7 +6,8 @@ DuckDB, on one synthetic store.
     python3 scripts/sql_bench.py --rows 10000000 --dtype float16 --store /tmp/bench-store
 
 Makes the store with `firstkd synth` unless it exists, then runs each query --repeat times in
-both engines and prints a Markdown table of median wall times (firstkd: the whole process,
+both engines, alternating (firstkd, DuckDB, firstkd, ...; DuckDB is run again for each row),
+and prints a Markdown table of median wall times (firstkd: the whole process,
 `firstkd stats ...` / `firstkd sql ...`; DuckDB: the query in an open in-process connection)
 and the DuckDB/firstkd ratio. Checks that the two engines agree on the headline numbers.
 Needs the python `duckdb` package.
@@ -27,13 +28,19 @@ import duckdb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed(fn, repeat):
-    times, result = [], None
+def timed_pair(fk_fn, dd_fn, repeat):
+    """Runs firstkd and DuckDB alternately, `repeat` times each (the machine's load then
+    falls on both alike); returns (firstkd median, firstkd result, DuckDB median, DuckDB
+    result). A firstkd failure is raised at once."""
+    fk_times, dd_times, fk_out, dd_out = [], [], None, None
     for _ in range(repeat):
         start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        fk_out = fk_fn()
+        fk_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dd_out = dd_fn()
+        dd_times.append(time.perf_counter() - start)
+    return statistics.median(fk_times), fk_out, statistics.median(dd_times), dd_out
 
 
 def add(rows, row):
@@ -192,8 +199,9 @@ def main():
     rows = []
 
     # Coverage.
-    fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "coverage", "--json"]), args.repeat)
-    dd_t, dd_out = timed(lambda: con.execute(duckdb_coverage_sql(args.store, k)).fetchall(), args.repeat)
+    dd_cov = lambda: con.execute(duckdb_coverage_sql(args.store, k)).fetchall()
+    fk_t, fk_out, dd_t, dd_out = timed_pair(
+        lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "coverage", "--json"]), dd_cov, args.repeat)
     fk_total = [r for r in json.loads(fk_out)["coverage"]["rows"] if r["positions"] == "all" and r["source"] is None][0]
     dd_total = [r for r in dd_out if r[0] == "all" and r[1] is None][0]
     assert fk_total["n"] == dd_total[3] == label_rows, (fk_total["n"], dd_total[3])
@@ -205,17 +213,18 @@ def main():
     for extra, name in [] if args.reports_only else variants:
         if extra and args.skip_inline:
             continue
-        t, out = timed(lambda: run_firstkd(
-            args.firstkd, ["sql", args.store, "--format", "csv", *extra, firstkd_coverage_sql(k)]), args.repeat)
+        t, out, dd_t2, _ = timed_pair(lambda: run_firstkd(
+            args.firstkd, ["sql", args.store, "--format", "csv", *extra, firstkd_coverage_sql(k)]), dd_cov, args.repeat)
         total = [r for r in csv.reader(io.StringIO(out)) if r[0] == "all" and r[1] == ""][0]
         assert int(total[3]) == label_rows and abs(float(total[3 + k]) - dd_total[3 + k]) < 1e-9, (total, dd_total)
-        add(rows, (name, t, dd_t))
+        add(rows, (name, t, dd_t2))
 
     # Calibration: firstkd's report (SQL selects positions, firstkd::calibration computes).
-    fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "calibration", "--json"]), args.repeat)
     dd_sql = calibration_sql(labels, samples, "exp(l.topk_logprobs[1])",
                              "CASE WHEN l.topk_ids[1] = l.target_id THEN 1.0 ELSE 0.0 END", "l.target_logprob")
-    dd_t, dd_out = timed(lambda: con.execute(dd_sql).fetchall(), args.repeat)
+    dd_cal = lambda: con.execute(dd_sql).fetchall()
+    fk_t, fk_out, dd_t, dd_out = timed_pair(
+        lambda: run_firstkd(args.firstkd, ["stats", args.store, "--report", "calibration", "--json"]), dd_cal, args.repeat)
     fk_total = [g for g in json.loads(fk_out)["calibration"]["groups"] if g["positions"] == "in_loss" and g["source"] is None][0]["report"]
     dd_total = [r for r in dd_out if r[0] == "in_loss" and r[1] is None][0]
     assert fk_total["n"] == dd_total[3]
@@ -230,7 +239,8 @@ def main():
     if args.reports_only:
         return print_table(rows, label_rows, k, args)
     try:
-        fk_t, fk_out = timed(lambda: run_firstkd(args.firstkd, ["sql", args.store, "--format", "csv", fk_sql]), args.repeat)
+        fk_t, fk_out, dd_t, _ = timed_pair(
+            lambda: run_firstkd(args.firstkd, ["sql", args.store, "--format", "csv", fk_sql]), dd_cal, args.repeat)
         check_same_sql_result(fk_out, dd_out)
     except subprocess.CalledProcessError as e:
         # Reported, not hidden: e.g. the window sort past --memory-limit at 10^8 rows.
@@ -238,8 +248,8 @@ def main():
     add(rows, ("calibration, the same pure-SQL query (`firstkd sql` vs DuckDB)", fk_t, dd_t))
     if not args.skip_inline:
         # DataFusion's own plan, every CTE inlined at each reference (firstkd before 2026-12-03).
-        fk_t, fk_out = timed(lambda: run_firstkd(
-            args.firstkd, ["sql", args.store, "--format", "csv", "--inline-ctes", fk_sql]), args.repeat)
+        fk_t, fk_out, dd_t, _ = timed_pair(lambda: run_firstkd(
+            args.firstkd, ["sql", args.store, "--format", "csv", "--inline-ctes", fk_sql]), dd_cal, args.repeat)
         check_same_sql_result(fk_out, dd_out)
         add(rows, ("calibration, the same pure-SQL query, `firstkd sql --inline-ctes`", fk_t, dd_t))
 

@@ -45,8 +45,8 @@ pub const TOKENS_VIEW: &str = "tokens";
 /// Rows per batch between operators (DataFusion's `datafusion.execution.batch_size`; its own
 /// default is 8,192) under a memory limit of at least [`LARGE_BATCH_MIN_MEMORY`]. Larger
 /// batches mean fewer sorted runs to merge and less per-batch work in the window and
-/// aggregate operators: the pure-SQL calibration query over 10^7 rows ran in 18.0 s instead
-/// of 22.8 s (docs/benchmarks.md). `SET datafusion.execution.batch_size` changes it for a
+/// aggregate operators: the pure-SQL calibration query over 10^7 rows ran in 16.4 s instead
+/// of 20.5 s (docs/benchmarks.md). `SET datafusion.execution.batch_size` changes it for a
 /// session.
 pub const DEFAULT_BATCH_SIZE: usize = 65_536;
 
