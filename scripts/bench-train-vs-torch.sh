@@ -19,28 +19,32 @@ cargo build --release --quiet --example train_bench
 bench="$CARGO_TARGET_DIR/release/examples/train_bench"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
+# One process per loss and side, so each peak RSS is that loss's own high-water mark.
 for r in $(seq "$rounds"); do
-  "$bench" "$steps" ${losses//,/ } | grep '^| [a-z]' | grep -v '^| loss' >> "$out/firstkd"
-  "$python" scripts/train_bench_torch.py "$steps" "$threads" "$losses" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/torch"
+  for loss in ${losses//,/ }; do
+    "$bench" "$steps" "$loss" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/firstkd"
+    "$python" scripts/train_bench_torch.py "$steps" "$threads" "$loss" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/torch"
+  done
 done
-echo "threads: $threads; rounds: $rounds; steps per run: $steps"
-echo "| loss | firstkd median step s (runs) | torch median step s (runs) | torch / firstkd |"
-echo "|---|---|---|---:|"
+echo "threads: $threads; rounds: $rounds; steps per run: $steps; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "| loss | firstkd median step s (runs) | torch median step s (runs) | torch / firstkd | firstkd peak RSS MiB | torch peak RSS MiB |"
+echo "|---|---|---|---:|---:|---:|"
 python3 - "$out" "${losses}" <<'PY'
 import statistics, sys
 out, losses = sys.argv[1], sys.argv[2].split(",")
-def runs(name):
-    rows = {}
+def runs(name, rss_cell):
+    rows, peaks = {}, {}
     for line in open(f"{out}/{name}"):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         rows.setdefault(cells[0], []).append(float(cells[2]))
-    return rows
-f, t = runs("firstkd"), runs("torch")
+        peaks[cells[0]] = max(peaks.get(cells[0], 0.0), float(cells[rss_cell]))
+    return rows, peaks
+(f, fp), (t, tp) = runs("firstkd", 7), runs("torch", 4)
 for loss in losses:
     a, b = f.get(loss, []), t.get(loss, [])
     if not a or not b:
-        print(f"| {loss} | {a} | {b} | - |"); continue
+        print(f"| {loss} | {a} | {b} | - | - | - |"); continue
     ma, mb = statistics.median(a), statistics.median(b)
     fmt = lambda v: " ".join(f"{x:.3f}" for x in v)
-    print(f"| {loss} | {ma:.3f} ({fmt(a)}) | {mb:.3f} ({fmt(b)}) | {mb / ma:.2f} |")
+    print(f"| {loss} | {ma:.3f} ({fmt(a)}) | {mb:.3f} ({fmt(b)}) | {mb / ma:.2f} | {fp[loss]:.0f} | {tp[loss]:.0f} |")
 PY

@@ -34,7 +34,11 @@ fn tune() -> bool {
         let no_mmap = libc::mallopt(libc::M_MMAP_MAX, 0) == 1;
         // Never trim the heap top back to the system between steps.
         let no_trim = libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1;
-        no_mmap && no_trim
+        // One arena: worker threads' arenas are 64 MiB heaps that glibc shrinks and unmaps
+        // as they empty, which brought the page faults and shoot-downs back (about half the
+        // system time of `train_bench 8 kd`; docs/benchmarks.md).
+        let one_arena = libc::mallopt(libc::M_ARENA_MAX, 1) == 1;
+        no_mmap && no_trim && one_arena
     }
 }
 

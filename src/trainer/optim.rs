@@ -147,16 +147,13 @@ impl InplaceOp2 for HostUpdate<'_> {
         }
         let chunk = w.len().div_ceil(self.threads).max(1 << 16);
         let c = self.c;
-        std::thread::scope(|scope| {
-            for (((w, g), m), v) in w
-                .chunks_mut(chunk)
-                .zip(g.chunks(chunk))
-                .zip(m.chunks_mut(chunk))
-                .zip(v.chunks_mut(chunk))
-            {
-                scope.spawn(move || fused_update(c, w, g, m, v));
-            }
-        });
+        // On rayon's pool: a thread spawned per tensor per step cost a stack mapping, its
+        // unmapping and a TLB shoot-down on every core, each time.
+        w.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(m.par_chunks_mut(chunk))
+            .zip(v.par_chunks_mut(chunk))
+            .for_each(|(((w, g), m), v)| fused_update(c, w, g, m, v));
         Ok(())
     }
 }
