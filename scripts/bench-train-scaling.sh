@@ -7,6 +7,8 @@
 # engine and loss) to OUT.svg.
 #
 #   scripts/bench-train-scaling.sh OUT.svg [ROUNDS] [STEPS] [LOSS,...]   # defaults: 2 4 kd
+#   FIRSTKD_BENCH_BASELINE="FIRSTKD_ATTENTION=materialised" scripts/bench-train-scaling.sh ...
+#     # a third curve: firstkd under those settings, run in the same rounds
 #
 # torch comes from $PYTHON, else the cached venv of scripts/torch-venv.sh (installed if missing).
 set -euo pipefail
@@ -25,19 +27,27 @@ for seq in 128 256 512 1024; do
   echo "seq $seq done" >&2
 done
 python3 - "$work/points" "$svg" <<'PY'
-import sys
+import os, sys
 from collections import defaultdict
 points, svg = sys.argv[1], sys.argv[2]
 curves = defaultdict(list)  # (engine, loss) -> [(seq, seconds)]
-print("| seq len | rows x seq | loss | firstkd step s | torch step s | torch / firstkd |")
-print("|---:|---|---|---:|---:|---:|")
+base = os.environ.get("FIRSTKD_BENCH_BASELINE", "")
+print("| seq len | rows x seq | loss | firstkd step s | torch step s | torch / firstkd |"
+      + (f" firstkd with {base} step s | that / firstkd |" if base else ""))
+print("|---:|---|---|---:|---:|---:|" + ("---:|---:|" if base else ""))
 for line in open(points):
     seq, rest = line.split(" ", 1)
     cells = [c.strip() for c in rest.strip().strip("|").split("|")]
     loss, f, t, ratio = cells[0], float(cells[1].split()[0]), float(cells[2].split()[0]), cells[3]
     seq = int(seq)
     curves[("firstkd", loss)].append((seq, f)); curves[("torch", loss)].append((seq, t))
-    print(f"| {seq} | {1024 // seq} x {seq} | {loss} | {f:.3f} | {t:.3f} | {ratio} |")
+    extra = ""
+    if len(cells) > 7 and cells[6]:
+        # FIRSTKD_BENCH_BASELINE set: firstkd under those settings, in the same rounds.
+        c = float(cells[6].split()[0])
+        curves[("firstkd baseline", loss)].append((seq, c))
+        extra = f" {c:.3f} | {c / f:.2f} |"
+    print(f"| {seq} | {1024 // seq} x {seq} | {loss} | {f:.3f} | {t:.3f} | {ratio} |{extra}")
 sys.path.insert(0, "scripts")
 from line_plot import write_svg
 write_svg(svg, curves, "training step seconds (1024 tokens) vs sequence length",

@@ -8,6 +8,10 @@
 #   FIRSTKD_BENCH_SHAPE=qwen0.5b FIRSTKD_BENCH_TOKENS=512 scripts/bench-train-vs-torch.sh 1 2 kd,ce
 #     # the Qwen2.5-0.5B-shaped student instead (both sides read the same variables)
 #
+#   FIRSTKD_BENCH_BASELINE="FIRSTKD_ATTENTION=materialised" scripts/bench-train-vs-torch.sh 3 6 kd
+#     # also runs firstkd under those environment settings in every round (a third column:
+#     # the same binary with one code path switched back, measured in the same run)
+#
 # Needs torch in the Python on PATH or in $PYTHON (e.g. a venv with `pip install torch`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,14 +28,22 @@ for r in $(seq "$rounds"); do
   for loss in ${losses//,/ }; do
     "$bench" "$steps" "$loss" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/firstkd"
     "$python" scripts/train_bench_torch.py "$steps" "$threads" "$loss" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/torch"
+    if [ -n "${FIRSTKD_BENCH_BASELINE:-}" ]; then
+      # shellcheck disable=SC2086  # the setting is split into its assignments on purpose
+      env $FIRSTKD_BENCH_BASELINE "$bench" "$steps" "$loss" | grep '^| [a-z]' | grep -v '^| loss' >> "$out/baseline"
+    fi
   done
 done
 echo "threads: $threads; rounds: $rounds; steps per run: $steps; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "| loss | firstkd median step s (runs) | torch median step s (runs) | torch / firstkd | firstkd peak RSS MiB | torch peak RSS MiB |"
-echo "|---|---|---|---:|---:|---:|"
-python3 - "$out" "${losses}" <<'PY'
-import statistics, sys
-out, losses = sys.argv[1], sys.argv[2].split(",")
+base="${FIRSTKD_BENCH_BASELINE:-}"
+[ -n "$base" ] && echo "baseline: firstkd with $base"
+extra=""; rule=""
+[ -n "$base" ] && { extra=" baseline median step s (runs) | baseline / firstkd |"; rule="---|---:|"; }
+echo "| loss | firstkd median step s (runs) | torch median step s (runs) | torch / firstkd | firstkd peak RSS MiB | torch peak RSS MiB |$extra"
+echo "|---|---|---|---:|---:|---:|$rule"
+python3 - "$out" "${losses}" "$base" <<'PY'
+import os, statistics, sys
+out, losses, base = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 def runs(name, rss_cell):
     rows, peaks = {}, {}
     for line in open(f"{out}/{name}"):
@@ -40,11 +52,17 @@ def runs(name, rss_cell):
         peaks[cells[0]] = max(peaks.get(cells[0], 0.0), float(cells[rss_cell]))
     return rows, peaks
 (f, fp), (t, tp) = runs("firstkd", 7), runs("torch", 4)
+g = runs("baseline", 7)[0] if base and os.path.exists(f"{out}/baseline") else {}
+fmt = lambda v: " ".join(f"{x:.3f}" for x in v)
 for loss in losses:
     a, b = f.get(loss, []), t.get(loss, [])
     if not a or not b:
         print(f"| {loss} | {a} | {b} | - | - | - |"); continue
     ma, mb = statistics.median(a), statistics.median(b)
-    fmt = lambda v: " ".join(f"{x:.3f}" for x in v)
-    print(f"| {loss} | {ma:.3f} ({fmt(a)}) | {mb:.3f} ({fmt(b)}) | {mb / ma:.2f} | {fp[loss]:.0f} | {tp[loss]:.0f} |")
+    row = f"| {loss} | {ma:.3f} ({fmt(a)}) | {mb:.3f} ({fmt(b)}) | {mb / ma:.2f} | {fp[loss]:.0f} | {tp[loss]:.0f} |"
+    if base:
+        c = g.get(loss, [])
+        mc = statistics.median(c) if c else float("nan")
+        row += f" {mc:.3f} ({fmt(c)}) | {mc / ma:.2f} |"
+    print(row)
 PY

@@ -44,14 +44,32 @@ def timed_pair(fk_fn, dd_fn, repeat):
 
 
 def add(rows, row):
-    """Keeps a result row and prints it at once (a long run that dies still leaves its rows)."""
+    """Keeps a result row, with the peak memory of its firstkd runs, and prints it at once (a
+    long run that dies still leaves its rows)."""
+    row = (*row, PEAK[0])
+    PEAK[0] = 0.0
     rows.append(row)
     print(f"row: {row}", file=sys.stderr, flush=True)
 
 
+# Peak resident memory (MiB) of the firstkd runs since the last `add`: each run is waited for
+# with wait4, which returns that one process's own high-water mark.
+PEAK = [0.0]
+
+
 def run_firstkd(binary, args):
-    out = subprocess.run([binary, *args], check=True, capture_output=True, text=True)
-    return out.stdout
+    import tempfile
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([binary, *args], stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        PEAK[0] = max(PEAK[0], usage.ru_maxrss / 1024)  # KiB on Linux
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if p.returncode != 0:
+        raise subprocess.CalledProcessError(p.returncode, [binary, *args], stdout, stderr)
+    return stdout
 
 
 def coverage_sql(k, labels, samples, mass, quantile):
@@ -188,6 +206,7 @@ def main():
         run_firstkd(args.firstkd, ["synth", args.store, "--rows", str(args.rows), "--dtype", args.dtype,
                                    "--zstd-level", str(args.zstd_level)])
         print(f"synth: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        PEAK[0] = 0.0
     manifest = json.load(open(os.path.join(args.store, "manifest.json")))
     k = manifest["k"]
     label_rows = sum(p["labels"]["rows"] for p in manifest["parts"])
@@ -259,13 +278,17 @@ def main():
 def print_table(rows, label_rows, k, args):
     print(f"store: {label_rows:,} label rows, k = {k}, {args.dtype}; threads: {args.threads}; "
           f"median of {args.repeat} runs\n")
-    print("| query | firstkd (DataFusion) s | DuckDB s | DuckDB / firstkd |")
-    print("|---|---:|---:|---:|")
-    for name, fk, dd in rows:
+    import resource
+    print("| query | firstkd (DataFusion) s | DuckDB s | DuckDB / firstkd | firstkd peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, fk, dd, peak in rows:
         if isinstance(fk, str):
-            print(f"| {name} | {fk} | {dd:.2f} | - |")
+            print(f"| {name} | {fk} | {dd:.2f} | - | {peak:.0f} |")
         else:
-            print(f"| {name} | {fk:.2f} | {dd:.2f} | {dd / fk:.2f} |")
+            print(f"| {name} | {fk:.2f} | {dd:.2f} | {dd / fk:.2f} | {peak:.0f} |")
+    # DuckDB runs in this process: its high-water mark over every query above.
+    duck = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nDuckDB (in this Python process) peak RSS over all queries: {duck:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ fn tune() -> bool {
     unsafe {
         // No mmap-served blocks: large tensors come from the heap and are reused.
         let no_mmap = libc::mallopt(libc::M_MMAP_MAX, 0) == 1;
-        // Never trim the heap top back to the system between steps.
-        let no_trim = libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1;
+        // Never trim the heap top back to the system between steps. -1 (SIZE_MAX inside
+        // glibc) turns trimming off; i32::MAX, the largest positive value, still trimmed a
+        // top above 2 GiB: 4.3 GiB given back and faulted in again within one step of the
+        // 0.5B student (`strace -e brk`; docs/benchmarks.md).
+        let no_trim = libc::mallopt(libc::M_TRIM_THRESHOLD, -1) == 1;
         // One arena: worker threads' arenas are 64 MiB heaps that glibc shrinks and unmaps
         // as they empty, which brought the page faults and shoot-downs back (about half the
         // system time of `train_bench 8 kd`; docs/benchmarks.md).

@@ -14,7 +14,7 @@
 use crate::error::{Error, Result};
 
 /// Output columns per packed panel (two 16-lane vectors).
-const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Activation rows per micro-tile.
 const MR: usize = 12;
 /// Length of one chunk of the reduction axis.
@@ -54,7 +54,22 @@ impl PackedF32 {
 
     /// Packs a row-major `[n, k]` matrix.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Result<Self> {
-        Self::pack_with(w, n, k, |panel, p| {
+        Self::pack_in(w, n, k, true)
+    }
+
+    /// [`pack`](Self::pack) on the calling thread, for small matrices inside a task that is
+    /// already one of many in parallel.
+    pub(crate) fn pack_serial(w: &[f32], n: usize, k: usize) -> Result<Self> {
+        Self::pack_in(w, n, k, false)
+    }
+
+    /// [`pack_transposed`](Self::pack_transposed) on the calling thread.
+    pub(crate) fn pack_transposed_serial(v: &[f32], k: usize, n: usize) -> Result<Self> {
+        Self::pack_transposed_in(v, k, n, false)
+    }
+
+    fn pack_in(w: &[f32], n: usize, k: usize, parallel: bool) -> Result<Self> {
+        Self::pack_with(w, n, k, parallel, |panel, p| {
             for c in 0..NR.min(n - p * NR) {
                 let row = &w[(p * NR + c) * k..(p * NR + c + 1) * k];
                 for (i, &v) in row.iter().enumerate() {
@@ -68,7 +83,11 @@ impl PackedF32 {
     /// computes `x v`): the layout's rows of 32 columns are contiguous in `v`, so this is a
     /// sequence of 128-byte copies.
     pub fn pack_transposed(v: &[f32], k: usize, n: usize) -> Result<Self> {
-        Self::pack_with(v, n, k, |panel, p| {
+        Self::pack_transposed_in(v, k, n, true)
+    }
+
+    fn pack_transposed_in(v: &[f32], k: usize, n: usize, parallel: bool) -> Result<Self> {
+        Self::pack_with(v, n, k, parallel, |panel, p| {
             let (c0, width) = (p * NR, NR.min(n - p * NR));
             for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
                 dst[..width].copy_from_slice(&v[i * n + c0..i * n + c0 + width]);
@@ -81,6 +100,7 @@ impl PackedF32 {
         values: &[f32],
         n: usize,
         k: usize,
+        parallel: bool,
         fill: impl Fn(&mut [f32], usize) + Sync,
     ) -> Result<Self> {
         use rayon::prelude::*;
@@ -91,9 +111,15 @@ impl PackedF32 {
             )));
         }
         let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| fill(panel, p));
+        if parallel {
+            data.par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| fill(panel, p));
+        } else {
+            data.chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| fill(panel, p));
+        }
         Ok(Self { n, k, data })
     }
 
@@ -214,6 +240,118 @@ impl PackedF32 {
                 k0 += kc;
             }
         });
+    }
+}
+
+/// Activations packed for [`PackedF32::product_into`]: `[tile][k][MR]` as [`pack_rows`] makes
+/// them, but built serially from a strided block, for small products inside a task that is
+/// already one of many in parallel (the attention kernels of `trainer::fused`).
+pub(crate) struct PackedRows {
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedRows {
+    /// `m` rows of `k` values, row `r` at `x[r * ld..]`; or, `transposed`, the transpose of
+    /// `k` rows of `m` values, row `i` at `x[i * ld..]`.
+    pub(crate) fn new(x: &[f32], m: usize, k: usize, ld: usize, transposed: bool) -> Result<Self> {
+        let (rows, cols) = if transposed { (k, m) } else { (m, k) };
+        let need = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+        if k == 0 || cols > ld || x.len() < need {
+            return Err(Error::Internal(format!(
+                "block of {} values cannot hold {rows} rows of {cols} with stride {ld}",
+                x.len()
+            )));
+        }
+        let mut data = vec![0f32; m.div_ceil(MR) * k * MR];
+        for (t, tile) in data.chunks_exact_mut(k * MR).enumerate() {
+            let rows = MR.min(m - t * MR);
+            if transposed {
+                for (i, dst) in tile.chunks_exact_mut(MR).enumerate() {
+                    let src = i * ld + t * MR;
+                    dst[..rows].copy_from_slice(&x[src..src + rows]);
+                }
+            } else {
+                for r in 0..rows {
+                    let src = &x[(t * MR + r) * ld..(t * MR + r) * ld + k];
+                    for (i, &v) in src.iter().enumerate() {
+                        tile[i * MR + r] = v;
+                    }
+                }
+            }
+        }
+        Ok(Self { m, k, data })
+    }
+}
+
+impl PackedF32 {
+    /// Serial `out = A W'^T` (or `out += ...` when `accumulate`), where `W'` is this matrix's
+    /// reduction axis `k0..k0 + a.k` and the output columns of `panels` (column 0 of `out` is
+    /// the first column of panel `panels.start`; rows of `out` are `ld` apart, and every
+    /// panel's 32 columns are written, the zero padding past [`rows`](Self::rows) included).
+    pub(crate) fn product_into(
+        &self,
+        a: &PackedRows,
+        k0: usize,
+        panels: std::ops::Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let width = panels.len() * NR;
+        let need = if a.m == 0 { 0 } else { (a.m - 1) * ld + width };
+        if k0 + a.k > self.k || panels.end > self.panels() || width > ld || out.len() < need {
+            return Err(Error::Internal(format!(
+                "block product of {} x {} at k {k0} with panels {panels:?} of a [{}, {}] matrix \
+                 into {} values of stride {ld}",
+                a.m,
+                a.k,
+                self.n,
+                self.k,
+                out.len()
+            )));
+        }
+        if !Self::supported() {
+            return Err(Error::InvalidArgument(
+                "this CPU has no AVX-512 for the packed f32 kernel".to_string(),
+            ));
+        }
+        let mut c0 = 0;
+        while c0 < a.k {
+            let kc = KC.min(a.k - c0);
+            let mut row = 0;
+            while row < a.m {
+                let rows = MR.min(a.m - row);
+                for (j, p) in panels.clone().enumerate() {
+                    // SAFETY: the checks above keep every pointer in bounds: `a` holds
+                    // `a.m.div_ceil(MR)` tiles of `a.k * MR`, panel `p` holds `self.k * NR`
+                    // values from `k0 + c0 + kc <= self.k`, and `out` the `rows` rows of
+                    // `ld` from `row * ld + j * NR` with 32 columns each; the CPU has AVX-512F.
+                    unsafe {
+                        let tile = Tile {
+                            a: a.data.as_ptr().add(row * a.k + c0 * MR),
+                            w: self.data.as_ptr().add(p * self.k * NR + (k0 + c0) * NR),
+                            kc,
+                            out: out.as_mut_ptr().add(row * ld + j * NR),
+                            ld,
+                            accumulate: accumulate || c0 > 0,
+                            rows,
+                        };
+                        #[cfg(target_arch = "x86_64")]
+                        x86::tile(&tile);
+                    }
+                }
+                row += rows;
+            }
+            c0 += kc;
+        }
+        Ok(())
+    }
+
+    /// Padded width of the output of `n` columns: whole panels.
+    pub(crate) fn padded(n: usize) -> usize {
+        n.div_ceil(NR) * NR
     }
 }
 

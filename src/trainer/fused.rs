@@ -18,6 +18,8 @@
 //!   back).
 //! * [`causal_softmax`]: scaled softmax over the keys each query may see (causal and within
 //!   the row's length), zero elsewhere, backward from the saved probabilities.
+//! * [`flash_attention`]: the whole `softmax(q k^T) v` in blocks of queries, the masked key
+//!   blocks skipped and no score matrix kept (AVX-512 CPUs; the three ops above elsewhere).
 //! * [`swiglu`]: `silu(a) * b`.
 
 use crate::teacher::sgemm::PackedF32;
@@ -28,7 +30,9 @@ use rayon::prelude::*;
 type CResult<T> = candle_core::Result<T>;
 
 mod attention;
+mod flash;
 pub use attention::{causal_softmax, merge_heads, split_heads, Rope, RopeTables};
+pub use flash::{flash_attention, flash_available};
 
 /// Rows per parallel task (and per partial sum of the cross-row reductions).
 const ROWS_PER_TASK: usize = 16;
@@ -485,6 +489,47 @@ mod tests {
             bad.is_err(),
             "three batch rows for two rows of windows must be refused"
         );
+    }
+
+    #[test]
+    fn flash_attention_matches_scores_softmax_values() {
+        if !flash_available() {
+            eprintln!("skipped: this CPU has no AVX-512 for the flash attention kernel");
+            return;
+        }
+        // Several query blocks and key panels, packed sequences and padding (row 0: 60 + 30
+        // tokens and 10 of padding; row 1: 45 and 55 of padding), grouped heads, and a head
+        // width that is not a whole panel.
+        let cases: [(usize, usize, usize, usize, Vec<Vec<usize>>); 3] = [
+            (2, 3, 100, 64, vec![vec![60, 30], vec![45]]),
+            (1, 1, 130, 40, vec![vec![130]]),
+            (1, 2, 7, 8, vec![vec![3, 4]]),
+        ];
+        for (seed, (nkv, group, s, hd, segments)) in cases.into_iter().enumerate() {
+            let b = segments.len();
+            let (windows, _) = model::key_windows(&segments, s).unwrap();
+            let windows = Arc::new(windows);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let seed = 20 + 3 * seed as u64;
+            let q = randn(&[b, nkv, group * s, hd], seed);
+            let k = randn(&[b, nkv, s, hd], seed + 1);
+            let v = randn(&[b, nkv, s, hd], seed + 2);
+            check(
+                &[q, k, v],
+                |t| flash_attention(&t[0], &t[1], &t[2], &windows, group, scale),
+                |t| {
+                    let scores = t[0].matmul(&t[1].t()?)?;
+                    causal_softmax(&scores, &windows, nkv * group * s, scale)?.matmul(&t[2])
+                },
+                1e-4,
+            );
+        }
+        let (q, k) = (randn(&[1, 1, 8, 4], 1), randn(&[1, 1, 8, 4], 2));
+        let short = Arc::new(vec![(0u32, 1u32); 4]);
+        let err = flash_attention(q.as_tensor(), k.as_tensor(), k.as_tensor(), &short, 1, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4 query windows"), "{err}");
     }
 
     #[test]

@@ -145,8 +145,12 @@ impl Attention {
         let k = fused::split_heads(&k, (b, s, nkv, hd), Some(rope))?;
         let v = fused::split_heads(&v, (b, s, nkv, hd), None)?;
         let q = q.reshape((b, nkv, group * s, hd))?;
-        let scores = matmul(&q, &k.t()?, dt)?; // [b, nkv, group*s, s]
         let scale = 1.0 / (hd as f64).sqrt();
+        if dt == DType::F32 && fused::flash_available() {
+            let out = fused::flash_attention(&q, &k, &v, windows, group, scale)?;
+            return Ok(fused::merge_heads(&out.reshape((b, nq, s, hd))?)?);
+        }
+        let scores = matmul(&q, &k.t()?, dt)?; // [b, nkv, group*s, s]
         let probs = fused::causal_softmax(&scores, windows, nkv * group * s, scale)?;
         Ok(fused::merge_heads(
             &matmul(&probs, &v, dt)?.reshape((b, nq, s, hd))?,
