@@ -45,7 +45,7 @@ for line in open(points):
     if len(cells) > 7 and cells[6]:
         # FIRSTKD_BENCH_BASELINE set: firstkd under those settings, in the same rounds.
         c = float(cells[6].split()[0])
-        curves[("firstkd baseline", loss)].append((seq, c))
+        curves[(f"firstkd with {base}", loss)].append((seq, c))
         extra = f" {c:.3f} | {c / f:.2f} |"
     print(f"| {seq} | {1024 // seq} x {seq} | {loss} | {f:.3f} | {t:.3f} | {ratio} |{extra}")
 sys.path.insert(0, "scripts")

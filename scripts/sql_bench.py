@@ -263,7 +263,9 @@ def main():
         check_same_sql_result(fk_out, dd_out)
     except subprocess.CalledProcessError as e:
         # Reported, not hidden: e.g. the window sort past --memory-limit at 10^8 rows.
-        fk_t = f"failed, exit {e.returncode}: {e.stderr.strip().splitlines()[-1][:120]}"
+        last = (e.stderr or "").strip().splitlines() or [f"killed by signal {-e.returncode}"
+                                                         if e.returncode < 0 else "no message"]
+        fk_t = f"failed, exit {e.returncode}: {last[-1][:120]}"
     add(rows, ("calibration, the same pure-SQL query (`firstkd sql` vs DuckDB)", fk_t, dd_t))
     if not args.skip_inline:
         # DataFusion's own plan, every CTE inlined at each reference (firstkd before 2026-12-03).

@@ -90,8 +90,11 @@ mod tests {
             return;
         };
         assert!(before > 0);
-        let big = vec![1u8; 256 << 20];
+        // black_box: without it the optimiser may remove the unread allocation (seen in a
+        // release build on 2026-12-04), and the peak does not move.
+        let big = std::hint::black_box(vec![1u8; 256 << 20]);
         let after = super::peak_rss_bytes().unwrap();
+        assert_eq!(std::hint::black_box(&big)[(256 << 20) - 1], 1);
         assert!(after >= before.max(256 << 20), "{before} -> {after}");
         assert!(super::peak_rss_line().starts_with("peak resident memory "));
         drop(big);

@@ -500,8 +500,14 @@ mod tests {
         // Several query blocks and key panels, packed sequences and padding (row 0: 60 + 30
         // tokens and 10 of padding; row 1: 45 and 55 of padding), grouped heads, and a head
         // width that is not a whole panel.
-        let cases: [(usize, usize, usize, usize, Vec<Vec<usize>>); 3] = [
-            (2, 3, 100, 64, vec![vec![60, 30], vec![45]]),
+        let cases = [
+            (
+                2usize,
+                3usize,
+                100usize,
+                64usize,
+                vec![vec![60usize, 30], vec![45]],
+            ),
             (1, 1, 130, 40, vec![vec![130]]),
             (1, 2, 7, 8, vec![vec![3, 4]]),
         ];

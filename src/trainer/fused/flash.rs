@@ -177,6 +177,7 @@ impl FlashAttention {
     /// the query's window (0 elsewhere). With `lse` given (the backward pass) the
     /// probabilities are `exp(scale * s - lse)`; otherwise they are normalised here and each
     /// row's log-sum-exp is written to `lse_out`.
+    #[allow(clippy::too_many_arguments)]
     fn probabilities(
         &self,
         h: &Head<'_>,
