@@ -536,6 +536,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("4 query windows"), "{err}");
+        let past_the_end = Arc::new(vec![(0u32, 9u32); 8]);
+        let err = flash_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            k.as_tensor(),
+            &past_the_end,
+            1,
+            1.0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is empty or beyond 8 keys"), "{err}");
     }
 
     #[test]

@@ -239,15 +239,16 @@ impl CausalSoftmax {
                 self.s
             );
         }
-        if let Some(w) = self
-            .windows
-            .iter()
-            .find(|(lo, hi)| lo >= hi || *hi as usize > s)
-        {
-            bail!("causal_softmax: key window {w:?} is empty or beyond {s} keys");
-        }
-        Ok(())
+        check_windows(&self.windows, s, "causal_softmax")
     }
+}
+
+/// Refuses a key window that is empty or reaches past the `s` keys of its row.
+pub(super) fn check_windows(windows: &[(u32, u32)], s: usize, op: &str) -> CResult<()> {
+    if let Some(w) = windows.iter().find(|(lo, hi)| lo >= hi || *hi as usize > s) {
+        bail!("{op}: key window {w:?} is empty or beyond {s} keys");
+    }
+    Ok(())
 }
 
 impl CustomOp1 for CausalSoftmax {

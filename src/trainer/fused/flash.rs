@@ -139,13 +139,7 @@ impl FlashAttention {
                 self.group
             );
         }
-        if let Some(w) = self
-            .windows
-            .iter()
-            .find(|(lo, hi)| lo >= hi || *hi as usize > s)
-        {
-            bail!("flash_attention: key window {w:?} is empty or beyond {s} keys");
-        }
+        super::attention::check_windows(&self.windows, s, "flash_attention")?;
         Ok(Dims {
             b,
             nkv,
